@@ -1,0 +1,1 @@
+"""Beluga: CLI, settings and the contracts shared across packages."""

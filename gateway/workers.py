@@ -1,0 +1,115 @@
+"""The gateway's view of the workers: registry records from Redis plus local observations.
+
+A background task re-reads the registry every `registry_refresh_s`. The request path only
+reads an immutable snapshot (a tuple swapped in by that task), so nothing is locked per
+request. When Redis is unreachable the last snapshot stays in use and the gateway keeps
+serving; it recovers as soon as Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from beluga.registry import WorkerRecord, parse_record, worker_pattern
+from beluga.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    """A registered worker and what this gateway has seen of it."""
+
+    record: WorkerRecord
+    in_flight: int = 0
+    unhealthy_until: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def url(self) -> str:
+        return self.record.url
+
+    def healthy(self, now: float) -> bool:
+        return now >= self.unhealthy_until
+
+    def load(self) -> float:
+        """Occupancy: requests this gateway has open plus the worker's own queue, per slot."""
+        reported = self.record.running + self.record.waiting
+        return (max(self.in_flight, reported) + self.record.waiting) / self.record.capacity
+
+
+@dataclass
+class WorkerPool:
+    settings: Settings
+    client: aioredis.Redis
+    _workers: dict[str, WorkerState] = field(default_factory=dict)
+    _snapshot: tuple[WorkerState, ...] = ()
+    redis_ok: bool = False
+    last_refresh: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerPool:
+        client = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        return cls(settings=settings, client=client)
+
+    def snapshot(self) -> tuple[WorkerState, ...]:
+        return self._snapshot
+
+    def models(self) -> list[str]:
+        return sorted({w.record.model for w in self._snapshot})
+
+    def for_model(self, model: str) -> list[WorkerState]:
+        return [w for w in self._snapshot if w.record.model == model]
+
+    def mark_unhealthy(self, worker: WorkerState) -> None:
+        worker.unhealthy_until = time.monotonic() + self.settings.unhealthy_cooldown_s
+        logger.warning("worker %s at %s failed; skipping it for %.0f s", worker.id, worker.url,
+                       self.settings.unhealthy_cooldown_s)
+
+    async def refresh(self) -> None:
+        try:
+            records: list[WorkerRecord] = []
+            keys = [k async for k in self.client.scan_iter(
+                match=worker_pattern(self.settings.redis_key_prefix), count=500)]
+            values = await self.client.mget(keys) if keys else []
+            for raw in values:
+                if raw is not None and (rec := parse_record(raw)) is not None:
+                    records.append(rec)
+        except (RedisError, OSError) as exc:
+            if self.redis_ok:
+                logger.warning("Redis unreachable (%s); routing on the last known workers", exc)
+            self.redis_ok = False
+            return
+        if not self.redis_ok:
+            logger.info("Redis reachable; %d workers registered", len(records))
+        self.redis_ok = True
+        self.last_refresh = time.monotonic()
+        fresh: dict[str, WorkerState] = {}
+        for rec in records:
+            old = self._workers.get(rec.id)
+            if old is not None and old.url == rec.url and old.record.pid == rec.pid:
+                old.record = rec
+                fresh[rec.id] = old
+            else:
+                fresh[rec.id] = WorkerState(record=rec)
+        self._workers = fresh
+        self._snapshot = tuple(fresh.values())
+
+    async def run(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.settings.registry_refresh_s)
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,1 @@
+"""Python API over the native KV pool (issue 3)."""

