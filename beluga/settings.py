@@ -8,10 +8,11 @@ module reads ``os.environ`` for Beluga's own configuration.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_STATE_DIR = Path(".beluga")
@@ -115,6 +116,16 @@ class Settings(BaseSettings):
     start_redis: bool = Field(
         True, description="`beluga up` starts redis-server when none answers at redis_url."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_environment(cls, data: Any) -> Any:
+        """A misspelt BELUGA_* variable is an error, not a silently ignored setting."""
+        known = {f"BELUGA_{name.upper()}" for name in cls.model_fields}
+        unknown = sorted(k for k in os.environ if k.startswith("BELUGA_") and k not in known)
+        if unknown:
+            raise ValueError(f"unknown environment variables: {', '.join(unknown)}")
+        return data
 
     @field_validator("redis_url")
     @classmethod

@@ -97,16 +97,16 @@ class Gateway:
             upstream = self.client.build_request(
                 "POST", worker.url + UPSTREAM_PATHS[req.endpoint], content=body,
                 headers={"content-type": "application/json"})
-            worker.in_flight += 1
+            worker.begin()
             try:
                 resp = await self.client.send(upstream, stream=True)
             except RETRYABLE as exc:
-                worker.in_flight -= 1
+                worker.done()
                 self.pool.mark_unhealthy(worker)
                 last_error = UpstreamFailure(f"worker {worker.id} failed: {exc!r}")
                 continue
             except httpx.TimeoutException:
-                worker.in_flight -= 1
+                worker.done()
                 raise UpstreamTimeout(f"worker {worker.id} did not answer in time") from None
             if resp.status_code != 200 or not req.stream:
                 try:
@@ -119,7 +119,7 @@ class Gateway:
                     raise UpstreamTimeout(
                         f"worker {worker.id} did not answer in time") from None
                 finally:
-                    worker.in_flight -= 1
+                    worker.done()
                     await resp.aclose()
                 return self.buffered_response(resp, content, headers)
             return StreamingResponse(self.relay(resp, worker), status_code=200,
@@ -150,7 +150,7 @@ class Gateway:
             self.pool.mark_unhealthy(worker)
             yield UpstreamFailure(f"worker {worker.id} failed mid-stream: {exc!r}").sse_event()
         finally:
-            worker.in_flight -= 1
+            worker.done()
             await resp.aclose()
 
 

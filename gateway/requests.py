@@ -35,6 +35,12 @@ def _int_field(payload: dict[str, Any], name: str, minimum: int) -> None:
                          code="invalid_value")
 
 
+def _bool_field(payload: dict[str, Any], name: str) -> None:
+    value = payload.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be a boolean", param=name, code="invalid_type")
+
+
 def _number_field(payload: dict[str, Any], name: str) -> None:
     value = payload.get(name)
     if value is None:
@@ -106,6 +112,12 @@ def parse_request(body: bytes, endpoint: Endpoint) -> ParsedRequest:
         raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
     for name in ("max_tokens", "max_completion_tokens", "n"):
         _int_field(payload, name, 1)
+    if endpoint == "chat":
+        _bool_field(payload, "logprobs")
+        _int_field(payload, "top_logprobs", 0)
+    else:
+        _int_field(payload, "logprobs", 0)
+        _bool_field(payload, "echo")
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         _number_field(payload, name)
     return ParsedRequest(endpoint=endpoint, model=model, stream=stream, payload=payload)

@@ -29,6 +29,7 @@ class WorkerState:
     record: WorkerRecord
     in_flight: int = 0
     unhealthy_until: float = 0.0
+    last_done_at: float = 0.0  # wall clock of the last request this gateway finished here
 
     @property
     def id(self) -> str:
@@ -41,10 +42,21 @@ class WorkerState:
     def healthy(self, now: float) -> bool:
         return now >= self.unhealthy_until
 
+    def begin(self) -> None:
+        self.in_flight += 1
+
+    def done(self) -> None:
+        self.in_flight -= 1
+        self.last_done_at = time.time()
+
     def load(self) -> float:
-        """Occupancy: requests this gateway has open plus the worker's own queue, per slot."""
+        """Occupancy per slot: the worker's reported running + waiting requests (which
+        include other gateways' traffic), or this gateway's own open requests when that is
+        more, or when the report predates a request that finished here since (stale)."""
         reported = self.record.running + self.record.waiting
-        return (max(self.in_flight, reported) + self.record.waiting) / self.record.capacity
+        if self.record.heartbeat_at < self.last_done_at:
+            reported = 0
+        return max(self.in_flight, reported) / self.record.capacity
 
 
 @dataclass

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from beluga.cli import UP_FIELDS, build_parser, settings_from_args
+from beluga.settings import Settings
+from beluga.up import settings_env
+
+
+def test_defaults_are_the_documented_stack() -> None:
+    s = Settings()
+    assert s.gateway_port == 8000
+    assert s.num_workers == 2
+    assert s.dtype == "bfloat16" and s.enforce_eager
+    assert s.model_path == Path(".beluga/models/SmolLM2-135M-Instruct")
+    assert s.worker_url == "http://127.0.0.1:8100"
+    assert s.resolved_worker_id == "127.0.0.1:8100"
+
+
+def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELUGA_GATEWAY_PORT", "9001")
+    monkeypatch.setenv("BELUGA_ENFORCE_EAGER", "false")
+    s = Settings()
+    assert s.gateway_port == 9001
+    assert s.enforce_eager is False
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELUGA_GATEWAY_PORT", "9001")
+    args = build_parser().parse_args(["up", "--gateway-port", "9100", "--no-enforce-eager",
+                                      "--num-workers", "3"])
+    s = settings_from_args(args, UP_FIELDS)
+    assert (s.gateway_port, s.enforce_eager, s.num_workers) == (9100, False, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("BELUGA_GATEWAY_PORT", "0"), ("BELUGA_GATEWAY_PORT", "http"),
+     ("BELUGA_DTYPE", "int4"), ("BELUGA_REDIS_URL", "http://x"), ("BELUGA_NO_SUCH", "1"),
+     ("BELUGA_KV_CACHE_SPACE_GIB", "-1")],
+)
+def test_bad_values_are_rejected(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_settings_survive_the_trip_to_child_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Settings(gateway_port=9200, model=Path("/m"), enforce_eager=False,
+                        vllm_extra_args="--seed 3", kv_cache_space_gib=0.5)
+    for key, value in settings_env(original).items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == original
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["up", "--help"], ["gateway", "--help"],
+                                  ["worker", "--help"], ["model", "prepare", "--help"]])
+def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: beluga" in out
+
+
+def test_flag_help_names_the_environment_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["gateway", "--help"])
+    assert "BELUGA_GATEWAY_PORT" in capsys.readouterr().out

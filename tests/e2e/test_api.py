@@ -1,0 +1,70 @@
+"""The OpenAI surface through the gateway, with the official SDK as the client."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.e2e.conftest import MODEL_NAME, Stack
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_what_the_workers_serve(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL_NAME]
+
+
+def test_chat_answers_paris(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(model=MODEL_NAME, messages=QUESTION,
+                                          temperature=0, max_tokens=20)
+    assert "Paris" in (resp.choices[0].message.content or "")
+    assert resp.usage is not None and resp.usage.prompt_tokens > 0
+
+
+def test_chat_streams_paris(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=QUESTION,
+                                            temperature=0, max_tokens=20, stream=True)
+    chunks = [c for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 3
+    assert "Paris" in text
+
+
+def test_completions_answer_paris_streaming_and_not(client: openai.OpenAI) -> None:
+    resp = client.completions.create(model=MODEL_NAME, prompt="The capital of France is",
+                                     temperature=0, max_tokens=8)
+    assert "Paris" in resp.choices[0].text
+    stream = client.completions.create(model=MODEL_NAME, prompt="The capital of France is",
+                                       temperature=0, max_tokens=8, stream=True)
+    assert "Paris" in "".join(c.choices[0].text for c in stream)
+
+
+def test_openai_parameters_pass_through(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model=MODEL_NAME, messages=QUESTION, n=2, seed=7, temperature=0.8,
+        max_tokens=5, logprobs=True, top_logprobs=2, stop=["\n"])
+    assert len(resp.choices) == 2
+    for choice in resp.choices:
+        assert choice.logprobs is not None and choice.logprobs.content
+        assert len(choice.logprobs.content[0].top_logprobs) == 2
+    usage_stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=QUESTION, max_tokens=3, stream=True,
+        stream_options={"include_usage": True})
+    usages = [c.usage for c in usage_stream if c.usage is not None]
+    assert usages and usages[-1].completion_tokens == 3
+
+
+def test_requests_spread_over_both_workers(client: openai.OpenAI, stack: Stack) -> None:
+    seen = set()
+    for _ in range(4):
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL_NAME, messages=QUESTION, max_tokens=2)
+        assert raw.headers["x-beluga-route"] == "least_loaded"
+        seen.add(raw.headers["x-beluga-worker"])
+    assert seen == {w.id for w in stack.workers()}
+    assert len(seen) == 2
