@@ -1,0 +1,259 @@
+"""KVPool: the Python face of the shared KV-cache pool (native core in `native/`).
+
+Backings: a file in /dev/shm (default) or on hugetlbfs, a devdax device (`/dev/daxX.Y`), or
+any of those bound to a NUMA node (CXL memory appears as a CPU-less node). The first process
+creates the pool; the rest attach, and attaching checks magic, format version, geometry and
+the model fingerprint, refusing (with a typed error, changing nothing) on any mismatch.
+
+Block protocol (see native/include/beluga/pool.h):
+    n = pool.lookup_prefix(keys)                  # how many leading blocks are present
+    with pool.pinned(keys) as slots: ...read...    # pinned: cannot be evicted while read
+    pool.put(keys, blocks)                        # first writer of a key wins
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid as uuidlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import beluga_native as _native
+
+from kvpool.errors import PoolError, PoolExistsError, PoolIOError, from_native
+
+Coherence = Literal["none", "flush"]
+DUPLICATE: int = _native.DUPLICATE
+FULL: int = _native.FULL
+DEFAULT_DIR = Path("/dev/shm")
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    slot_count: int
+    slot_size: int
+    used_slots: int
+    pinned_slots: int
+    writing_slots: int
+    clients: int
+    hits: int
+    misses: int
+    inserts: int
+    evictions: int
+    bytes_in: int
+    bytes_out: int
+    duplicates: int
+    full: int
+    recoveries: int
+    reclaimed: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class PutResult:
+    stored: int      # blocks written and published
+    duplicate: int   # present already or being written by another process
+    full: int        # refused: every slot pinned or being written
+
+
+def _keys(keys: Sequence[bytes]) -> bytes:
+    for k in keys:
+        if len(k) != _native.KEY_BYTES:
+            raise PoolError(f"a block key is {_native.KEY_BYTES} bytes, got {len(k)}")
+    return b"".join(keys)
+
+
+class KVPool:
+    """One process's handle on a shared pool. Not thread-safe: one handle per thread."""
+
+    def __init__(self, native: Any) -> None:
+        self._p = native
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, *, slot_size: int, slot_count: int,
+               fingerprint: bytes, coherence: Coherence = "none", max_clients: int = 64,
+               max_pins: int = 16384, numa_node: int = -1, mode: int = 0o600) -> KVPool:
+        """Create a new pool (fails with PoolExistsError if the file exists)."""
+        _check_coherence(coherence)
+        try:
+            return cls(_native.Pool.create(
+                str(path), slot_size=slot_size, slot_count=slot_count, fingerprint=fingerprint,
+                flush=coherence == "flush", max_clients=max_clients, max_pins=max_pins,
+                numa_node=numa_node, mode=mode))
+        except _native.NativePoolError as exc:
+            raise from_native(exc) from None
+        except TypeError as exc:
+            raise PoolError(f"bad argument: {exc}") from None
+
+    @classmethod
+    def attach(cls, path: str | Path, *, fingerprint: bytes = b"", slot_size: int = 0,
+               coherence: Coherence | None = None, wait_init_s: float = 5.0) -> KVPool:
+        """Attach to an existing pool, checking format, geometry and fingerprint."""
+        if coherence is not None:
+            _check_coherence(coherence)
+        try:
+            return cls(_native.Pool.attach(str(path), fingerprint=fingerprint,
+                                           slot_size=slot_size, wait_init_s=wait_init_s,
+                                           flush=coherence == "flush"))
+        except _native.NativePoolError as exc:
+            raise from_native(exc) from None
+
+    @classmethod
+    def open(cls, path: str | Path, *, slot_size: int, slot_count: int, fingerprint: bytes,
+             coherence: Coherence = "none", **kwargs: Any) -> KVPool:
+        """Attach if the pool exists, else create it (the race between creators is safe)."""
+        for _ in range(3):
+            if not str(path).startswith("/dev/dax") and not os.path.exists(path):
+                try:
+                    return cls.create(path, slot_size=slot_size, slot_count=slot_count,
+                                      fingerprint=fingerprint, coherence=coherence, **kwargs)
+                except PoolExistsError:
+                    pass
+            try:
+                return cls.attach(path, fingerprint=fingerprint, slot_size=slot_size,
+                                  coherence=coherence)
+            except PoolIOError:
+                time.sleep(0.01)  # removed between the two calls: try again
+        raise PoolIOError(f"cannot open or create {path}")
+
+    # -- identity ------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return str(self._p.path)
+
+    @property
+    def uuid(self) -> uuidlib.UUID:
+        return uuidlib.UUID(bytes=bytes(self._p.uuid))
+
+    @property
+    def slot_size(self) -> int:
+        return int(self._p.slot_size)
+
+    @property
+    def slot_count(self) -> int:
+        return int(self._p.slot_count)
+
+    @property
+    def coherence(self) -> Coherence:
+        return "flush" if self._p.flush_mode else "none"
+
+    # -- blocks --------------------------------------------------------------------------
+    def lookup_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys of the chain are present (one call, no pins)."""
+        return int(self._p.lookup_prefix(_keys(keys)))
+
+    def pin(self, keys: Sequence[bytes]) -> list[int]:
+        """Pin the present prefix of `keys`; returns its slots. Unpin when done."""
+        return list(self._p.pin(_keys(keys)))
+
+    def unpin(self, slots: Sequence[int]) -> None:
+        self._p.unpin(list(slots))
+
+    @contextmanager
+    def pinned(self, keys: Sequence[bytes]) -> Iterator[list[int]]:
+        slots = self.pin(keys)
+        try:
+            yield slots
+        finally:
+            self.unpin(slots)
+
+    def prepare_store(self, keys: Sequence[bytes]) -> list[int]:
+        """A slot per key, or DUPLICATE / FULL. Write the slots, then complete_store."""
+        return list(self._p.prepare_store(_keys(keys)))
+
+    def complete_store(self, slots: Sequence[int], lengths: Sequence[int] = (),
+                       ok: bool = True) -> None:
+        self._p.complete_store([s for s in slots if s >= 0],
+                               [n for s, n in zip(slots, lengths, strict=True) if s >= 0]
+                               if lengths else [], ok)
+
+    def write(self, slot: int, data: Any, offset: int = 0) -> None:
+        self._call(self._p.write, slot, data, offset)
+
+    def read(self, slot: int, out: Any, offset: int = 0) -> None:
+        self._call(self._p.read, slot, out, offset)
+
+    def slot_length(self, slot: int) -> int:
+        return int(self._call(self._p.slot_length, slot))
+
+    def put(self, keys: Sequence[bytes], blocks: Sequence[Any]) -> PutResult:
+        """Store blocks (buffers of at most slot_size bytes) under their keys."""
+        if len(keys) != len(blocks):
+            raise PoolError("keys and blocks differ in length")
+        slots = self.prepare_store(keys)
+        written: list[int] = []
+        lengths: list[int] = []
+        try:
+            for slot, block in zip(slots, blocks, strict=True):
+                if slot >= 0:
+                    view = memoryview(block).cast("B")
+                    self.write(slot, view)
+                    written.append(slot)
+                    lengths.append(view.nbytes)
+        except BaseException:
+            self.complete_store(written or [s for s in slots if s >= 0], ok=False)
+            raise
+        self.complete_store(written, lengths)
+        return PutResult(stored=len(written), duplicate=slots.count(DUPLICATE),
+                         full=slots.count(FULL))
+
+    def get(self, keys: Sequence[bytes]) -> list[bytes]:
+        """The bytes of the present prefix of `keys` (pinned while copied)."""
+        out: list[bytes] = []
+        with self.pinned(keys) as slots:
+            for slot in slots:
+                buf = bytearray(self.slot_length(slot))
+                self.read(slot, buf)
+                out.append(bytes(buf))
+        return out
+
+    def remove(self, key: bytes) -> bool:
+        """Drop one block unless it is pinned or being written."""
+        return bool(self._p.remove(_keys([key])))
+
+    # -- copy engine -------------------------------------------------------------------
+    def gather(self, slots: Sequence[int], block_ids: Sequence[int],
+               segments: Sequence[tuple[int, int, int]], threads: int = 4) -> None:
+        """Engine blocks -> slots. segments: (base_ptr, block_stride_bytes, bytes)."""
+        self._call(self._p.gather, list(slots), list(block_ids), list(segments), threads)
+
+    def scatter(self, slots: Sequence[int], block_ids: Sequence[int],
+                segments: Sequence[tuple[int, int, int]], threads: int = 4) -> None:
+        """Slots -> engine blocks. segments: (base_ptr, block_stride_bytes, bytes)."""
+        self._call(self._p.scatter, list(slots), list(block_ids), list(segments), threads)
+
+    # -- housekeeping --------------------------------------------------------------------
+    def stats(self) -> PoolStats:
+        s = self._p.stats()
+        return PoolStats(**{f: int(getattr(s, f)) for f in PoolStats.__dataclass_fields__})
+
+    def sweep(self) -> int:
+        """Reclaim dead processes' pins and half-written slots now (also done lazily)."""
+        return int(self._call(self._p.sweep))
+
+    def close(self) -> None:
+        """Detach: release this process's pins and unfinished slots, unmap."""
+        self._p.detach()
+
+    def __enter__(self) -> KVPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _call(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except _native.NativePoolError as exc:
+            raise from_native(exc) from None
+
+
+def _check_coherence(value: str) -> None:
+    if value not in ("none", "flush"):
+        raise PoolError(f"coherence must be 'none' or 'flush', not {value!r}")

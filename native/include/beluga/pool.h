@@ -1,0 +1,147 @@
+// The KV pool: one mapped region shared by many processes (and hosts, over CXL).
+//
+// Protocol (all calls of one Pool object come from one thread at a time; many processes):
+//   lookup_prefix(keys)            how many leading keys are READY; nothing is pinned
+//   pin(keys) -> slots             pins the READY prefix so it cannot be evicted; copy out,
+//   unpin(slots)                   then unpin (detach or death of the process unpins too)
+//   prepare_store(keys) -> slots   reserves a WRITING slot per key not yet present (or
+//                                  kDuplicate / kFull); write the bytes, then
+//   complete_store(slots, ok)      publishes (READY) or frees them. First writer wins.
+// Every call takes the pool lock for a short, bounded critical section (no copies under
+// it); copies happen outside it on slots this process owns or has pinned.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "beluga/layout.h"
+
+namespace beluga {
+
+// Typed failures of create/attach and broken invariants (Python maps `kind` to classes).
+enum class ErrorKind : int {
+  kInvalid = 1,      // bad argument
+  kIo = 2,           // open/mmap/ftruncate failed
+  kExists = 3,       // create: the file already exists
+  kFormat = 4,       // not a Beluga pool, or another format version
+  kGeometry = 5,     // slot size / count differ from what the caller expects
+  kFingerprint = 6,  // another model's pool
+  kCorrupt = 7,      // truncated or scribbled header
+  kBusy = 8,         // the lock stayed held by a live process past the timeout
+  kNoClientSlot = 9  // too many attached processes
+};
+
+class PoolError : public std::runtime_error {
+ public:
+  PoolError(ErrorKind kind, const std::string& msg) : std::runtime_error(msg), kind_(kind) {}
+  ErrorKind kind() const { return kind_; }
+
+ private:
+  ErrorKind kind_;
+};
+
+// Expected per-key outcomes of prepare_store (slot ids are >= 0).
+inline constexpr int64_t kDuplicate = -1;  // present or being written by someone
+inline constexpr int64_t kFull = -2;       // every slot is pinned or being written
+
+struct CreateOptions {
+  uint64_t slot_size = 0;
+  uint64_t slot_count = 0;
+  std::string fingerprint;  // up to 32 bytes
+  Coherence coherence = Coherence::kNone;
+  uint32_t max_clients = 64;
+  uint32_t max_pins = 16384;
+  int numa_node = -1;  // bind the memory to this node (CXL shows up as a CPU-less node)
+  uint32_t mode = 0600;
+};
+
+struct Stats {
+  uint64_t slot_count, slot_size, used_slots, pinned_slots, writing_slots, clients;
+  uint64_t hits, misses, inserts, evictions, bytes_in, bytes_out, duplicates, full;
+  uint64_t recoveries, reclaimed, generation;
+};
+
+// One contiguous piece of a block in the engine's KV cache: `bytes` at
+// base + block_id * block_stride. A block's slot holds its segments back to back.
+struct Segment {
+  uint64_t base;
+  uint64_t block_stride;
+  uint64_t bytes;
+};
+
+class Pool {
+ public:
+  static std::unique_ptr<Pool> create(const std::string& path, const CreateOptions& opts);
+  // expect_* = 0 / "" skip that check.
+  static std::unique_ptr<Pool> attach(const std::string& path,
+                                      const std::string& expect_fingerprint,
+                                      uint64_t expect_slot_size, double wait_init_s,
+                                      bool coherence_flush_override);
+  ~Pool();
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
+  size_t lookup_prefix(const uint8_t* keys, size_t n);
+  std::vector<int64_t> pin(const uint8_t* keys, size_t n);
+  void unpin(const std::vector<int64_t>& slots);
+  std::vector<int64_t> prepare_store(const uint8_t* keys, size_t n);
+  void complete_store(const std::vector<int64_t>& slots, const std::vector<uint64_t>& lengths,
+                      bool ok);
+  bool remove(const uint8_t* key);
+  size_t sweep();  // reclaim dead clients now; returns how many
+  void detach();
+
+  // Copies (no lock). write: into WRITING slots this process owns; read: from pinned slots.
+  void write(int64_t slot, const void* src, uint64_t n, uint64_t offset = 0);
+  void read(int64_t slot, void* dst, uint64_t n, uint64_t offset = 0);
+  void gather(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+              const std::vector<Segment>& segments, int threads);
+  void scatter(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+               const std::vector<Segment>& segments, int threads);
+  uint64_t slot_length(int64_t slot) const;
+
+  Stats stats();
+  uint8_t* slot_data(int64_t slot) const;
+  const PoolHeader& header() const { return *hdr_; }
+  uint32_t client_index() const { return client_; }
+  std::string path() const { return path_; }
+  bool flush_mode() const { return flush_; }
+  // Test hooks: die (from Python: os.kill) while holding the lock or mid-write.
+  void debug_lock() { lock(); }
+
+ private:
+  Pool(std::string path, int fd, uint8_t* base, uint64_t size);
+  void claim_client();
+  void lock();
+  void unlock();
+  bool client_alive(uint32_t c) const;
+  void rebuild();  // under the lock: recompute index, pins, counts from slot states
+  int64_t find(const uint8_t* key) const;
+  void index_insert(const uint8_t* key, uint32_t slot);
+  void index_erase(int64_t bucket);
+  int64_t allocate();
+  void check_slot(int64_t slot) const;
+  void touch();
+  void copy_blocks(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                   const std::vector<Segment>& segments, int threads, bool to_pool);
+
+  std::string path_;
+  int fd_;
+  uint8_t* base_;
+  uint64_t size_;
+  PoolHeader* hdr_;
+  ClientEntry* clients_;
+  uint32_t* pins_;
+  uint32_t* index_;
+  SlotMeta* slots_;
+  uint8_t* data_;
+  uint64_t mask_;
+  uint32_t client_ = UINT32_MAX;
+  bool flush_ = false;
+  bool locked_ = false;
+};
+
+}  // namespace beluga

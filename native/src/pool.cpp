@@ -1,0 +1,837 @@
+// Implementation of the KV pool (see include/beluga/pool.h and layout.h for the contract).
+#include "beluga/pool.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "beluga/atomics.h"
+
+namespace beluga {
+namespace {
+
+constexpr uint64_t kLockTimeoutNs = 5'000'000'000ULL;
+constexpr uint64_t kLeaseNs = 30'000'000'000ULL;  // cross-namespace liveness: last_seen age
+
+uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+uint64_t now_realtime_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return uint64_t(ts.tv_sec) * 1'000'000'000ULL + uint64_t(ts.tv_nsec);
+}
+
+uint64_t now_mono_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return uint64_t(ts.tv_sec) * 1'000'000'000ULL + uint64_t(ts.tv_nsec);
+}
+
+// Field 22 of /proc/<pid>/stat: start time in clock ticks; 0 if the process is gone.
+uint64_t process_start_ticks(uint32_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string s;
+  if (!std::getline(f, s)) return 0;
+  auto close = s.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream rest(s.substr(close + 2));
+  std::string field;
+  for (int i = 3; i <= 22; ++i) {
+    if (!(rest >> field)) return 0;
+  }
+  return std::stoull(field);
+}
+
+uint64_t own_pidns() {
+  struct stat st{};
+  if (stat("/proc/self/ns/pid", &st) != 0) return 0;
+  return uint64_t(st.st_ino);
+}
+
+uint64_t key_hash(const uint8_t* key) {
+  uint64_t h;
+  std::memcpy(&h, key, sizeof(h));  // keys are SHA-256 digests: any 8 bytes are uniform
+  return h;
+}
+
+struct Layout {
+  uint64_t clients, pins, index, slots, data, total, index_capacity;
+};
+
+Layout compute_layout(uint64_t slot_size, uint64_t slot_count, uint32_t max_clients,
+                      uint32_t max_pins) {
+  Layout l{};
+  l.index_capacity = 1;
+  while (l.index_capacity < 2 * slot_count) l.index_capacity <<= 1;
+  l.clients = sizeof(PoolHeader);
+  l.pins = align_up(l.clients + uint64_t(max_clients) * sizeof(ClientEntry), 4096);
+  l.index = align_up(l.pins + uint64_t(max_clients) * max_pins * 4, 4096);
+  l.slots = align_up(l.index + l.index_capacity * 4, 4096);
+  l.data = align_up(l.slots + slot_count * sizeof(SlotMeta), kDataAlign);
+  l.total = align_up(l.data + slot_size * slot_count, kDataAlign);
+  return l;
+}
+
+bool cpu_has(int bit) {
+#if defined(__x86_64__)
+  unsigned a = 7, b = 0, c = 0, d = 0;
+  __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+  return (b >> bit) & 1u;
+#else
+  (void)bit;
+  return false;
+#endif
+}
+
+const bool kHasClwb = cpu_has(24);
+const bool kHasClflushopt = cpu_has(23);
+
+void writeback(const void* p, size_t n) {
+  if (kHasClwb) {
+    atomics::writeback_clwb(p, n);
+  } else if (kHasClflushopt) {
+    atomics::invalidate_clflushopt(p, n);
+  } else {
+    auto a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+    for (; a < reinterpret_cast<uintptr_t>(p) + n; a += 64) _mm_clflush(reinterpret_cast<void*>(a));
+  }
+  atomics::store_fence();
+}
+
+void invalidate(const void* p, size_t n) {
+  if (kHasClflushopt) {
+    atomics::invalidate_clflushopt(p, n);
+  } else {
+    auto a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+    for (; a < reinterpret_cast<uintptr_t>(p) + n; a += 64) _mm_clflush(reinterpret_cast<void*>(a));
+  }
+  atomics::full_fence();
+}
+
+[[noreturn]] void fail(ErrorKind kind, const std::string& msg) { throw PoolError(kind, msg); }
+
+std::string errno_text() { return std::strerror(errno); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Mapping, create, attach
+// ---------------------------------------------------------------------------------------
+
+Pool::Pool(std::string path, int fd, uint8_t* base, uint64_t size)
+    : path_(std::move(path)), fd_(fd), base_(base), size_(size) {
+  hdr_ = reinterpret_cast<PoolHeader*>(base_);
+  clients_ = reinterpret_cast<ClientEntry*>(base_ + hdr_->clients_offset);
+  pins_ = reinterpret_cast<uint32_t*>(base_ + hdr_->pins_offset);
+  index_ = reinterpret_cast<uint32_t*>(base_ + hdr_->index_offset);
+  slots_ = reinterpret_cast<SlotMeta*>(base_ + hdr_->slots_offset);
+  data_ = base_ + hdr_->data_offset;
+  mask_ = hdr_->index_capacity - 1;
+  flush_ = hdr_->coherence == uint32_t(Coherence::kFlush);
+}
+
+static uint8_t* map_region(int fd, uint64_t size, const std::string& path) {
+  // 2 MiB-aligned address: devdax requires it, and it lets hugetlbfs/THP back the mapping.
+  void* probe = mmap(nullptr, size + kDataAlign, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (probe == MAP_FAILED) fail(ErrorKind::kIo, "mmap reserve failed: " + errno_text());
+  auto aligned = align_up(reinterpret_cast<uintptr_t>(probe), kDataAlign);
+  munmap(probe, size + kDataAlign);
+  void* p = mmap(reinterpret_cast<void*>(aligned), size, PROT_READ | PROT_WRITE,
+                 MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0);
+  if (p == MAP_FAILED) p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) fail(ErrorKind::kIo, "cannot map " + path + ": " + errno_text());
+  return static_cast<uint8_t*>(p);
+}
+
+static bool is_devdax(const std::string& path) { return path.rfind("/dev/dax", 0) == 0; }
+
+static uint64_t devdax_size(const std::string& path) {
+  auto name = path.substr(path.find_last_of('/') + 1);
+  std::ifstream f("/sys/bus/dax/devices/" + name + "/size");
+  uint64_t size = 0;
+  if (!(f >> size) || size == 0) fail(ErrorKind::kIo, "cannot read the size of " + path);
+  return size;
+}
+
+std::unique_ptr<Pool> Pool::create(const std::string& path, const CreateOptions& o) {
+  if (o.slot_size == 0 || o.slot_size % 64 != 0)
+    fail(ErrorKind::kInvalid, "slot_size must be a positive multiple of 64");
+  if (o.slot_count == 0 || o.slot_count >= (1ULL << 31))
+    fail(ErrorKind::kInvalid, "slot_count must be between 1 and 2^31");
+  if (o.fingerprint.size() > kFingerprintBytes)
+    fail(ErrorKind::kInvalid, "fingerprint is longer than 32 bytes");
+  if (o.max_clients == 0 || o.max_clients > 4096 || o.max_pins == 0)
+    fail(ErrorKind::kInvalid, "max_clients must be 1..4096 and max_pins positive");
+  Layout l = compute_layout(o.slot_size, o.slot_count, o.max_clients, o.max_pins);
+  int fd;
+  uint64_t size = l.total;
+  if (is_devdax(path)) {
+    fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) fail(ErrorKind::kIo, "cannot open " + path + ": " + errno_text());
+    uint64_t dev = devdax_size(path);
+    if (dev < size) {
+      close(fd);
+      fail(ErrorKind::kInvalid, path + " holds " + std::to_string(dev) + " bytes; the pool needs " +
+                                    std::to_string(size));
+    }
+  } else {
+    fd = open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, o.mode);
+    if (fd < 0 && errno == EEXIST) fail(ErrorKind::kExists, path + " already exists");
+    if (fd < 0) fail(ErrorKind::kIo, "cannot create " + path + ": " + errno_text());
+    if (ftruncate(fd, off_t(size)) != 0) {
+      auto msg = "cannot size " + path + ": " + errno_text();
+      close(fd);
+      unlink(path.c_str());
+      fail(ErrorKind::kIo, msg);
+    }
+  }
+  uint8_t* base;
+  try {
+    base = map_region(fd, size, path);
+  } catch (...) {
+    close(fd);
+    if (!is_devdax(path)) unlink(path.c_str());
+    throw;
+  }
+  if (o.numa_node >= 0) {
+    // mbind(MPOL_BIND) before the first touch places every page on that node.
+    unsigned long mask[16] = {};
+    if (o.numa_node >= int(sizeof(mask) * 8)) fail(ErrorKind::kInvalid, "numa_node too large");
+    mask[o.numa_node / 64] = 1UL << (o.numa_node % 64);
+    constexpr int kMpolBind = 2;
+    if (syscall(SYS_mbind, base, size, kMpolBind, mask, sizeof(mask) * 8, 0) != 0) {
+      auto msg = "cannot bind the pool to NUMA node " + std::to_string(o.numa_node) + ": " +
+                 errno_text();
+      munmap(base, size);
+      close(fd);
+      if (!is_devdax(path)) unlink(path.c_str());
+      fail(ErrorKind::kIo, msg);
+    }
+  }
+  auto* h = reinterpret_cast<PoolHeader*>(base);
+  // A devdax device may hold anything: clear the metadata region (data is overwritten on use).
+  std::memset(base, 0, l.data);
+  h->version = kFormatVersion;
+  h->header_bytes = sizeof(PoolHeader);
+  h->total_bytes = size;
+  h->slot_size = o.slot_size;
+  h->slot_count = o.slot_count;
+  h->index_capacity = l.index_capacity;
+  h->max_clients = o.max_clients;
+  h->max_pins = o.max_pins;
+  h->coherence = uint32_t(o.coherence);
+  h->clients_offset = l.clients;
+  h->pins_offset = l.pins;
+  h->index_offset = l.index;
+  h->slots_offset = l.slots;
+  h->data_offset = l.data;
+  h->created_unix_ns = now_realtime_ns();
+  std::memcpy(h->fingerprint, o.fingerprint.data(), o.fingerprint.size());
+  std::random_device rd;
+  for (auto& b : h->uuid) b = uint8_t(rd());
+  h->uuid[6] = uint8_t((h->uuid[6] & 0x0F) | 0x40);  // RFC 4122 version 4
+  h->uuid[8] = uint8_t((h->uuid[8] & 0x3F) | 0x80);
+  if (o.coherence == Coherence::kFlush) writeback(base, l.data);
+  h->magic.store(kMagic, std::memory_order_release);  // published last
+  if (o.coherence == Coherence::kFlush) writeback(&h->magic, 8);
+  std::unique_ptr<Pool> pool(new Pool(path, fd, base, size));
+  pool->claim_client();
+  return pool;
+}
+
+std::unique_ptr<Pool> Pool::attach(const std::string& path, const std::string& expect_fp,
+                                   uint64_t expect_slot_size, double wait_init_s,
+                                   bool flush_override) {
+  int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0 && errno == ENOENT) fail(ErrorKind::kIo, path + " does not exist");
+  if (fd < 0) fail(ErrorKind::kIo, "cannot open " + path + ": " + errno_text());
+  struct FdGuard {
+    int fd;
+    bool keep = false;
+    ~FdGuard() {
+      if (!keep) close(fd);
+    }
+  } guard{fd};
+  uint64_t size;
+  if (is_devdax(path)) {
+    size = devdax_size(path);
+  } else {
+    struct stat st{};
+    if (fstat(fd, &st) != 0) fail(ErrorKind::kIo, "cannot stat " + path + ": " + errno_text());
+    size = uint64_t(st.st_size);
+  }
+  if (size < sizeof(PoolHeader))
+    fail(ErrorKind::kCorrupt, path + " is too small to be a Beluga pool (" +
+                                  std::to_string(size) + " bytes)");
+  // Read the header through a private read-only mapping first: nothing is changed until the
+  // pool is known to be ours.
+  void* peek = mmap(nullptr, sizeof(PoolHeader), PROT_READ, MAP_SHARED, fd, 0);
+  if (peek == MAP_FAILED) fail(ErrorKind::kIo, "cannot map " + path + ": " + errno_text());
+  struct PeekGuard {
+    void* p;
+    ~PeekGuard() { munmap(p, sizeof(PoolHeader)); }
+  } pg{peek};
+  const auto* h = static_cast<const PoolHeader*>(peek);
+  auto deadline = now_mono_ns() + uint64_t(wait_init_s * 1e9);
+  while (true) {
+    if (flush_override) invalidate(h, 64);
+    uint64_t magic = h->magic.load(std::memory_order_acquire);
+    if (magic == kMagic) break;
+    if (magic != 0) fail(ErrorKind::kFormat, path + " is not a Beluga pool (bad magic)");
+    if (now_mono_ns() > deadline)
+      fail(ErrorKind::kFormat, path + " is not an initialised Beluga pool (magic is zero)");
+    usleep(10000);
+  }
+  if (flush_override) invalidate(h, sizeof(PoolHeader));
+  if (h->version != kFormatVersion)
+    fail(ErrorKind::kFormat, path + " has pool format " + std::to_string(h->version) +
+                                 "; this build reads format " + std::to_string(kFormatVersion));
+  if (h->header_bytes != sizeof(PoolHeader))
+    fail(ErrorKind::kCorrupt, path + ": header size mismatch");
+  if (h->slot_size == 0 || h->slot_size % 64 || h->slot_count == 0 ||
+      h->slot_count >= (1ULL << 31) || h->max_clients == 0 || h->max_clients > 4096 ||
+      h->max_pins == 0 || h->coherence > 1)
+    fail(ErrorKind::kCorrupt, path + ": header geometry is invalid");
+  Layout l = compute_layout(h->slot_size, h->slot_count, h->max_clients, h->max_pins);
+  if (l.total != h->total_bytes || l.clients != h->clients_offset || l.pins != h->pins_offset ||
+      l.index != h->index_offset || l.slots != h->slots_offset || l.data != h->data_offset ||
+      l.index_capacity != h->index_capacity)
+    fail(ErrorKind::kCorrupt, path + ": header offsets do not match its geometry");
+  if (size < h->total_bytes)
+    fail(ErrorKind::kCorrupt, path + " is truncated: " + std::to_string(size) + " of " +
+                                  std::to_string(h->total_bytes) + " bytes");
+  if (!expect_fp.empty()) {
+    uint8_t want[kFingerprintBytes] = {};
+    std::memcpy(want, expect_fp.data(), std::min(expect_fp.size(), kFingerprintBytes));
+    if (expect_fp.size() > kFingerprintBytes || std::memcmp(want, h->fingerprint, kFingerprintBytes))
+      fail(ErrorKind::kFingerprint, path + " belongs to another model (fingerprint differs)");
+  }
+  if (expect_slot_size && expect_slot_size != h->slot_size)
+    fail(ErrorKind::kGeometry, path + " has slot size " + std::to_string(h->slot_size) +
+                                   ", expected " + std::to_string(expect_slot_size));
+  uint64_t total = h->total_bytes;
+  uint8_t* base = map_region(fd, total, path);
+  guard.keep = true;
+  std::unique_ptr<Pool> pool(new Pool(path, fd, base, total));
+  if (flush_override) pool->flush_ = true;
+  pool->claim_client();
+  return pool;
+}
+
+Pool::~Pool() {
+  try {
+    detach();
+  } catch (...) {
+  }
+}
+
+void Pool::detach() {
+  if (base_ == nullptr) return;
+  if (client_ != UINT32_MAX) {
+    lock();
+    ClientEntry& me = clients_[client_];
+    uint32_t* table = pins_ + uint64_t(client_) * hdr_->max_pins;
+    for (uint32_t i = 0; i < me.npins; ++i) {
+      uint32_t s = table[i] - 1;
+      if (s < hdr_->slot_count && slots_[s].pins > 0) slots_[s].pins--;
+    }
+    me.npins = 0;
+    for (uint64_t s = 0; s < hdr_->slot_count; ++s) {
+      SlotMeta& m = slots_[s];
+      if (m.state == uint32_t(SlotState::kWriting) && m.owner == client_) {
+        int64_t b = find(m.key);
+        if (b >= 0) index_erase(b);
+        m.state = uint32_t(SlotState::kFree);
+        hdr_->used_slots--;
+      }
+    }
+    me.active.store(0, std::memory_order_release);
+    unlock();
+    client_ = UINT32_MAX;
+  }
+  munmap(base_, size_);
+  close(fd_);
+  base_ = nullptr;
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients, the lock and recovery
+// ---------------------------------------------------------------------------------------
+
+void Pool::claim_client() {
+  lock();  // as "no client" (index 0 in the token); liveness then falls back to the pid
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    for (uint32_t c = 0; c < hdr_->max_clients; ++c) {
+      ClientEntry& e = clients_[c];
+      if (e.active.load(std::memory_order_relaxed) == 0) {
+        e.pid = uint32_t(getpid());
+        e.start_ticks = process_start_ticks(e.pid);
+        e.pidns = own_pidns();
+        e.last_seen_ns.store(now_realtime_ns(), std::memory_order_relaxed);
+        e.npins = 0;
+        e.attach_generation = hdr_->generation.load(std::memory_order_relaxed);
+        e.active.store(1, std::memory_order_release);
+        client_ = c;
+        unlock();
+        return;
+      }
+    }
+    rebuild();  // sweeps dead clients, then try once more
+  }
+  unlock();
+  fail(ErrorKind::kNoClientSlot, "all " + std::to_string(hdr_->max_clients) +
+                                     " client slots of the pool are in use by live processes");
+}
+
+bool Pool::client_alive(uint32_t c) const {
+  const ClientEntry& e = clients_[c];
+  if (e.active.load(std::memory_order_acquire) == 0) return false;
+  if (e.pidns == own_pidns() && e.pidns != 0) {
+    if (kill(pid_t(e.pid), 0) != 0 && errno == ESRCH) return false;
+    uint64_t ticks = process_start_ticks(e.pid);
+    return ticks == 0 || ticks == e.start_ticks;  // 0: cannot read /proc; assume alive
+  }
+  // Another pid namespace or host: the lease decides.
+  return now_realtime_ns() - e.last_seen_ns.load(std::memory_order_relaxed) < kLeaseNs;
+}
+
+// The pool lock. The token names the holder: (client index + 1) << 32 | pid. A waiter that
+// has spun for a while checks whether the holder is still alive (same pid namespace: by pid
+// and start time; else by lease); a dead holder's lock is taken over with CAS and the
+// derived state rebuilt, because the holder may have died mid-update. A live holder that
+// keeps the lock past kLockTimeoutNs is a bug or a stopped process: kBusy, never a hang.
+void Pool::lock() {
+  const uint64_t me = (uint64_t(client_ == UINT32_MAX ? 0 : client_ + 1) << 32) | uint32_t(getpid());
+  auto& word = hdr_->lock_word;
+  uint64_t start = 0;
+  for (uint64_t spins = 0;; ++spins) {
+    uint64_t cur = word.load(std::memory_order_relaxed);
+    if (cur == 0 && atomics::cas_acquire(word, 0, me)) break;
+    if (spins % 64 == 63) sched_yield(); else atomics::cpu_relax();
+    if (spins % 1024 != 1023) continue;
+    if (start == 0) start = now_mono_ns();
+    cur = word.load(std::memory_order_relaxed);
+    if (cur == 0) continue;
+    uint32_t holder_pid = uint32_t(cur);
+    uint32_t holder_client = uint32_t(cur >> 32);
+    bool dead;
+    if (holder_client != 0 && holder_client <= hdr_->max_clients &&
+        clients_[holder_client - 1].pid == holder_pid) {
+      dead = !client_alive(holder_client - 1);
+    } else {  // no client entry yet (attaching): the pid alone, same namespace assumed
+      dead = kill(pid_t(holder_pid), 0) != 0 && errno == ESRCH;
+    }
+    if (dead && atomics::cas_acquire(word, cur, me)) {
+      locked_ = true;
+      rebuild();
+      atomics::count(hdr_->stats.recoveries);
+      return;
+    }
+    if (now_mono_ns() - start > kLockTimeoutNs)
+      fail(ErrorKind::kBusy, "the pool lock is held by live pid " + std::to_string(holder_pid) +
+                                 " for more than 5 s");
+  }
+  locked_ = true;
+  if (flush_) invalidate(base_ + hdr_->clients_offset, hdr_->data_offset - hdr_->clients_offset);
+}
+
+void Pool::unlock() {
+  if (flush_) writeback(base_ + hdr_->clients_offset, hdr_->data_offset - hdr_->clients_offset);
+  locked_ = false;
+  atomics::store_release(hdr_->lock_word, 0);
+}
+
+void Pool::touch() {
+  if (client_ != UINT32_MAX)
+    clients_[client_].last_seen_ns.store(now_realtime_ns(), std::memory_order_relaxed);
+}
+
+// Under the lock. Slot states (+ owners) are the truth; everything else is recomputed.
+void Pool::rebuild() {
+  const uint64_t n = hdr_->slot_count;
+  std::vector<bool> live(hdr_->max_clients, false);
+  for (uint32_t c = 0; c < hdr_->max_clients; ++c) {
+    if (clients_[c].active.load(std::memory_order_relaxed) == 0) continue;
+    if (c == client_ || client_alive(c)) {
+      live[c] = true;
+    } else {
+      clients_[c].npins = 0;
+      clients_[c].active.store(0, std::memory_order_relaxed);
+      atomics::count(hdr_->stats.reclaimed);
+    }
+  }
+  uint64_t used = 0;
+  for (uint64_t s = 0; s < n; ++s) {
+    SlotMeta& m = slots_[s];
+    m.pins = 0;
+    if (m.state == uint32_t(SlotState::kWriting) && (m.owner >= hdr_->max_clients || !live[m.owner]))
+      m.state = uint32_t(SlotState::kFree);
+    if (m.state > uint32_t(SlotState::kReady)) m.state = uint32_t(SlotState::kFree);
+    if (m.state != uint32_t(SlotState::kFree)) ++used;
+  }
+  for (uint32_t c = 0; c < hdr_->max_clients; ++c) {
+    if (!live[c]) continue;
+    uint32_t* table = pins_ + uint64_t(c) * hdr_->max_pins;
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < std::min(clients_[c].npins, hdr_->max_pins); ++i) {
+      uint32_t s = table[i] - 1;
+      if (s < n && slots_[s].state == uint32_t(SlotState::kReady)) {
+        slots_[s].pins++;
+        table[kept++] = table[i];
+      }
+    }
+    clients_[c].npins = kept;
+  }
+  std::memset(index_, 0, hdr_->index_capacity * 4);
+  for (uint64_t s = 0; s < n; ++s) {
+    SlotMeta& m = slots_[s];
+    if (m.state == uint32_t(SlotState::kFree)) continue;
+    if (find(m.key) >= 0) {  // a duplicate key left by a crash: keep the first copy
+      if (m.pins == 0) {
+        m.state = uint32_t(SlotState::kFree);
+        --used;
+        continue;
+      }
+    }
+    index_insert(m.key, uint32_t(s));
+  }
+  hdr_->used_slots = used;
+  if (hdr_->clock_hand >= n) hdr_->clock_hand = 0;
+  hdr_->generation.fetch_add(1, std::memory_order_relaxed);
+}
+
+size_t Pool::sweep() {
+  lock();
+  size_t dead = 0;
+  for (uint32_t c = 0; c < hdr_->max_clients; ++c)
+    if (c != client_ && clients_[c].active.load(std::memory_order_relaxed) && !client_alive(c)) ++dead;
+  if (dead) rebuild();
+  unlock();
+  return dead;
+}
+
+// ---------------------------------------------------------------------------------------
+// Index (open addressing, linear probing, backward-shift deletion; under the lock)
+// ---------------------------------------------------------------------------------------
+
+int64_t Pool::find(const uint8_t* key) const {
+  uint64_t b = key_hash(key) & mask_;
+  for (uint64_t probes = 0; probes <= mask_; ++probes, b = (b + 1) & mask_) {
+    uint32_t v = index_[b];
+    if (v == kEmpty) return -1;
+    uint32_t s = v - 1;
+    if (s < hdr_->slot_count && std::memcmp(slots_[s].key, key, kKeyBytes) == 0) return int64_t(b);
+  }
+  return -1;
+}
+
+void Pool::index_insert(const uint8_t* key, uint32_t slot) {
+  uint64_t b = key_hash(key) & mask_;
+  while (index_[b] != kEmpty) b = (b + 1) & mask_;  // capacity >= 2x slots: always ends
+  index_[b] = slot + 1;
+}
+
+void Pool::index_erase(int64_t bucket) {
+  uint64_t i = uint64_t(bucket);
+  uint64_t j = i;
+  while (true) {
+    j = (j + 1) & mask_;
+    uint32_t v = index_[j];
+    if (v == kEmpty) break;
+    uint64_t home = key_hash(slots_[v - 1].key) & mask_;
+    // Move j back to i unless its home lies cyclically in (i, j].
+    bool in_range = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
+    if (!in_range) {
+      index_[i] = v;
+      i = j;
+    }
+  }
+  index_[i] = kEmpty;
+}
+
+// CLOCK: a READY, unpinned slot whose reference bit is clear is evicted; FREE slots first
+// come as the hand reaches them. Two sweeps without a candidate: full.
+int64_t Pool::allocate() {
+  const uint64_t n = hdr_->slot_count;
+  for (uint64_t step = 0; step < 2 * n + 1; ++step) {
+    uint64_t s = hdr_->clock_hand;
+    hdr_->clock_hand = (s + 1 == n) ? 0 : s + 1;
+    SlotMeta& m = slots_[s];
+    if (m.state == uint32_t(SlotState::kFree)) return int64_t(s);
+    if (m.state != uint32_t(SlotState::kReady) || m.pins != 0) continue;
+    if (m.ref) {
+      m.ref = 0;
+      continue;
+    }
+    int64_t b = find(m.key);
+    if (b >= 0) index_erase(b);
+    m.state = uint32_t(SlotState::kFree);
+    hdr_->used_slots--;
+    atomics::count(hdr_->stats.evictions);
+    return int64_t(s);
+  }
+  return -1;
+}
+
+// ---------------------------------------------------------------------------------------
+// Operations
+// ---------------------------------------------------------------------------------------
+
+size_t Pool::lookup_prefix(const uint8_t* keys, size_t n) {
+  lock();
+  size_t i = 0;
+  for (; i < n; ++i) {
+    int64_t b = find(keys + i * kKeyBytes);
+    if (b < 0 || slots_[index_[b] - 1].state != uint32_t(SlotState::kReady)) break;
+  }
+  unlock();
+  touch();
+  atomics::count(hdr_->stats.hits, i);
+  if (i < n) atomics::count(hdr_->stats.misses);
+  return i;
+}
+
+std::vector<int64_t> Pool::pin(const uint8_t* keys, size_t n) {
+  std::vector<int64_t> out;
+  out.reserve(n);
+  lock();
+  ClientEntry& me = clients_[client_];
+  uint32_t* table = pins_ + uint64_t(client_) * hdr_->max_pins;
+  for (size_t i = 0; i < n && me.npins < hdr_->max_pins; ++i) {
+    int64_t b = find(keys + i * kKeyBytes);
+    if (b < 0) break;
+    uint32_t s = index_[b] - 1;
+    SlotMeta& m = slots_[s];
+    if (m.state != uint32_t(SlotState::kReady)) break;
+    table[me.npins++] = s + 1;
+    m.pins++;
+    m.ref = 1;
+    out.push_back(s);
+  }
+  unlock();
+  touch();
+  return out;
+}
+
+void Pool::unpin(const std::vector<int64_t>& slots) {
+  lock();
+  ClientEntry& me = clients_[client_];
+  uint32_t* table = pins_ + uint64_t(client_) * hdr_->max_pins;
+  for (int64_t s : slots) {
+    for (uint32_t i = me.npins; i-- > 0;) {
+      if (table[i] == uint32_t(s) + 1) {
+        table[i] = table[--me.npins];
+        if (slots_[s].pins > 0) slots_[s].pins--;
+        break;
+      }
+    }
+  }
+  unlock();
+  touch();
+}
+
+std::vector<int64_t> Pool::prepare_store(const uint8_t* keys, size_t n) {
+  std::vector<int64_t> out(n, kFull);
+  lock();
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t* key = keys + i * kKeyBytes;
+    if (find(key) >= 0) {
+      out[i] = kDuplicate;
+      atomics::count(hdr_->stats.duplicates);
+      continue;
+    }
+    int64_t s = allocate();
+    if (s < 0) {
+      atomics::count(hdr_->stats.full, n - i);
+      break;
+    }
+    SlotMeta& m = slots_[s];
+    std::memcpy(m.key, key, kKeyBytes);
+    m.owner = client_;
+    m.pins = 0;
+    m.ref = 0;
+    m.length = 0;
+    m.checksum = 0;
+    m.state = uint32_t(SlotState::kWriting);  // after the key: rebuild trusts key + state
+    index_insert(key, uint32_t(s));
+    hdr_->used_slots++;
+    out[i] = s;
+  }
+  unlock();
+  touch();
+  return out;
+}
+
+void Pool::complete_store(const std::vector<int64_t>& slots, const std::vector<uint64_t>& lengths,
+                          bool ok) {
+  if (!lengths.empty() && lengths.size() != slots.size())
+    fail(ErrorKind::kInvalid, "lengths must match slots");
+  lock();
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    int64_t s = slots[i];
+    if (s < 0 || uint64_t(s) >= hdr_->slot_count) continue;
+    SlotMeta& m = slots_[s];
+    if (m.state != uint32_t(SlotState::kWriting) || m.owner != client_) continue;
+    if (ok) {
+      m.length = lengths.empty() ? hdr_->slot_size : std::min(lengths[i], hdr_->slot_size);
+      m.ref = 1;
+      m.state = uint32_t(SlotState::kReady);  // publish: the bytes were written before
+      bytes += m.length;
+      atomics::count(hdr_->stats.inserts);
+    } else {
+      int64_t b = find(m.key);
+      if (b >= 0) index_erase(b);
+      m.state = uint32_t(SlotState::kFree);
+      hdr_->used_slots--;
+    }
+  }
+  unlock();
+  touch();
+  atomics::count(hdr_->stats.bytes_in, bytes);
+}
+
+bool Pool::remove(const uint8_t* key) {
+  lock();
+  bool removed = false;
+  int64_t b = find(key);
+  if (b >= 0) {
+    SlotMeta& m = slots_[index_[b] - 1];
+    if (m.state == uint32_t(SlotState::kReady) && m.pins == 0) {
+      index_erase(b);
+      m.state = uint32_t(SlotState::kFree);
+      hdr_->used_slots--;
+      removed = true;
+    }
+  }
+  unlock();
+  return removed;
+}
+
+Stats Pool::stats() {
+  lock();
+  Stats st{};
+  st.slot_count = hdr_->slot_count;
+  st.slot_size = hdr_->slot_size;
+  st.used_slots = hdr_->used_slots;
+  for (uint64_t s = 0; s < hdr_->slot_count; ++s) {
+    if (slots_[s].pins) ++st.pinned_slots;
+    if (slots_[s].state == uint32_t(SlotState::kWriting)) ++st.writing_slots;
+  }
+  for (uint32_t c = 0; c < hdr_->max_clients; ++c)
+    if (clients_[c].active.load(std::memory_order_relaxed)) ++st.clients;
+  unlock();
+  const PoolStats& p = hdr_->stats;
+  st.hits = p.hits.load();
+  st.misses = p.misses.load();
+  st.inserts = p.inserts.load();
+  st.evictions = p.evictions.load();
+  st.bytes_in = p.bytes_in.load();
+  st.bytes_out = p.bytes_out.load();
+  st.duplicates = p.duplicates.load();
+  st.full = p.full.load();
+  st.recoveries = p.recoveries.load();
+  st.reclaimed = p.reclaimed.load();
+  st.generation = hdr_->generation.load();
+  return st;
+}
+
+// ---------------------------------------------------------------------------------------
+// Copies (no lock)
+// ---------------------------------------------------------------------------------------
+
+void Pool::check_slot(int64_t slot) const {
+  if (slot < 0 || uint64_t(slot) >= hdr_->slot_count)
+    fail(ErrorKind::kInvalid, "slot " + std::to_string(slot) + " is out of range");
+}
+
+uint8_t* Pool::slot_data(int64_t slot) const {
+  check_slot(slot);
+  return data_ + uint64_t(slot) * hdr_->slot_size;
+}
+
+uint64_t Pool::slot_length(int64_t slot) const {
+  check_slot(slot);
+  return slots_[slot].length;
+}
+
+void Pool::write(int64_t slot, const void* src, uint64_t n, uint64_t offset) {
+  if (offset + n > hdr_->slot_size) fail(ErrorKind::kInvalid, "write beyond the slot");
+  uint8_t* dst = slot_data(slot) + offset;
+  std::memcpy(dst, src, n);
+  if (flush_) writeback(dst, n);
+}
+
+void Pool::read(int64_t slot, void* dst, uint64_t n, uint64_t offset) {
+  if (offset + n > hdr_->slot_size) fail(ErrorKind::kInvalid, "read beyond the slot");
+  const uint8_t* src = slot_data(slot) + offset;
+  if (flush_) invalidate(src, n);
+  std::memcpy(dst, src, n);
+  atomics::count(hdr_->stats.bytes_out, n);
+}
+
+void Pool::copy_blocks(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                       const std::vector<Segment>& segs, int threads, bool to_pool) {
+  if (slots.size() != block_ids.size()) fail(ErrorKind::kInvalid, "slots and block_ids differ in length");
+  uint64_t per_block = 0;
+  for (const auto& s : segs) per_block += s.bytes;
+  if (per_block > hdr_->slot_size)
+    fail(ErrorKind::kInvalid, "segments hold " + std::to_string(per_block) +
+                                  " bytes per block; slots hold " + std::to_string(hdr_->slot_size));
+  for (int64_t s : slots) check_slot(s);
+  auto work = [&](size_t lo, size_t hi) {
+    for (size_t i = lo; i < hi; ++i) {
+      uint8_t* slot = data_ + uint64_t(slots[i]) * hdr_->slot_size;
+      if (!to_pool && flush_) invalidate(slot, per_block);
+      uint64_t off = 0;
+      for (const auto& seg : segs) {
+        auto* engine = reinterpret_cast<uint8_t*>(seg.base + uint64_t(block_ids[i]) * seg.block_stride);
+        if (to_pool) std::memcpy(slot + off, engine, seg.bytes);
+        else std::memcpy(engine, slot + off, seg.bytes);
+        off += seg.bytes;
+      }
+      if (to_pool && flush_) writeback(slot, per_block);
+    }
+  };
+  size_t n = slots.size();
+  size_t t = size_t(std::max(1, threads));
+  if (n * per_block < (8u << 20)) t = 1;  // small batches: threads cost more than they give
+  t = std::min(t, n);
+  if (t <= 1) {
+    work(0, n);
+  } else {
+    std::vector<std::thread> pool;
+    size_t chunk = (n + t - 1) / t;
+    for (size_t k = 0; k < t; ++k) {
+      size_t lo = k * chunk, hi = std::min(n, lo + chunk);
+      if (lo < hi) pool.emplace_back(work, lo, hi);
+    }
+    for (auto& th : pool) th.join();
+  }
+  if (!to_pool) atomics::count(hdr_->stats.bytes_out, n * per_block);
+}
+
+void Pool::gather(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                  const std::vector<Segment>& segments, int threads) {
+  copy_blocks(slots, block_ids, segments, threads, true);
+}
+
+void Pool::scatter(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                   const std::vector<Segment>& segments, int threads) {
+  copy_blocks(slots, block_ids, segments, threads, false);
+}
+
+}  // namespace beluga
