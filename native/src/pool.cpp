@@ -67,6 +67,13 @@ uint64_t key_hash(const uint8_t* key) {
   return h;
 }
 
+uint64_t header_checksum(const PoolHeader* h) {
+  const auto* p = reinterpret_cast<const uint8_t*>(h);
+  uint64_t x = 1469598103934665603ULL;
+  for (size_t i = kChecksumBegin; i < kChecksumEnd; ++i) x = (x ^ p[i]) * 1099511628211ULL;
+  return x;
+}
+
 struct Layout {
   uint64_t clients, pins, index, slots, data, total, index_capacity;
 };
@@ -244,6 +251,7 @@ std::unique_ptr<Pool> Pool::create(const std::string& path, const CreateOptions&
   for (auto& b : h->uuid) b = uint8_t(rd());
   h->uuid[6] = uint8_t((h->uuid[6] & 0x0F) | 0x40);  // RFC 4122 version 4
   h->uuid[8] = uint8_t((h->uuid[8] & 0x3F) | 0x80);
+  h->header_checksum = header_checksum(h);
   if (o.coherence == Coherence::kFlush) writeback(base, l.data);
   h->magic.store(kMagic, std::memory_order_release);  // published last
   if (o.coherence == Coherence::kFlush) writeback(&h->magic, 8);
@@ -301,6 +309,8 @@ std::unique_ptr<Pool> Pool::attach(const std::string& path, const std::string& e
                                  "; this build reads format " + std::to_string(kFormatVersion));
   if (h->header_bytes != sizeof(PoolHeader))
     fail(ErrorKind::kCorrupt, path + ": header size mismatch");
+  if (h->header_checksum != header_checksum(h))
+    fail(ErrorKind::kCorrupt, path + ": header checksum mismatch (the header was overwritten)");
   if (h->slot_size == 0 || h->slot_size % 64 || h->slot_count == 0 ||
       h->slot_count >= (1ULL << 31) || h->max_clients == 0 || h->max_clients > 4096 ||
       h->max_pins == 0 || h->coherence > 1)
@@ -445,11 +455,24 @@ void Pool::lock() {
                                  " for more than 5 s");
   }
   locked_ = true;
-  if (flush_) invalidate(base_ + hdr_->clients_offset, hdr_->data_offset - hdr_->clients_offset);
+  if (flush_) sync_metadata(false);
+}
+
+// coherence=flush: the metadata another host may have changed (header state, client table,
+// index, slot metadata) is invalidated after taking the lock and written back before
+// releasing it. Pin tables are private to their client except during rebuild, which
+// syncs them itself.
+void Pool::sync_metadata(bool write_back) {
+  auto sync = write_back ? writeback : invalidate;
+  sync(&hdr_->clock_hand, 3 * kCacheLine);
+  sync(clients_, uint64_t(hdr_->max_clients) * sizeof(ClientEntry));
+  sync(base_ + hdr_->index_offset, hdr_->data_offset - hdr_->index_offset);
+  if (client_ != UINT32_MAX)
+    sync(pins_ + uint64_t(client_) * hdr_->max_pins, uint64_t(hdr_->max_pins) * 4);
 }
 
 void Pool::unlock() {
-  if (flush_) writeback(base_ + hdr_->clients_offset, hdr_->data_offset - hdr_->clients_offset);
+  if (flush_) sync_metadata(true);
   locked_ = false;
   atomics::store_release(hdr_->lock_word, 0);
 }
@@ -462,6 +485,7 @@ void Pool::touch() {
 // Under the lock. Slot states (+ owners) are the truth; everything else is recomputed.
 void Pool::rebuild() {
   const uint64_t n = hdr_->slot_count;
+  if (flush_) invalidate(base_ + hdr_->clients_offset, hdr_->data_offset - hdr_->clients_offset);
   std::vector<bool> live(hdr_->max_clients, false);
   for (uint32_t c = 0; c < hdr_->max_clients; ++c) {
     if (clients_[c].active.load(std::memory_order_relaxed) == 0) continue;
@@ -511,6 +535,7 @@ void Pool::rebuild() {
   hdr_->used_slots = used;
   if (hdr_->clock_hand >= n) hdr_->clock_hand = 0;
   hdr_->generation.fetch_add(1, std::memory_order_relaxed);
+  if (flush_) writeback(base_ + hdr_->clients_offset, hdr_->data_offset - hdr_->clients_offset);
 }
 
 size_t Pool::sweep() {

@@ -21,7 +21,7 @@
 
 namespace beluga {
 
-inline constexpr uint64_t kMagic = 0x564B41474C554542ULL;  // "BELUGAKV" little-endian
+inline constexpr uint64_t kMagic = 0x564B4147554C4542ULL;  // "BELUGAKV" little-endian
 inline constexpr uint32_t kFormatVersion = 1;
 inline constexpr size_t kCacheLine = 64;
 inline constexpr size_t kKeyBytes = 32;
@@ -52,6 +52,9 @@ struct alignas(kCacheLine) PoolStats {
 };
 static_assert(sizeof(PoolStats) == 2 * kCacheLine);
 
+inline constexpr size_t kChecksumBegin = 8;
+inline constexpr size_t kChecksumEnd = 160;
+
 struct alignas(4096) PoolHeader {
   // -- identity and geometry: written once by the creator, magic last ----------------
   std::atomic<uint64_t> magic;  // kMagic once initialised; 0 while the creator writes
@@ -73,7 +76,8 @@ struct alignas(4096) PoolHeader {
   uint64_t created_unix_ns;
   uint8_t fingerprint[kFingerprintBytes];
   uint8_t uuid[kUuidBytes];
-  uint8_t reserved1[256 - 160];
+  uint64_t header_checksum;  // FNV-1a 64 of bytes [8, 160): catches a scribbled header
+  uint8_t reserved1[256 - 168];
 
   // -- the pool lock: protects index, SlotMeta and client pin tables ------------------
   // 0 when free; otherwise (client index + 1) << 32 | owner pid. See Pool::lock().
@@ -89,6 +93,7 @@ struct alignas(4096) PoolHeader {
 };
 static_assert(sizeof(PoolHeader) == 4096);
 static_assert(offsetof(PoolHeader, fingerprint) == 112);
+static_assert(offsetof(PoolHeader, header_checksum) == 160);
 static_assert(offsetof(PoolHeader, lock_word) == 256);
 static_assert(offsetof(PoolHeader, clock_hand) == 320);
 static_assert(offsetof(PoolHeader, stats) == 384);

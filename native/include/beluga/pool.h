@@ -117,6 +117,7 @@ class Pool {
   void claim_client();
   void lock();
   void unlock();
+  void sync_metadata(bool write_back);
   bool client_alive(uint32_t c) const;
   void rebuild();  // under the lock: recompute index, pins, counts from slot states
   int64_t find(const uint8_t* key) const;

@@ -1,0 +1,264 @@
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kvpool import (
+    DUPLICATE,
+    FULL,
+    KVPool,
+    PoolCorruptError,
+    PoolError,
+    PoolExistsError,
+    PoolFingerprintError,
+    PoolFormatError,
+    PoolGeometryError,
+    PoolIOError,
+)
+from tests.kvpool.conftest import FP, block_for, key
+
+MakePool = Callable[..., KVPool]
+
+
+def test_create_sets_owner_only_permissions_and_a_header(make_pool: MakePool,
+                                                          pool_path: Path) -> None:
+    pool = make_pool()
+    assert stat.S_IMODE(os.stat(pool_path).st_mode) == 0o600
+    assert pool.slot_size == 4096 and pool.slot_count == 16
+    assert pool.uuid.version == 4
+    with open(pool_path, "rb") as f:
+        assert f.read(8) == b"BELUGAKV"
+
+
+def test_put_get_round_trip_and_prefix(make_pool: MakePool) -> None:
+    pool = make_pool()
+    keys = [key(i) for i in range(6)]
+    assert pool.lookup_prefix(keys) == 0
+    res = pool.put(keys[:4], [block_for(k, 4096) for k in keys[:4]])
+    assert (res.stored, res.duplicate, res.full) == (4, 0, 0)
+    assert pool.lookup_prefix(keys) == 4
+    assert pool.lookup_prefix([keys[1]] + keys) == 5  # any chain, counted from its start
+    assert pool.lookup_prefix([keys[5]] + keys) == 0
+    assert pool.get(keys) == [block_for(k, 4096) for k in keys[:4]]
+    short = pool.put([keys[4]], [b"abc"])
+    assert short.stored == 1 and pool.get([keys[4]]) == [b"abc"]
+
+
+def test_same_block_is_stored_once(make_pool: MakePool) -> None:
+    pool = make_pool()
+    k = key(1)
+    assert pool.put([k], [b"first"]).stored == 1
+    again = pool.put([k], [b"second"])
+    assert (again.stored, again.duplicate) == (0, 1)
+    assert pool.get([k]) == [b"first"]  # first writer wins
+    assert pool.stats().used_slots == 1
+
+
+def test_a_key_being_written_is_a_duplicate_for_others(make_pool: MakePool,
+                                                       pool_path: Path) -> None:
+    a = make_pool()
+    b = KVPool.attach(pool_path, fingerprint=FP)
+    try:
+        (slot,) = a.prepare_store([key(1)])
+        assert slot >= 0
+        assert b.prepare_store([key(1)]) == [DUPLICATE]
+        assert b.lookup_prefix([key(1)]) == 0  # not visible before complete_store
+        a.write(slot, b"x" * 4096)
+        a.complete_store([slot], [4096])
+        assert b.get([key(1)]) == [b"x" * 4096]
+    finally:
+        b.close()
+
+
+def test_aborted_store_frees_the_slot(make_pool: MakePool) -> None:
+    pool = make_pool()
+    slots = pool.prepare_store([key(1), key(2)])
+    pool.complete_store(slots, ok=False)
+    assert pool.lookup_prefix([key(1)]) == 0
+    assert pool.stats().used_slots == 0
+
+
+def test_eviction_is_lru_like_and_never_takes_pinned(make_pool: MakePool) -> None:
+    pool = make_pool(slot_count=4)
+    keys = [key(i) for i in range(8)]
+    pool.put(keys[:4], [b"a"] * 4)
+    with pool.pinned(keys[:2]) as slots:
+        assert len(slots) == 2
+        res = pool.put(keys[4:6], [b"b"] * 2)
+        assert res.stored == 2
+        assert pool.lookup_prefix(keys[:2]) == 2  # pinned survived
+        assert pool.lookup_prefix(keys[2:4]) == 0  # unpinned were evicted
+    st = pool.stats()
+    assert st.evictions == 2 and st.pinned_slots == 0 and st.used_slots == 4
+
+
+def test_full_when_everything_is_pinned_returns_at_once(make_pool: MakePool) -> None:
+    pool = make_pool(slot_count=2)
+    pool.put([key(1), key(2)], [b"a", b"b"])
+    with pool.pinned([key(1), key(2)]):
+        assert pool.prepare_store([key(3), key(4)]) == [FULL, FULL]
+        res = pool.put([key(5)], [b"c"])
+        assert res.full == 1
+    assert pool.stats().full == 3
+
+
+def test_remove_skips_pinned_blocks(make_pool: MakePool) -> None:
+    pool = make_pool()
+    pool.put([key(1)], [b"a"])
+    with pool.pinned([key(1)]):
+        assert not pool.remove(key(1))
+    assert pool.remove(key(1))
+    assert not pool.remove(key(1))
+
+
+def test_index_survives_heavy_churn(make_pool: MakePool) -> None:
+    pool = make_pool(slot_count=32)
+    for i in range(2000):
+        pool.put([key(i)], [block_for(key(i), 64)])
+        if i % 3 == 0:
+            pool.remove(key(i))
+    alive = [i for i in range(1968, 2000) if i % 3]
+    assert all(pool.get([key(i)]) == [block_for(key(i), 64)] for i in alive)
+
+
+def test_stats_count_bytes_and_hits(make_pool: MakePool) -> None:
+    pool = make_pool()
+    pool.put([key(1), key(2)], [b"x" * 100, b"y" * 50])
+    pool.lookup_prefix([key(1), key(2), key(3)])
+    pool.get([key(1)])
+    st = pool.stats()
+    assert (st.inserts, st.bytes_in, st.hits, st.misses, st.bytes_out) == (2, 150, 2, 1, 100)
+
+
+@pytest.mark.parametrize("coherence", ["none", "flush"])
+def test_gather_and_scatter_move_strided_blocks(make_pool: MakePool, coherence: str) -> None:
+    pool = make_pool(slot_size=256, coherence=coherence)
+    # An "engine cache": 2 layers, 8 blocks each, K and V segments of 64 bytes per block.
+    layers = [bytearray(os.urandom(8 * 128)) for _ in range(2)]
+    addrs = [ctypes.addressof((ctypes.c_char * len(b)).from_buffer(b)) for b in layers]
+    segments = [(a + off, 128, 64) for a in addrs for off in (0, 64)]
+    slots = pool.prepare_store([key(1), key(2)])
+    pool.gather(slots, [3, 6], segments)
+    pool.complete_store(slots, [256, 256])
+    expect = b"".join(bytes(layers[layer][6 * 128 + o:6 * 128 + o + 64])
+                      for layer in range(2) for o in (0, 64))
+    assert pool.get([key(2)]) == [expect]
+    dest = [bytearray(8 * 128) for _ in range(2)]
+    daddrs = [ctypes.addressof((ctypes.c_char * len(b)).from_buffer(b)) for b in dest]
+    with pool.pinned([key(1), key(2)]) as pinned:
+        pool.scatter(pinned, [0, 7], [(a + off, 128, 64) for a in daddrs for off in (0, 64)])
+    for layer in range(2):
+        assert dest[layer][0:128] == layers[layer][3 * 128:4 * 128]
+        assert dest[layer][7 * 128:8 * 128] == layers[layer][6 * 128:7 * 128]
+
+
+def test_flush_mode_round_trips(make_pool: MakePool, pool_path: Path) -> None:
+    pool = make_pool(coherence="flush")
+    assert pool.coherence == "flush"
+    pool.put([key(1)], [block_for(key(1), 4096)])
+    other = KVPool.attach(pool_path, fingerprint=FP)
+    try:
+        assert other.coherence == "flush"
+        assert other.get([key(1)]) == [block_for(key(1), 4096)]
+    finally:
+        other.close()
+
+
+# --- bad inputs -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"slot_size": 0}, {"slot_size": 100}, {"slot_count": 0}, {"fingerprint": b"x" * 33},
+     {"coherence": "sometimes"}, {"max_clients": 0}],
+)
+def test_bad_create_arguments(make_pool: MakePool, pool_path: Path, kw: dict[str, object]
+                              ) -> None:
+    with pytest.raises(PoolError):
+        make_pool(**kw)
+    assert not pool_path.exists()
+
+
+def test_create_refuses_an_existing_file(make_pool: MakePool, pool_path: Path) -> None:
+    make_pool()
+    with pytest.raises(PoolExistsError):
+        KVPool.create(pool_path, slot_size=4096, slot_count=16, fingerprint=FP)
+
+
+def test_bad_keys_and_slots(make_pool: MakePool) -> None:
+    pool = make_pool()
+    with pytest.raises(PoolError):
+        pool.lookup_prefix([b"short"])
+    with pytest.raises(PoolError):
+        pool.read(99, bytearray(10))
+    with pytest.raises(PoolError):
+        pool.write(0, b"x" * 5000)
+    with pytest.raises(PoolError):
+        pool.put([key(1)], [])
+
+
+def test_attach_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(PoolIOError):
+        KVPool.attach(tmp_path / "nope.pool")
+
+
+def snapshot(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error"),
+    [
+        (lambda b: b"NOTAPOOL" + b[8:], PoolFormatError),
+        (lambda b: b[:8] + (99).to_bytes(4, "little") + b[12:], PoolFormatError),
+        (lambda b: b[:24] + (8192).to_bytes(8, "little") + b[32:], PoolCorruptError),
+        (lambda b: b[:80] + (12345).to_bytes(8, "little") + b[88:], PoolCorruptError),
+        (lambda b: b[: len(b) // 2], PoolCorruptError),
+        (lambda b: b[:100], PoolCorruptError),
+        (lambda b: b"\0" * 8 + b[8:], PoolFormatError),
+    ],
+)
+def test_scribbled_or_truncated_pools_are_refused_unchanged(
+        make_pool: MakePool, pool_path: Path, mutate: Callable[[bytes], bytes],
+        error: type[PoolError]) -> None:
+    make_pool().close()
+    bad = mutate(snapshot(pool_path))
+    pool_path.write_bytes(bad)
+    with pytest.raises(error):
+        KVPool.attach(pool_path, fingerprint=FP, wait_init_s=0.05)
+    assert snapshot(pool_path) == bad  # attach never "repairs" a foreign pool
+
+
+def test_foreign_model_or_geometry_is_refused(make_pool: MakePool, pool_path: Path) -> None:
+    make_pool()
+    with pytest.raises(PoolFingerprintError):
+        KVPool.attach(pool_path, fingerprint=b"\1" * 32)
+    with pytest.raises(PoolGeometryError):
+        KVPool.attach(pool_path, fingerprint=FP, slot_size=8192)
+
+
+def test_open_creates_then_attaches(pool_path: Path) -> None:
+    a = KVPool.open(pool_path, slot_size=4096, slot_count=8, fingerprint=FP)
+    b = KVPool.open(pool_path, slot_size=4096, slot_count=8, fingerprint=FP)
+    try:
+        assert a.uuid == b.uuid and b.stats().clients == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_close_releases_pins_and_unfinished_stores(make_pool: MakePool,
+                                                   pool_path: Path) -> None:
+    a = make_pool()
+    a.put([key(1)], [b"a"])
+    b = KVPool.attach(pool_path, fingerprint=FP)
+    b.pin([key(1)])
+    b.prepare_store([key(2)])
+    assert a.stats().pinned_slots == 1 and a.stats().writing_slots == 1
+    b.close()
+    st = a.stats()
+    assert (st.pinned_slots, st.writing_slots, st.clients, st.used_slots) == (0, 0, 1, 1)
