@@ -2,7 +2,8 @@
 key space, checking every loaded byte against content derived from its key.
 
     python -m tests.kvpool.hammer PATH SEED OPS KEYSPACE     (OPS 0: until killed)
-Prints "ready" once attached, then one JSON line {"ops", "loads", "torn", "stored"} and exits 0 (1 if anything was torn).
+Prints "ready" once attached, then one JSON line {"ops", "loads", "torn", "stored"};
+exits 1 if anything was torn.
 """
 
 from __future__ import annotations
