@@ -61,10 +61,20 @@ uint64_t own_pidns() {
   return uint64_t(st.st_ino);
 }
 
+uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9ULL;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+// Bucket hash over all 32 key bytes: keys are SHA-256 digests in the product, but the index
+// must not degrade into long probe chains when a caller's keys are not uniform.
 uint64_t key_hash(const uint8_t* key) {
-  uint64_t h;
-  std::memcpy(&h, key, sizeof(h));  // keys are SHA-256 digests: any 8 bytes are uniform
-  return h;
+  uint64_t w[4];
+  std::memcpy(w, key, sizeof(w));
+  return mix64(w[0] ^ mix64(w[1] ^ mix64(w[2] ^ mix64(w[3]))));
 }
 
 uint64_t header_checksum(const PoolHeader* h) {
@@ -106,7 +116,7 @@ bool cpu_has(int bit) {
 const bool kHasClwb = cpu_has(24);
 const bool kHasClflushopt = cpu_has(23);
 
-void writeback(const void* p, size_t n) {
+void writeback_nofence(const void* p, size_t n) {
   if (kHasClwb) {
     atomics::writeback_clwb(p, n);
   } else if (kHasClflushopt) {
@@ -115,6 +125,10 @@ void writeback(const void* p, size_t n) {
     auto a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
     for (; a < reinterpret_cast<uintptr_t>(p) + n; a += 64) _mm_clflush(reinterpret_cast<void*>(a));
   }
+}
+
+void writeback(const void* p, size_t n) {
+  writeback_nofence(p, n);
   atomics::store_fence();
 }
 
@@ -356,11 +370,11 @@ void Pool::detach() {
     uint32_t* table = pins_ + uint64_t(client_) * hdr_->max_pins;
     for (uint32_t i = 0; i < me.npins; ++i) {
       uint32_t s = table[i] - 1;
-      if (s < hdr_->slot_count && slots_[s].pins > 0) slots_[s].pins--;
+      if (s < hdr_->slot_count && slot_at(s).pins > 0) slot_at(s).pins--;
     }
     me.npins = 0;
     for (uint64_t s = 0; s < hdr_->slot_count; ++s) {
-      SlotMeta& m = slots_[s];
+      SlotMeta& m = slot_at(s);
       if (m.state == uint32_t(SlotState::kWriting) && m.owner == client_) {
         int64_t b = find(m.key);
         if (b >= 0) index_erase(b);
@@ -455,24 +469,29 @@ void Pool::lock() {
                                  " for more than 5 s");
   }
   locked_ = true;
-  if (flush_) sync_metadata(false);
+  if (flush_) {
+    lines_.clear();
+    acquire_line(&hdr_->clock_hand);
+  }
 }
 
-// coherence=flush: the metadata another host may have changed (header state, client table,
-// index, slot metadata) is invalidated after taking the lock and written back before
-// releasing it. Pin tables are private to their client except during rebuild, which
-// syncs them itself.
-void Pool::sync_metadata(bool write_back) {
-  auto sync = write_back ? writeback : invalidate;
-  sync(&hdr_->clock_hand, 3 * kCacheLine);
-  sync(clients_, uint64_t(hdr_->max_clients) * sizeof(ClientEntry));
-  sync(base_ + hdr_->index_offset, hdr_->data_offset - hdr_->index_offset);
-  if (client_ != UINT32_MAX)
-    sync(pins_ + uint64_t(client_) * hdr_->max_pins, uint64_t(hdr_->max_pins) * 4);
+// coherence=flush: every metadata line a critical section touches (index buckets, slot
+// metadata, the header's mutable line, pin-table lines) goes through line(): the first
+// touch invalidates it (clflushopt + mfence) so this host reads memory, not a stale cache;
+// unlock() writes each touched line back (clwb) and fences before releasing the lock.
+// Only rebuild(), which reads everything, syncs the whole metadata region.
+void Pool::acquire_line(const void* p) const {
+  auto a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+  if (!lines_.insert(a).second) return;
+  invalidate(reinterpret_cast<const void*>(a), 64);
 }
 
 void Pool::unlock() {
-  if (flush_) sync_metadata(true);
+  if (flush_) {
+    for (uintptr_t a : lines_) writeback_nofence(reinterpret_cast<const void*>(a), 64);
+    atomics::store_fence();
+    lines_.clear();
+  }
   locked_ = false;
   atomics::store_release(hdr_->lock_word, 0);
 }
@@ -555,36 +574,36 @@ size_t Pool::sweep() {
 int64_t Pool::find(const uint8_t* key) const {
   uint64_t b = key_hash(key) & mask_;
   for (uint64_t probes = 0; probes <= mask_; ++probes, b = (b + 1) & mask_) {
-    uint32_t v = index_[b];
+    uint32_t v = bucket(b);
     if (v == kEmpty) return -1;
     uint32_t s = v - 1;
-    if (s < hdr_->slot_count && std::memcmp(slots_[s].key, key, kKeyBytes) == 0) return int64_t(b);
+    if (s < hdr_->slot_count && std::memcmp(slot_at(s).key, key, kKeyBytes) == 0) return int64_t(b);
   }
   return -1;
 }
 
 void Pool::index_insert(const uint8_t* key, uint32_t slot) {
   uint64_t b = key_hash(key) & mask_;
-  while (index_[b] != kEmpty) b = (b + 1) & mask_;  // capacity >= 2x slots: always ends
-  index_[b] = slot + 1;
+  while (bucket(b) != kEmpty) b = (b + 1) & mask_;  // capacity >= 2x slots: always ends
+  bucket(b) = slot + 1;
 }
 
-void Pool::index_erase(int64_t bucket) {
-  uint64_t i = uint64_t(bucket);
+void Pool::index_erase(int64_t at) {
+  uint64_t i = uint64_t(at);
   uint64_t j = i;
   while (true) {
     j = (j + 1) & mask_;
-    uint32_t v = index_[j];
+    uint32_t v = bucket(j);
     if (v == kEmpty) break;
-    uint64_t home = key_hash(slots_[v - 1].key) & mask_;
+    uint64_t home = key_hash(slot_at(v - 1).key) & mask_;
     // Move j back to i unless its home lies cyclically in (i, j].
     bool in_range = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
     if (!in_range) {
-      index_[i] = v;
+      bucket(i) = v;
       i = j;
     }
   }
-  index_[i] = kEmpty;
+  bucket(i) = kEmpty;
 }
 
 // CLOCK: a READY, unpinned slot whose reference bit is clear is evicted; FREE slots first
@@ -592,9 +611,9 @@ void Pool::index_erase(int64_t bucket) {
 int64_t Pool::allocate() {
   const uint64_t n = hdr_->slot_count;
   for (uint64_t step = 0; step < 2 * n + 1; ++step) {
-    uint64_t s = hdr_->clock_hand;
-    hdr_->clock_hand = (s + 1 == n) ? 0 : s + 1;
-    SlotMeta& m = slots_[s];
+    uint64_t s = line(hdr_->clock_hand);
+    line(hdr_->clock_hand) = (s + 1 == n) ? 0 : s + 1;
+    SlotMeta& m = slot_at(s);
     if (m.state == uint32_t(SlotState::kFree)) return int64_t(s);
     if (m.state != uint32_t(SlotState::kReady) || m.pins != 0) continue;
     if (m.ref) {
@@ -604,7 +623,7 @@ int64_t Pool::allocate() {
     int64_t b = find(m.key);
     if (b >= 0) index_erase(b);
     m.state = uint32_t(SlotState::kFree);
-    hdr_->used_slots--;
+    line(hdr_->used_slots)--;
     atomics::count(hdr_->stats.evictions);
     return int64_t(s);
   }
@@ -620,7 +639,7 @@ size_t Pool::lookup_prefix(const uint8_t* keys, size_t n) {
   size_t i = 0;
   for (; i < n; ++i) {
     int64_t b = find(keys + i * kKeyBytes);
-    if (b < 0 || slots_[index_[b] - 1].state != uint32_t(SlotState::kReady)) break;
+    if (b < 0 || slot_at(bucket(b) - 1).state != uint32_t(SlotState::kReady)) break;
   }
   unlock();
   touch();
@@ -638,10 +657,10 @@ std::vector<int64_t> Pool::pin(const uint8_t* keys, size_t n) {
   for (size_t i = 0; i < n && me.npins < hdr_->max_pins; ++i) {
     int64_t b = find(keys + i * kKeyBytes);
     if (b < 0) break;
-    uint32_t s = index_[b] - 1;
-    SlotMeta& m = slots_[s];
+    uint32_t s = bucket(b) - 1;
+    SlotMeta& m = slot_at(s);
     if (m.state != uint32_t(SlotState::kReady)) break;
-    table[me.npins++] = s + 1;
+    line(table[me.npins++]) = s + 1;
     m.pins++;
     m.ref = 1;
     out.push_back(s);
@@ -657,9 +676,9 @@ void Pool::unpin(const std::vector<int64_t>& slots) {
   uint32_t* table = pins_ + uint64_t(client_) * hdr_->max_pins;
   for (int64_t s : slots) {
     for (uint32_t i = me.npins; i-- > 0;) {
-      if (table[i] == uint32_t(s) + 1) {
-        table[i] = table[--me.npins];
-        if (slots_[s].pins > 0) slots_[s].pins--;
+      if (line(table[i]) == uint32_t(s) + 1) {
+        line(table[i]) = line(table[--me.npins]);
+        if (slot_at(s).pins > 0) slot_at(s).pins--;
         break;
       }
     }
@@ -683,7 +702,7 @@ std::vector<int64_t> Pool::prepare_store(const uint8_t* keys, size_t n) {
       atomics::count(hdr_->stats.full, n - i);
       break;
     }
-    SlotMeta& m = slots_[s];
+    SlotMeta& m = slot_at(s);
     std::memcpy(m.key, key, kKeyBytes);
     m.owner = client_;
     m.pins = 0;
@@ -692,7 +711,7 @@ std::vector<int64_t> Pool::prepare_store(const uint8_t* keys, size_t n) {
     m.checksum = 0;
     m.state = uint32_t(SlotState::kWriting);  // after the key: rebuild trusts key + state
     index_insert(key, uint32_t(s));
-    hdr_->used_slots++;
+    line(hdr_->used_slots)++;
     out[i] = s;
   }
   unlock();
@@ -709,7 +728,7 @@ void Pool::complete_store(const std::vector<int64_t>& slots, const std::vector<u
   for (size_t i = 0; i < slots.size(); ++i) {
     int64_t s = slots[i];
     if (s < 0 || uint64_t(s) >= hdr_->slot_count) continue;
-    SlotMeta& m = slots_[s];
+    SlotMeta& m = slot_at(s);
     if (m.state != uint32_t(SlotState::kWriting) || m.owner != client_) continue;
     if (ok) {
       m.length = lengths.empty() ? hdr_->slot_size : std::min(lengths[i], hdr_->slot_size);
@@ -721,7 +740,7 @@ void Pool::complete_store(const std::vector<int64_t>& slots, const std::vector<u
       int64_t b = find(m.key);
       if (b >= 0) index_erase(b);
       m.state = uint32_t(SlotState::kFree);
-      hdr_->used_slots--;
+      line(hdr_->used_slots)--;
     }
   }
   unlock();
@@ -734,11 +753,11 @@ bool Pool::remove(const uint8_t* key) {
   bool removed = false;
   int64_t b = find(key);
   if (b >= 0) {
-    SlotMeta& m = slots_[index_[b] - 1];
+    SlotMeta& m = slot_at(bucket(b) - 1);
     if (m.state == uint32_t(SlotState::kReady) && m.pins == 0) {
       index_erase(b);
       m.state = uint32_t(SlotState::kFree);
-      hdr_->used_slots--;
+      line(hdr_->used_slots)--;
       removed = true;
     }
   }
@@ -751,10 +770,10 @@ Stats Pool::stats() {
   Stats st{};
   st.slot_count = hdr_->slot_count;
   st.slot_size = hdr_->slot_size;
-  st.used_slots = hdr_->used_slots;
+  st.used_slots = line(hdr_->used_slots);
   for (uint64_t s = 0; s < hdr_->slot_count; ++s) {
-    if (slots_[s].pins) ++st.pinned_slots;
-    if (slots_[s].state == uint32_t(SlotState::kWriting)) ++st.writing_slots;
+    if (slot_at(s).pins) ++st.pinned_slots;
+    if (slot_at(s).state == uint32_t(SlotState::kWriting)) ++st.writing_slots;
   }
   for (uint32_t c = 0; c < hdr_->max_clients; ++c)
     if (clients_[c].active.load(std::memory_order_relaxed)) ++st.clients;

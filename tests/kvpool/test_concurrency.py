@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from kvpool import KVPool
 from tests.kvpool.conftest import FP, block_for, key
 
@@ -41,9 +43,11 @@ def verify_all(pool: KVPool) -> int:
     return visible
 
 
-def test_eight_processes_random_ops_zero_torn(tmp_path: Path) -> None:
+@pytest.mark.parametrize("coherence", ["none", "flush"])
+def test_eight_processes_random_ops_zero_torn(tmp_path: Path, coherence: str) -> None:
     path = tmp_path / "stress.pool"
-    owner = KVPool.create(path, slot_size=SLOT, slot_count=96, fingerprint=FP)
+    owner = KVPool.create(path, slot_size=SLOT, slot_count=96, fingerprint=FP,
+                          coherence=coherence)  # type: ignore[arg-type]
     procs = [hammer(path, seed, 1500) for seed in range(8)]
     results = []
     for p in procs:

@@ -15,6 +15,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "beluga/layout.h"
@@ -117,12 +118,20 @@ class Pool {
   void claim_client();
   void lock();
   void unlock();
-  void sync_metadata(bool write_back);
+  void acquire_line(const void* p) const;
+  // Metadata access under the lock; in flush mode each line is synced (see pool.cpp).
+  template <typename T>
+  T& line(T& ref) const {
+    if (flush_) acquire_line(&ref);
+    return ref;
+  }
+  SlotMeta& slot_at(uint64_t s) const { return line(slots_[s]); }
+  uint32_t& bucket(uint64_t b) const { return line(index_[b]); }
   bool client_alive(uint32_t c) const;
   void rebuild();  // under the lock: recompute index, pins, counts from slot states
   int64_t find(const uint8_t* key) const;
   void index_insert(const uint8_t* key, uint32_t slot);
-  void index_erase(int64_t bucket);
+  void index_erase(int64_t at);
   int64_t allocate();
   void check_slot(int64_t slot) const;
   void touch();
@@ -143,6 +152,7 @@ class Pool {
   uint32_t client_ = UINT32_MAX;
   bool flush_ = false;
   bool locked_ = false;
+  mutable std::unordered_set<uintptr_t> lines_;  // flush mode: lines touched under the lock
 };
 
 }  // namespace beluga

@@ -1,0 +1,251 @@
+"""Pool transfer benchmark: plain memcpy vs Beluga put/get (both coherence modes) vs
+Mooncake Store over TCP, for block sizes 64 KiB..4 MiB and 1, 2, 4 concurrent processes.
+
+    python bench/pool_transfer.py --quick --json OUT.json
+
+Every configuration runs in this one invocation on the same machine. Each process copies
+blocks between one fixed buffer and a region as large as the pool (so small blocks do not
+live in cache on one side only); memcpy does exactly that between two plain buffers and is
+the limit. Beluga put = prepare_store + copy + complete_store per block; get = pin + copy +
+unpin per block: the whole protocol, one block per call. Throughput is all processes'
+bytes over the wall time between a common start and the last finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import mooncake_peer  # noqa: E402
+from kvpool import KVPool  # noqa: E402
+
+FP = b"bench".ljust(32, b"\0")
+KiB, MiB = 1024, 1024 * 1024
+
+
+def key(tag: int, i: int) -> bytes:
+    return hashlib.sha256(b"%d/%d" % (tag, i)).digest()  # as block keys are
+
+
+# ----------------------------------------------------------------------------------------
+# child: one process doing one kind of transfer
+# ----------------------------------------------------------------------------------------
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    size, iters, region = args.size, args.iters, args.region
+    buf = np.frombuffer(os.urandom(size), dtype=np.uint8).copy()
+    lat: list[float] = []
+    kind = args.child
+    if kind in ("memcpy_write", "memcpy_read"):
+        # The same access pattern as put (small buffer -> large region) and get (large
+        # region -> small buffer), between two plain buffers.
+        big = np.ones(region, dtype=np.uint8)  # touched: no page faults in the timing
+        blocks = region // size
+        while time.time() < args.start_at:
+            time.sleep(0.0005)
+        t0 = time.perf_counter()
+        for i in range(iters):
+            off = ((i * 7 + args.rank * 131) % blocks) * size
+            s = time.perf_counter()
+            if kind == "memcpy_write":
+                np.copyto(big[off:off + size], buf)
+            else:
+                np.copyto(buf, big[off:off + size])
+            lat.append(time.perf_counter() - s)
+        wall = time.perf_counter() - t0
+    elif kind in ("put", "get"):
+        pool = KVPool.attach(args.path, fingerprint=FP, coherence=args.coherence)
+        addr = buf.ctypes.data
+        native = pool._p
+        populated = args.populated
+        while time.time() < args.start_at:
+            time.sleep(0.0005)
+        t0 = time.perf_counter()
+        for i in range(iters):
+            s = time.perf_counter()
+            if kind == "put":
+                (slot,) = native.prepare_store(key(1000 + args.rank, args.round * iters + i))
+                if slot >= 0:
+                    native.write_ptr(slot, addr, size)
+                    native.complete_store([slot], [size], True)
+            else:
+                slots = native.pin(key(0, (i * 7 + args.rank * 131) % populated))
+                for slot in slots:
+                    native.read_ptr(slot, addr, size)
+                native.unpin(slots)
+            lat.append(time.perf_counter() - s)
+        wall = time.perf_counter() - t0
+        pool.close()
+    else:
+        raise SystemExit(f"unknown kind {kind}")
+    return {"lat": lat, "bytes": size * iters, "wall": wall}
+
+
+# ----------------------------------------------------------------------------------------
+# parent
+# ----------------------------------------------------------------------------------------
+
+def run_children(kind: str, procs: int, size: int, iters: int, extra: list[str]) -> dict[str, Any]:
+    start_at = time.time() + 1.0 + 0.3 * procs
+    cmds = [[sys.executable, __file__, "--child", kind, "--size", str(size), "--iters",
+             str(iters), "--rank", str(r), "--start-at", str(start_at), *extra]
+            for r in range(procs)]
+    ps = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in cmds]
+    outs = []
+    for p in ps:
+        out, _ = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"{kind} child failed")
+        outs.append(json.loads(out))
+    lat = sorted(x for o in outs for x in o["lat"])
+    total = sum(o["bytes"] for o in outs)
+    wall = max(o["wall"] for o in outs)
+    return {"gbps": total / wall / 1e9, "p50_us": lat[len(lat) // 2] * 1e6,
+            "p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6}
+
+
+def bench_beluga(size: int, procs: int, iters: int, region: int, coherence: str,
+                 shm_dir: Path, rnd: int) -> dict[str, dict[str, Any]]:
+    path = shm_dir / f"bench-{coherence}-{size}.pool"
+    slots = max(8, region // size)
+    if path.exists():
+        path.unlink()
+    pool = KVPool.create(path, slot_size=size, slot_count=slots, fingerprint=FP,
+                         coherence=coherence)  # type: ignore[arg-type]
+    try:
+        populated = slots // 2
+        block = np.frombuffer(os.urandom(size), dtype=np.uint8)
+        # Touch every slot once (no page faults in the timing), then keep half populated.
+        for i in range(slots):
+            pool.put([key(9, i)], [block])
+        for i in range(slots):
+            pool.remove(key(9, i))
+        for i in range(populated):
+            pool.put([key(0, i)], [block])
+        common = ["--path", str(path), "--coherence", coherence, "--populated",
+                  str(populated), "--round", str(rnd)]
+        return {"put": run_children("put", procs, size, iters, common),
+                "get": run_children("get", procs, size, iters, common)}
+    finally:
+        pool.close()
+        path.unlink()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and iterations")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--no-mooncake", action="store_true", help="skip the Mooncake peer")
+    ap.add_argument("--child")
+    ap.add_argument("--size", type=int)
+    ap.add_argument("--iters", type=int)
+    ap.add_argument("--rank", type=int, default=0)
+    ap.add_argument("--start-at", type=float, default=0.0)
+    ap.add_argument("--path")
+    ap.add_argument("--coherence", default="none")
+    ap.add_argument("--populated", type=int, default=1)
+    ap.add_argument("--round", type=int, default=0)
+    ap.add_argument("--region", type=int, default=256 * MiB)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    if not args.no_mooncake:
+        mooncake_peer.reexec_isolated()  # returns only if already isolated or impossible
+
+    sizes = [64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB]
+    procs_list = [1, 2, 4]
+    region = 128 * MiB if args.quick else 256 * MiB
+    budget = (256 if args.quick else 1024) * MiB  # bytes per configuration and process
+    shm = Path(tempfile.mkdtemp(prefix="beluga-bench-", dir="/dev/shm"))
+    rows: list[dict[str, Any]] = []
+    mooncake = None if args.no_mooncake or mooncake_peer.unavailable_reason \
+        else mooncake_peer.start()
+    try:
+        for size in sizes:
+            iters = max(50, budget // size)
+            for procs in procs_list:
+                row: dict[str, Any] = {"block_bytes": size, "procs": procs}
+                for direction in ("write", "read"):
+                    row[f"memcpy_{direction}"] = run_children(
+                        f"memcpy_{direction}", procs, size, iters,
+                        ["--region", str(region // 2 // procs)])
+                for coherence in ("none", "flush"):
+                    res = bench_beluga(size, procs, iters, region, coherence, shm, len(rows))
+                    row[f"beluga_{coherence}"] = res
+                if mooncake is not None:
+                    row["mooncake"] = mooncake.bench(size, procs, max(20, iters // 4))
+                rows.append(row)
+                print(format_row(row), flush=True)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+        if mooncake is not None:
+            mooncake.stop()
+    summary = summarize(rows, mooncake_reason=mooncake_peer.unavailable_reason
+                        if mooncake is None else None)
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
+    return 0
+
+
+def format_row(row: dict[str, Any]) -> str:
+    parts = [f"{row['block_bytes'] // KiB:>5} KiB x{row['procs']}",
+             f"memcpy w {row['memcpy_write']['gbps']:6.2f} r {row['memcpy_read']['gbps']:6.2f}"]
+    for c in ("none", "flush"):
+        b = row[f"beluga_{c}"]
+        parts.append(f"{c}: put {b['put']['gbps']:6.2f} get {b['get']['gbps']:6.2f}")
+    if "mooncake" in row:
+        m = row["mooncake"]
+        parts.append(f"mooncake: put {m['put']['gbps']:6.2f} get {m['get']['gbps']:6.2f}")
+    return " | ".join(parts) + "  GB/s"
+
+
+def summarize(rows: list[dict[str, Any]], mooncake_reason: str | None) -> dict[str, Any]:
+    one = next(r for r in rows if r["block_bytes"] == MiB and r["procs"] == 1)
+    out: dict[str, Any] = {
+        "memcpy_gbps": one["memcpy_write"]["gbps"],
+        "memcpy_read_gbps": one["memcpy_read"]["gbps"],
+        "beluga_get_gbps": one["beluga_none"]["get"]["gbps"],
+        "beluga_put_gbps": one["beluga_none"]["put"]["gbps"],
+        "beluga_flush_get_gbps": one["beluga_flush"]["get"]["gbps"],
+        "beluga_flush_put_gbps": one["beluga_flush"]["put"]["gbps"],
+        "beluga_get_p50_us": one["beluga_none"]["get"]["p50_us"],
+        "beluga_get_p99_us": one["beluga_none"]["get"]["p99_us"],
+        "beluga_put_p50_us": one["beluga_none"]["put"]["p50_us"],
+        "beluga_put_p99_us": one["beluga_none"]["put"]["p99_us"],
+    }
+    if "mooncake" in one:
+        out["mooncake_get_gbps"] = one["mooncake"]["get"]["gbps"]
+        out["mooncake_put_gbps"] = one["mooncake"]["put"]["gbps"]
+    else:
+        out["mooncake_get_gbps"] = out["mooncake_put_gbps"] = None
+        out["mooncake_unavailable"] = mooncake_reason
+    big = [r for r in rows if r["block_bytes"] >= 256 * KiB]
+    ratios = [r["beluga_none"][op]["gbps"] / r[f"memcpy_{d}"]["gbps"]
+              for r in big for op, d in (("put", "write"), ("get", "read"))]
+    out["min_ratio_to_memcpy_from_256KiB"] = min(ratios)
+    out["median_ratio_to_memcpy_from_256KiB"] = statistics.median(ratios)
+    if out["mooncake_get_gbps"]:
+        out["get_vs_mooncake"] = out["beluga_get_gbps"] / out["mooncake_get_gbps"]
+        out["put_vs_mooncake"] = out["beluga_put_gbps"] / out["mooncake_put_gbps"]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
