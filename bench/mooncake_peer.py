@@ -116,11 +116,13 @@ def start(segment_bytes: int = 1024 * MiB) -> Mooncake | None:
         return None
     rpc_port, http_port = _free_port(), _free_port()
     workdir = Path(tempfile.mkdtemp(prefix="mooncake-bench-"))
+    master_log = open(workdir / "master.log", "wb")  # noqa: SIM115 - owned by the child
     master = subprocess.Popen(
         [master_bin, f"--rpc_port={rpc_port}", "--enable_http_metadata_server=true",
          "--http_metadata_server_host=127.0.0.1", f"--http_metadata_server_port={http_port}",
          "--default_kv_lease_ttl=100"],
-        stdout=open(workdir / "master.log", "wb"), stderr=subprocess.STDOUT)
+        stdout=master_log, stderr=subprocess.STDOUT)
+    master_log.close()
     if not (_wait_port(rpc_port, 15) and _wait_port(http_port, 15)):
         master.kill()
         unavailable_reason = f"mooncake_master did not start (see {workdir}/master.log)"

@@ -14,6 +14,7 @@ bytes over the wall time between a common start and the last finish.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -55,6 +56,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         # The same access pattern as put (small buffer -> large region) and get (large
         # region -> small buffer), between two plain buffers.
         big = np.ones(region, dtype=np.uint8)  # touched: no page faults in the timing
+        big_addr, buf_addr = big.ctypes.data, buf.ctypes.data
         blocks = region // size
         while time.time() < args.start_at:
             time.sleep(0.0005)
@@ -63,9 +65,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             off = ((i * 7 + args.rank * 131) % blocks) * size
             s = time.perf_counter()
             if kind == "memcpy_write":
-                np.copyto(big[off:off + size], buf)
+                ctypes.memmove(big_addr + off, buf_addr, size)
             else:
-                np.copyto(buf, big[off:off + size])
+                ctypes.memmove(buf_addr, big_addr + off, size)
             lat.append(time.perf_counter() - s)
         wall = time.perf_counter() - t0
     elif kind in ("put", "get"):
@@ -85,8 +87,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                     native.complete_store([slot], [size], True)
             else:
                 slots = native.pin(key(0, (i * 7 + args.rank * 131) % populated))
-                for slot in slots:
-                    native.read_ptr(slot, addr, size)
+                if not slots:
+                    raise SystemExit("get missed a populated block: the benchmark is broken")
+                native.read_ptr(slots[0], addr, size)
                 native.unpin(slots)
             lat.append(time.perf_counter() - s)
         wall = time.perf_counter() - t0
@@ -139,8 +142,9 @@ def bench_beluga(size: int, procs: int, iters: int, region: int, coherence: str,
             pool.put([key(0, i)], [block])
         common = ["--path", str(path), "--coherence", coherence, "--populated",
                   str(populated), "--round", str(rnd)]
-        return {"put": run_children("put", procs, size, iters, common),
-                "get": run_children("get", procs, size, iters, common)}
+        # get first: the put run evicts the populated blocks
+        got = run_children("get", procs, size, iters, common)
+        return {"get": got, "put": run_children("put", procs, size, iters, common)}
     finally:
         pool.close()
         path.unlink()
@@ -151,6 +155,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer sizes and iterations")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--no-mooncake", action="store_true", help="skip the Mooncake peer")
+    ap.add_argument("--sizes", type=int, nargs="*", help="block sizes in bytes")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per configuration")
+    ap.add_argument("--procs", type=int, nargs="*", help="process counts")
     ap.add_argument("--child")
     ap.add_argument("--size", type=int)
     ap.add_argument("--iters", type=int)
@@ -168,8 +175,8 @@ def main() -> int:
     if not args.no_mooncake:
         mooncake_peer.reexec_isolated()  # returns only if already isolated or impossible
 
-    sizes = [64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB]
-    procs_list = [1, 2, 4]
+    sizes = args.sizes or [64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB]
+    procs_list = args.procs or [1, 2, 4]
     region = 128 * MiB if args.quick else 256 * MiB
     budget = (256 if args.quick else 1024) * MiB  # bytes per configuration and process
     shm = Path(tempfile.mkdtemp(prefix="beluga-bench-", dir="/dev/shm"))
@@ -181,13 +188,24 @@ def main() -> int:
             iters = max(50, budget // size)
             for procs in procs_list:
                 row: dict[str, Any] = {"block_bytes": size, "procs": procs}
-                for direction in ("write", "read"):
-                    row[f"memcpy_{direction}"] = run_children(
-                        f"memcpy_{direction}", procs, size, iters,
-                        ["--region", str(region // 2 // procs)])
-                for coherence in ("none", "flush"):
-                    res = bench_beluga(size, procs, iters, region, coherence, shm, len(rows))
-                    row[f"beluga_{coherence}"] = res
+                samples: dict[str, list[dict[str, Any]]] = {}
+                for rep in range(args.repeat):  # alternate configurations, median of rounds
+                    for direction in ("write", "read"):
+                        samples.setdefault(f"memcpy_{direction}", []).append(run_children(
+                            f"memcpy_{direction}", procs, size, iters,
+                            ["--region", str(region // 2 // procs)]))
+                    for coherence in ("none", "flush"):
+                        res = bench_beluga(size, procs, iters, region, coherence, shm,
+                                           len(rows) * args.repeat + rep)
+                        for op, r in res.items():
+                            samples.setdefault(f"beluga_{coherence}/{op}", []).append(r)
+                for name, runs in samples.items():
+                    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                    if "/" in name:
+                        config, op = name.split("/")
+                        row.setdefault(config, {})[op] = med
+                    else:
+                        row[name] = med
                 if mooncake is not None:
                     row["mooncake"] = mooncake.bench(size, procs, max(20, iters // 4))
                 rows.append(row)

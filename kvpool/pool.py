@@ -77,14 +77,16 @@ class KVPool:
     @classmethod
     def create(cls, path: str | Path, *, slot_size: int, slot_count: int,
                fingerprint: bytes, coherence: Coherence = "none", max_clients: int = 64,
-               max_pins: int = 16384, numa_node: int = -1, mode: int = 0o600) -> KVPool:
-        """Create a new pool (fails with PoolExistsError if the file exists)."""
+               max_pins: int = 16384, numa_node: int = -1, mode: int = 0o600,
+               prefault: bool = True) -> KVPool:
+        """Create a new pool (fails with PoolExistsError if the file exists). `prefault`
+        maps every page now (MAP_POPULATE) so copies never take page faults later."""
         _check_coherence(coherence)
         try:
             return cls(_native.Pool.create(
                 str(path), slot_size=slot_size, slot_count=slot_count, fingerprint=fingerprint,
                 flush=coherence == "flush", max_clients=max_clients, max_pins=max_pins,
-                numa_node=numa_node, mode=mode))
+                numa_node=numa_node, mode=mode, prefault=prefault))
         except _native.NativePoolError as exc:
             raise from_native(exc) from None
         except TypeError as exc:
@@ -92,14 +94,15 @@ class KVPool:
 
     @classmethod
     def attach(cls, path: str | Path, *, fingerprint: bytes = b"", slot_size: int = 0,
-               coherence: Coherence | None = None, wait_init_s: float = 5.0) -> KVPool:
+               coherence: Coherence | None = None, wait_init_s: float = 5.0,
+               prefault: bool = True) -> KVPool:
         """Attach to an existing pool, checking format, geometry and fingerprint."""
         if coherence is not None:
             _check_coherence(coherence)
         try:
             return cls(_native.Pool.attach(str(path), fingerprint=fingerprint,
                                            slot_size=slot_size, wait_init_s=wait_init_s,
-                                           flush=coherence == "flush"))
+                                           flush=coherence == "flush", prefault=prefault))
         except _native.NativePoolError as exc:
             raise from_native(exc) from None
 

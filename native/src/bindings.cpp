@@ -67,7 +67,7 @@ PYBIND11_MODULE(beluga_native, m) {
           "create",
           [](const std::string& path, uint64_t slot_size, uint64_t slot_count,
              const py::bytes& fingerprint, bool flush, uint32_t max_clients, uint32_t max_pins,
-             int numa_node, uint32_t mode) {
+             int numa_node, uint32_t mode, bool prefault) {
             beluga::CreateOptions o;
             o.slot_size = slot_size;
             o.slot_count = slot_count;
@@ -77,23 +77,24 @@ PYBIND11_MODULE(beluga_native, m) {
             o.max_pins = max_pins;
             o.numa_node = numa_node;
             o.mode = mode;
+            o.prefault = prefault;
             py::gil_scoped_release release;
             return Pool::create(path, o);
           },
           py::arg("path"), py::arg("slot_size"), py::arg("slot_count"), py::arg("fingerprint"),
           py::arg("flush") = false, py::arg("max_clients") = 64, py::arg("max_pins") = 16384,
-          py::arg("numa_node") = -1, py::arg("mode") = 0600,
+          py::arg("numa_node") = -1, py::arg("mode") = 0600, py::arg("prefault") = true,
           "Create a pool file (O_EXCL) or initialise a devdax device.")
       .def_static(
           "attach",
           [](const std::string& path, const py::bytes& fingerprint, uint64_t slot_size,
-             double wait_init_s, bool flush) {
+             double wait_init_s, bool flush, bool prefault) {
             std::string fp(fingerprint);
             py::gil_scoped_release release;
-            return Pool::attach(path, fp, slot_size, wait_init_s, flush);
+            return Pool::attach(path, fp, slot_size, wait_init_s, flush, prefault);
           },
           py::arg("path"), py::arg("fingerprint") = py::bytes(), py::arg("slot_size") = 0,
-          py::arg("wait_init_s") = 5.0, py::arg("flush") = false,
+          py::arg("wait_init_s") = 5.0, py::arg("flush") = false, py::arg("prefault") = true,
           "Attach to an existing pool; validates magic, format, geometry and fingerprint.")
       .def("lookup_prefix",
            [](Pool& p, const py::bytes& keys) {

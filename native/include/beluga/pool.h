@@ -56,6 +56,7 @@ struct CreateOptions {
   uint32_t max_clients = 64;
   uint32_t max_pins = 16384;
   int numa_node = -1;  // bind the memory to this node (CXL shows up as a CPU-less node)
+  bool prefault = true;  // MAP_POPULATE (skipped with numa_node: pages must be placed first)
   uint32_t mode = 0600;
 };
 
@@ -80,7 +81,7 @@ class Pool {
   static std::unique_ptr<Pool> attach(const std::string& path,
                                       const std::string& expect_fingerprint,
                                       uint64_t expect_slot_size, double wait_init_s,
-                                      bool coherence_flush_override);
+                                      bool coherence_flush_override, bool prefault);
   ~Pool();
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
