@@ -1,0 +1,167 @@
+"""Upstream failures through the real gateway app: a real Redis holds the registry, and a
+real HTTP stand-in upstream (uvicorn on a free port) answers, fails, stalls or streams
+depending on the model asked for. A registered worker whose port is closed plays a dead one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.testclient import TestClient
+
+from beluga.registry import SCHEMA_VERSION, worker_key
+from beluga.settings import Settings
+from gateway.app import create_app
+
+PREFIX = "beluga:test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stand_in() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        model = body["model"]
+        if model == "boom":
+            return Response("worker exploded", status_code=500)
+        if model == "slow":
+            await asyncio.sleep(5)
+        if body.get("stream"):
+            async def events() -> AsyncIterator[bytes]:
+                for i in range(3):
+                    yield f'data: {{"n": {i}}}\n\n'.encode()
+                yield b"data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        if body.get("max_tokens") == 99999:
+            return JSONResponse({"error": {"message": "too many tokens", "type": "BadRequest",
+                                           "param": "max_tokens", "code": 400}},
+                                status_code=400)
+        return JSONResponse({"object": "chat.completion", "model": model,
+                             "echo": body.get("seed")})
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is missing: run `make setup`")
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def upstream_url() -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(stand_in(), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def register(client: redis.Redis, wid: str, url: str, model: str) -> None:
+    rec = {"schema": SCHEMA_VERSION, "id": wid, "url": url, "model": model, "capacity": 4,
+           "pid": 1, "started_at": 0.0, "heartbeat_at": time.time(), "running": 0,
+           "waiting": 0}
+    client.set(worker_key(PREFIX, wid), json.dumps(rec), ex=60)
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_url: str, upstream_url: str) -> Iterator[TestClient]:
+    client = redis.Redis.from_url(redis_url)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    register(client, "a-dead", dead, "m")
+    register(client, "b-live", upstream_url, "m")
+    register(client, "c-boom", upstream_url, "boom")
+    register(client, "d-slow", upstream_url, "slow")
+    settings = Settings(redis_url=redis_url, redis_key_prefix=PREFIX, upstream_timeout_s=1.0,
+                        connect_timeout_s=1.0, unhealthy_cooldown_s=30)
+    with TestClient(create_app(settings)) as tc:
+        yield tc
+
+
+def chat(model: str, **extra: object) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def test_requests_retry_past_a_dead_worker(gateway: TestClient) -> None:
+    for i in range(4):
+        resp = gateway.post("/v1/chat/completions", json=chat("m", seed=i))
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["echo"] == i  # the body went through untouched
+        assert resp.headers["x-beluga-worker"] == "b-live"
+    dead = next(w for w in gateway.get("/health").json()["workers"] if w["id"] == "a-dead")
+    assert dead["healthy"] is False
+
+
+def test_worker_5xx_is_502(gateway: TestClient) -> None:
+    resp = gateway.post("/v1/chat/completions", json=chat("boom"))
+    assert resp.status_code == 502
+    err = resp.json()["error"]
+    assert err["type"] == "upstream_error" and "worker exploded" in err["message"]
+
+
+def test_worker_4xx_passes_through_in_openai_shape(gateway: TestClient) -> None:
+    resp = gateway.post("/v1/chat/completions", json=chat("m", max_tokens=99999))
+    assert resp.status_code == 400
+    assert resp.json()["error"]["message"] == "too many tokens"
+
+
+def test_silent_worker_is_504(gateway: TestClient) -> None:
+    started = time.monotonic()
+    resp = gateway.post("/v1/chat/completions", json=chat("slow"))
+    assert resp.status_code == 504
+    assert resp.json()["error"]["type"] == "upstream_timeout"
+    assert time.monotonic() - started < 4
+
+
+def test_streams_are_relayed_as_sse(gateway: TestClient) -> None:
+    with gateway.stream("POST", "/v1/chat/completions", json=chat("m", stream=True)) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and len(lines) == 4
+
+
+def test_models_lists_every_registered_model(gateway: TestClient) -> None:
+    ids = [m["id"] for m in gateway.get("/v1/models").json()["data"]]
+    assert ids == ["boom", "m", "slow"]
