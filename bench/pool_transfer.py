@@ -36,6 +36,10 @@ from bench import mooncake_peer  # noqa: E402
 from kvpool import KVPool  # noqa: E402
 
 FP = b"bench".ljust(32, b"\0")
+BATCH = 16  # blocks per call in the batched configuration (the connector moves whole requests)
+# (row name, coherence, blocks per call)
+CONFIGS = [("beluga_none", "none", 1), ("beluga_flush", "flush", 1),
+           ("beluga_batch", "none", BATCH)]
 KiB, MiB = 1024, 1024 * 1024
 
 
@@ -74,25 +78,40 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         pool = KVPool.attach(args.path, fingerprint=FP, coherence=args.coherence)
         addr = buf.ctypes.data
         native = pool._p
-        populated = args.populated
+        batch = args.batch
+        rounds = iters // batch
+        if kind == "put":
+            keys = [b"".join(key(1000 + args.rank, (args.round * rounds + i) * batch + j)
+                             for j in range(batch)) for i in range(rounds)]
+        else:
+            keys = [b"".join(key(0, ((i * batch + j) * 7 + args.rank * 131) % args.populated)
+                             for j in range(batch)) for i in range(rounds)]
+        one = [(addr, 0, size)]  # the engine side: one buffer, block id 0
         while time.time() < args.start_at:
             time.sleep(0.0005)
         t0 = time.perf_counter()
-        for i in range(iters):
+        for i in range(rounds):
             s = time.perf_counter()
             if kind == "put":
-                (slot,) = native.prepare_store(key(1000 + args.rank, args.round * iters + i))
-                if slot >= 0:
-                    native.write_ptr(slot, addr, size)
-                    native.complete_store([slot], [size], True)
+                slots = [x for x in native.prepare_store(keys[i]) if x >= 0]
+                if batch == 1:
+                    for slot in slots:
+                        native.write_ptr(slot, addr, size)
+                else:
+                    native.gather(slots, [0] * len(slots), one, 1)
+                native.complete_store(slots, [size] * len(slots), True)
             else:
-                slots = native.pin(key(0, (i * 7 + args.rank * 131) % populated))
-                if not slots:
+                slots = native.pin(keys[i])
+                if len(slots) != batch:
                     raise SystemExit("get missed a populated block: the benchmark is broken")
-                native.read_ptr(slots[0], addr, size)
+                if batch == 1:
+                    native.read_ptr(slots[0], addr, size)
+                else:
+                    native.scatter(slots, [0] * batch, one, 1)
                 native.unpin(slots)
-            lat.append(time.perf_counter() - s)
+            lat.append((time.perf_counter() - s) / batch)  # per block
         wall = time.perf_counter() - t0
+        iters = rounds * batch
         pool.close()
     else:
         raise SystemExit(f"unknown kind {kind}")
@@ -123,7 +142,7 @@ def run_children(kind: str, procs: int, size: int, iters: int, extra: list[str])
 
 
 def bench_beluga(size: int, procs: int, iters: int, region: int, coherence: str,
-                 shm_dir: Path, rnd: int) -> dict[str, dict[str, Any]]:
+                 shm_dir: Path, rnd: int, batch: int) -> dict[str, dict[str, Any]]:
     path = shm_dir / f"bench-{coherence}-{size}.pool"
     slots = max(8, region // size)
     if path.exists():
@@ -141,7 +160,7 @@ def bench_beluga(size: int, procs: int, iters: int, region: int, coherence: str,
         for i in range(populated):
             pool.put([key(0, i)], [block])
         common = ["--path", str(path), "--coherence", coherence, "--populated",
-                  str(populated), "--round", str(rnd)]
+                  str(populated), "--round", str(rnd), "--batch", str(batch)]
         # get first: the put run evicts the populated blocks
         got = run_children("get", procs, size, iters, common)
         return {"get": got, "put": run_children("put", procs, size, iters, common)}
@@ -167,6 +186,7 @@ def main() -> int:
     ap.add_argument("--coherence", default="none")
     ap.add_argument("--populated", type=int, default=1)
     ap.add_argument("--round", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--region", type=int, default=256 * MiB)
     args = ap.parse_args()
     if args.child:
@@ -185,7 +205,7 @@ def main() -> int:
         else mooncake_peer.start()
     try:
         for size in sizes:
-            iters = max(50, budget // size)
+            iters = max(4 * BATCH, budget // size // BATCH * BATCH)
             for procs in procs_list:
                 row: dict[str, Any] = {"block_bytes": size, "procs": procs}
                 samples: dict[str, list[dict[str, Any]]] = {}
@@ -194,11 +214,11 @@ def main() -> int:
                         samples.setdefault(f"memcpy_{direction}", []).append(run_children(
                             f"memcpy_{direction}", procs, size, iters,
                             ["--region", str(region // 2 // procs)]))
-                    for coherence in ("none", "flush"):
+                    for config, coherence, batch in CONFIGS:
                         res = bench_beluga(size, procs, iters, region, coherence, shm,
-                                           len(rows) * args.repeat + rep)
+                                           len(rows) * args.repeat + rep, batch)
                         for op, r in res.items():
-                            samples.setdefault(f"beluga_{coherence}/{op}", []).append(r)
+                            samples.setdefault(f"{config}/{op}", []).append(r)
                 for name, runs in samples.items():
                     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                     if "/" in name:
@@ -225,9 +245,9 @@ def main() -> int:
 def format_row(row: dict[str, Any]) -> str:
     parts = [f"{row['block_bytes'] // KiB:>5} KiB x{row['procs']}",
              f"memcpy w {row['memcpy_write']['gbps']:6.2f} r {row['memcpy_read']['gbps']:6.2f}"]
-    for c in ("none", "flush"):
-        b = row[f"beluga_{c}"]
-        parts.append(f"{c}: put {b['put']['gbps']:6.2f} get {b['get']['gbps']:6.2f}")
+    for config, _, _ in CONFIGS:
+        b = row[config]
+        parts.append(f"{config[7:]}: put {b['put']['gbps']:6.2f} get {b['get']['gbps']:6.2f}")
     if "mooncake" in row:
         m = row["mooncake"]
         parts.append(f"mooncake: put {m['put']['gbps']:6.2f} get {m['get']['gbps']:6.2f}")
@@ -259,6 +279,12 @@ def summarize(rows: list[dict[str, Any]], mooncake_reason: str | None) -> dict[s
               for r in big for op, d in (("put", "write"), ("get", "read"))]
     out["min_ratio_to_memcpy_from_256KiB"] = min(ratios)
     out["median_ratio_to_memcpy_from_256KiB"] = statistics.median(ratios)
+    batched = [r["beluga_batch"][op]["gbps"] / r[f"memcpy_{d}"]["gbps"]
+               for r in big for op, d in (("put", "write"), ("get", "read"))]
+    out["batched_min_ratio_to_memcpy_from_256KiB"] = min(batched)
+    out["batched_median_ratio_to_memcpy_from_256KiB"] = statistics.median(batched)
+    out["beluga_batch_get_gbps"] = one["beluga_batch"]["get"]["gbps"]
+    out["beluga_batch_put_gbps"] = one["beluga_batch"]["put"]["gbps"]
     if out["mooncake_get_gbps"]:
         out["get_vs_mooncake"] = out["beluga_get_gbps"] / out["mooncake_get_gbps"]
         out["put_vs_mooncake"] = out["beluga_put_gbps"] / out["mooncake_put_gbps"]
