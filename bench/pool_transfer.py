@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import statistics
@@ -56,10 +57,20 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     buf = np.frombuffer(os.urandom(size), dtype=np.uint8).copy()
     lat: list[float] = []
     kind = args.child
-    if kind in ("memcpy_write", "memcpy_read"):
+    if kind.startswith("memcpy_"):
         # The same access pattern as put (small buffer -> large region) and get (large
-        # region -> small buffer), between two plain buffers.
-        big = np.ones(region, dtype=np.uint8)  # touched: no page faults in the timing
+        # region -> small buffer), between two plain buffers. memcpy_shm_*: the region is a
+        # mapped /dev/shm file, as the pool is (shared memory may get other page sizes).
+        if "shm" in kind:
+            fd, name = tempfile.mkstemp(dir="/dev/shm", prefix="beluga-memcpy-")
+            os.ftruncate(fd, region)
+            mapping = mmap.mmap(fd, region)
+            os.close(fd)
+            os.unlink(name)
+            big = np.frombuffer(mapping, dtype=np.uint8)
+            big[:] = 1
+        else:
+            big = np.ones(region, dtype=np.uint8)  # touched: no page faults in the timing
         big_addr, buf_addr = big.ctypes.data, buf.ctypes.data
         blocks = region // size
         while time.time() < args.start_at:
@@ -68,7 +79,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(iters):
             off = ((i * 7 + args.rank * 131) % blocks) * size
             s = time.perf_counter()
-            if kind == "memcpy_write":
+            if kind.endswith("write"):
                 ctypes.memmove(big_addr + off, buf_addr, size)
             else:
                 ctypes.memmove(buf_addr, big_addr + off, size)
@@ -210,10 +221,10 @@ def main() -> int:
                 row: dict[str, Any] = {"block_bytes": size, "procs": procs}
                 samples: dict[str, list[dict[str, Any]]] = {}
                 for rep in range(args.repeat):  # alternate configurations, median of rounds
-                    for direction in ("write", "read"):
-                        samples.setdefault(f"memcpy_{direction}", []).append(run_children(
-                            f"memcpy_{direction}", procs, size, iters,
-                            ["--region", str(region // 2 // procs)]))
+                    for name in ("memcpy_write", "memcpy_read", "memcpy_shm_write",
+                                 "memcpy_shm_read"):
+                        samples.setdefault(name, []).append(run_children(
+                            name, procs, size, iters, ["--region", str(region // 2 // procs)]))
                     for config, coherence, batch in CONFIGS:
                         res = bench_beluga(size, procs, iters, region, coherence, shm,
                                            len(rows) * args.repeat + rep, batch)
@@ -244,7 +255,9 @@ def main() -> int:
 
 def format_row(row: dict[str, Any]) -> str:
     parts = [f"{row['block_bytes'] // KiB:>5} KiB x{row['procs']}",
-             f"memcpy w {row['memcpy_write']['gbps']:6.2f} r {row['memcpy_read']['gbps']:6.2f}"]
+             f"memcpy w {row['memcpy_write']['gbps']:6.2f} r {row['memcpy_read']['gbps']:6.2f}",
+             f"shm w {row['memcpy_shm_write']['gbps']:6.2f} "
+             f"r {row['memcpy_shm_read']['gbps']:6.2f}"]
     for config, _, _ in CONFIGS:
         b = row[config]
         parts.append(f"{config[7:]}: put {b['put']['gbps']:6.2f} get {b['get']['gbps']:6.2f}")
@@ -259,6 +272,8 @@ def summarize(rows: list[dict[str, Any]], mooncake_reason: str | None) -> dict[s
     out: dict[str, Any] = {
         "memcpy_gbps": one["memcpy_write"]["gbps"],
         "memcpy_read_gbps": one["memcpy_read"]["gbps"],
+        "memcpy_shm_gbps": one["memcpy_shm_write"]["gbps"],
+        "memcpy_shm_read_gbps": one["memcpy_shm_read"]["gbps"],
         "beluga_get_gbps": one["beluga_none"]["get"]["gbps"],
         "beluga_put_gbps": one["beluga_none"]["put"]["gbps"],
         "beluga_flush_get_gbps": one["beluga_flush"]["get"]["gbps"],
@@ -281,6 +296,10 @@ def summarize(rows: list[dict[str, Any]], mooncake_reason: str | None) -> dict[s
     out["median_ratio_to_memcpy_from_256KiB"] = statistics.median(ratios)
     batched = [r["beluga_batch"][op]["gbps"] / r[f"memcpy_{d}"]["gbps"]
                for r in big for op, d in (("put", "write"), ("get", "read"))]
+    shm = [r["beluga_batch"][op]["gbps"] / r[f"memcpy_shm_{d}"]["gbps"]
+           for r in big for op, d in (("put", "write"), ("get", "read"))]
+    out["batched_median_ratio_to_shm_memcpy_from_256KiB"] = statistics.median(shm)
+    out["batched_min_ratio_to_shm_memcpy_from_256KiB"] = min(shm)
     out["batched_min_ratio_to_memcpy_from_256KiB"] = min(batched)
     out["batched_median_ratio_to_memcpy_from_256KiB"] = statistics.median(batched)
     out["beluga_batch_get_gbps"] = one["beluga_batch"]["get"]["gbps"]
