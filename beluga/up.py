@@ -160,7 +160,8 @@ class Stack:
         logger.info("  logs:            %s", self.log_dir)
         logger.info("Press Ctrl-C to stop.")
 
-    def supervise(self) -> None:
+    def supervise(self) -> bool:
+        """Watch the children until stopped; False if the gateway died (the stack is down)."""
         reported: set[str] = set()
         while not self.stop_event.wait(1.0):
             for child in self.children:
@@ -169,7 +170,8 @@ class Stack:
                     reported.add(child.name)
                     logger.error("%s exited with code %s; see %s", child.name, code, child.log)
                     if child.name == "gateway":
-                        return
+                        return False
+        return True
 
     def stop(self) -> None:
         self._stop_group(self.children)
@@ -213,7 +215,8 @@ def run_up(settings: Settings) -> int:
         stack.wait_ready()
         if not stack.stop_event.is_set():
             stack.print_urls()
-            stack.supervise()
+            if not stack.supervise():
+                code = 1
     except (UpError, ModelError) as exc:
         logger.error("%s", exc)
         code = 1
