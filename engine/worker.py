@@ -81,7 +81,11 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 def read_load(client: httpx.Client, url: str) -> tuple[int, int]:
     """(running, waiting) requests from vLLM's Prometheus endpoint."""
-    text = client.get(f"{url}/metrics").text
+    return parse_load(client.get(f"{url}/metrics").text)
+
+
+def parse_load(text: str) -> tuple[int, int]:
+    """(running, waiting) from vLLM's metrics text, summed over engines."""
     running = waiting = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

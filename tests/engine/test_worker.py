@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from beluga.settings import Settings
+from engine.worker import parse_load, vllm_command, vllm_env
+
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+"""
+
+
+def test_command_runs_the_openai_server_module_with_the_settings() -> None:
+    s = Settings(model=Path("/models/m"), worker_port=8123, max_num_seqs=7,
+                 vllm_extra_args="--seed 5 --block-size 16")
+    cmd = vllm_command(s, python="/py")
+    assert cmd[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+    args = " ".join(cmd)
+    for part in ("--model /models/m", "--port 8123", "--max-num-seqs 7", "--dtype bfloat16",
+                 "--enforce-eager", "--served-model-name smollm2-135m-instruct",
+                 "--seed 5 --block-size 16"):
+        assert part in args
+
+
+def test_eager_can_be_switched_off() -> None:
+    assert "--enforce-eager" not in vllm_command(Settings(enforce_eager=False))
+
+
+def test_cpu_kv_space_is_capped_and_the_hub_is_never_called() -> None:
+    env = vllm_env(Settings(kv_cache_space_gib=0.5))
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "0.5"
+    assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_load_is_read_from_vllm_metrics() -> None:
+    assert parse_load(VLLM_METRICS) == (3, 2)
+    two_engines = VLLM_METRICS.replace(
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0',
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 4.0')
+    assert parse_load(two_engines) == (7, 2)
+    assert parse_load("") == (0, 0)
