@@ -14,6 +14,7 @@ from kvpool.errors import (
     PoolFormatError,
     PoolGeometryError,
     PoolIOError,
+    PoolNotFoundError,
 )
 from kvpool.keys import KEY_BYTES, ModelIdentity, block_keys, root_key
 from kvpool.pool import DUPLICATE, FULL, KVPool, PoolStats, PutResult
@@ -22,5 +23,5 @@ __all__ = [
     "KEY_BYTES", "DUPLICATE", "FULL", "KVPool", "ModelIdentity", "PoolStats", "PutResult",
     "block_keys", "root_key", "PoolError", "PoolArgumentError", "PoolBusyError",
     "PoolClientLimitError", "PoolCorruptError", "PoolExistsError", "PoolFingerprintError",
-    "PoolFormatError", "PoolGeometryError", "PoolIOError",
+    "PoolFormatError", "PoolGeometryError", "PoolIOError", "PoolNotFoundError",
 ]

@@ -9,7 +9,8 @@
     ├── PoolFingerprintError    another model's pool
     ├── PoolCorruptError        truncated or scribbled header
     ├── PoolBusyError           the pool lock stayed held by a live process too long
-    └── PoolClientLimitError    too many processes attached
+    ├── PoolClientLimitError    too many processes attached
+    └── PoolNotFoundError       attach_by_uuid: no pool with that UUID
 
 Expected per-block outcomes (duplicate, full, missing) are return values, not exceptions.
 """
@@ -54,6 +55,10 @@ class PoolBusyError(PoolError):
 
 
 class PoolClientLimitError(PoolError):
+    pass
+
+
+class PoolNotFoundError(PoolError):
     pass
 
 

@@ -13,6 +13,7 @@ Block protocol (see native/include/beluga/pool.h):
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 import uuid as uuidlib
@@ -24,12 +25,19 @@ from typing import Any, Literal
 
 import beluga_native as _native
 
-from kvpool.errors import PoolError, PoolExistsError, PoolIOError, from_native
+from kvpool.errors import (
+    PoolError,
+    PoolExistsError,
+    PoolIOError,
+    PoolNotFoundError,
+    from_native,
+)
 
 Coherence = Literal["none", "flush"]
 DUPLICATE: int = _native.DUPLICATE
 FULL: int = _native.FULL
 DEFAULT_DIR = Path("/dev/shm")
+DEFAULT_CANDIDATES = ("/dev/dax*", "/dev/shm/*.pool", "/dev/hugepages/*.pool")
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,35 @@ class KVPool:
                                            flush=coherence == "flush", prefault=prefault))
         except _native.NativePoolError as exc:
             raise from_native(exc) from None
+
+    @classmethod
+    def attach_by_uuid(cls, pool_uuid: uuidlib.UUID | str,
+                       candidates: Sequence[str] = DEFAULT_CANDIDATES, *,
+                       fingerprint: bytes = b"", slot_size: int = 0,
+                       coherence: Coherence | None = None) -> KVPool:
+        """Attach to the pool whose header carries `pool_uuid`, wherever it is mapped here.
+
+        The same CXL device gets different /dev/daxX.Y names on different hosts; the UUID in
+        its header does not change. `candidates` are glob patterns; each match is probed
+        with the full attach checks (without prefaulting) and detached unless it matches.
+        """
+        want = uuidlib.UUID(str(pool_uuid))
+        seen: list[str] = []
+        for pattern in candidates:
+            for path in sorted(glob.glob(pattern)):
+                try:
+                    probe = cls.attach(path, fingerprint=fingerprint, slot_size=slot_size,
+                                       coherence=coherence, wait_init_s=0.0, prefault=False)
+                except PoolError:
+                    continue
+                found = probe.uuid == want
+                probe.close()
+                if found:
+                    return cls.attach(path, fingerprint=fingerprint, slot_size=slot_size,
+                                      coherence=coherence)
+                seen.append(path)
+        raise PoolNotFoundError(f"no pool with UUID {want} among {list(candidates)} "
+                                f"(other pools seen: {seen or 'none'})")
 
     @classmethod
     def open(cls, path: str | Path, *, slot_size: int, slot_count: int, fingerprint: bytes,

@@ -19,6 +19,7 @@ from kvpool import (
     PoolFormatError,
     PoolGeometryError,
     PoolIOError,
+    PoolNotFoundError,
 )
 from tests.kvpool.conftest import FP, block_for, key
 
@@ -262,3 +263,22 @@ def test_close_releases_pins_and_unfinished_stores(make_pool: MakePool,
     b.close()
     st = a.stats()
     assert (st.pinned_slots, st.writing_slots, st.clients, st.used_slots) == (0, 0, 1, 1)
+
+
+def test_attach_by_uuid_finds_the_pool_under_any_name(tmp_path: Path) -> None:
+    a = KVPool.create(tmp_path / "a.pool", slot_size=4096, slot_count=4, fingerprint=FP)
+    b = KVPool.create(tmp_path / "b.pool", slot_size=4096, slot_count=4, fingerprint=FP)
+    (tmp_path / "junk.pool").write_bytes(b"not a pool" * 1000)
+    try:
+        b.put([key(1)], [b"in b"])
+        found = KVPool.attach_by_uuid(str(b.uuid), [str(tmp_path / "*.pool")])
+        assert found.path == str(tmp_path / "b.pool")
+        assert found.get([key(1)]) == [b"in b"]
+        found.close()
+        assert a.stats().clients == 1 and b.stats().clients == 1  # probes detached
+        with pytest.raises(PoolNotFoundError):
+            KVPool.attach_by_uuid("00000000-0000-4000-8000-000000000000",
+                                  [str(tmp_path / "*.pool")])
+    finally:
+        a.close()
+        b.close()
