@@ -236,7 +236,8 @@ class KVPool:
                     written.append(slot)
                     lengths.append(view.nbytes)
         except BaseException:
-            self.complete_store(written or [s for s in slots if s >= 0], ok=False)
+            # Abort every reserved slot, written or not: none of them may stay WRITING.
+            self.complete_store([s for s in slots if s >= 0], ok=False)
             raise
         self.complete_store(written, lengths)
         return PutResult(stored=len(written), duplicate=slots.count(DUPLICATE),

@@ -282,3 +282,12 @@ def test_attach_by_uuid_finds_the_pool_under_any_name(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_failed_put_leaves_no_reserved_slot(make_pool: MakePool) -> None:
+    pool = make_pool()
+    with pytest.raises(PoolError):
+        pool.put([key(1), key(2), key(3)], [b"ok", b"x" * 5000, b"never"])  # 2nd too big
+    st = pool.stats()
+    assert (st.writing_slots, st.used_slots) == (0, 0)
+    assert pool.lookup_prefix([key(1)]) == 0
