@@ -20,11 +20,38 @@ const uint8_t* key_bytes(const py::bytes& keys, size_t& n) {
   return reinterpret_cast<const uint8_t*>(data);
 }
 
-std::vector<beluga::Segment> to_segments(const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& s) {
+std::vector<beluga::Segment> to_segments(
+    const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& s) {
   std::vector<beluga::Segment> out;
   out.reserve(s.size());
   for (const auto& [base, stride, bytes] : s) out.push_back({base, stride, bytes});
   return out;
+}
+
+// A binding for a Pool method taking a chain of keys: bytes -> (pointer, count), GIL released.
+template <typename R>
+auto keyed(R (Pool::*method)(const uint8_t*, size_t)) {
+  return [method](Pool& p, const py::bytes& keys) {
+    size_t n;
+    auto* k = key_bytes(keys, n);
+    py::gil_scoped_release release;
+    return (p.*method)(k, n);
+  };
+}
+
+using SegmentTuples = std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>;
+using CopyMethod = void (Pool::*)(const std::vector<int64_t>&, const std::vector<int64_t>&,
+                                  const std::vector<beluga::Segment>&, int);
+
+// A binding for gather/scatter: segments as (base_ptr, block_stride, bytes) tuples.
+auto copier(CopyMethod method) {
+  return [method](Pool& p, const std::vector<int64_t>& slots,
+                  const std::vector<int64_t>& block_ids, const SegmentTuples& segments,
+                  int threads) {
+    auto segs = to_segments(segments);
+    py::gil_scoped_release release;
+    (p.*method)(slots, block_ids, segs, threads);
+  };
 }
 
 py::buffer_info writable(py::buffer& b) {
@@ -96,30 +123,12 @@ PYBIND11_MODULE(beluga_native, m) {
           py::arg("path"), py::arg("fingerprint") = py::bytes(), py::arg("slot_size") = 0,
           py::arg("wait_init_s") = 5.0, py::arg("flush") = false, py::arg("prefault") = true,
           "Attach to an existing pool; validates magic, format, geometry and fingerprint.")
-      .def("lookup_prefix",
-           [](Pool& p, const py::bytes& keys) {
-             size_t n;
-             auto* k = key_bytes(keys, n);
-             py::gil_scoped_release release;
-             return p.lookup_prefix(k, n);
-           },
+      .def("lookup_prefix", keyed(&Pool::lookup_prefix),
            py::arg("keys"), "Number of leading keys whose blocks are READY.")
-      .def("pin",
-           [](Pool& p, const py::bytes& keys) {
-             size_t n;
-             auto* k = key_bytes(keys, n);
-             py::gil_scoped_release release;
-             return p.pin(k, n);
-           },
+      .def("pin", keyed(&Pool::pin),
            py::arg("keys"), "Pin the READY prefix of keys; returns its slot ids.")
       .def("unpin", &Pool::unpin, py::arg("slots"), py::call_guard<py::gil_scoped_release>())
-      .def("prepare_store",
-           [](Pool& p, const py::bytes& keys) {
-             size_t n;
-             auto* k = key_bytes(keys, n);
-             py::gil_scoped_release release;
-             return p.prepare_store(k, n);
-           },
+      .def("prepare_store", keyed(&Pool::prepare_store),
            py::arg("keys"),
            "Reserve a slot per key: slot id, DUPLICATE (present or being written) or FULL.")
       .def("complete_store", &Pool::complete_store, py::arg("slots"), py::arg("lengths"),
@@ -165,22 +174,10 @@ PYBIND11_MODULE(beluga_native, m) {
              p.read(slot, reinterpret_cast<void*>(dst), n, offset);
            },
            py::arg("slot"), py::arg("dst"), py::arg("nbytes"), py::arg("offset") = 0)
-      .def("gather",
-           [](Pool& p, const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-              const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& segments, int threads) {
-             auto segs = to_segments(segments);
-             py::gil_scoped_release release;
-             p.gather(slots, block_ids, segs, threads);
-           },
+      .def("gather", copier(&Pool::gather),
            py::arg("slots"), py::arg("block_ids"), py::arg("segments"), py::arg("threads") = 4,
            "Copy engine blocks into slots; segments are (base_ptr, block_stride, bytes).")
-      .def("scatter",
-           [](Pool& p, const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-              const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& segments, int threads) {
-             auto segs = to_segments(segments);
-             py::gil_scoped_release release;
-             p.scatter(slots, block_ids, segs, threads);
-           },
+      .def("scatter", copier(&Pool::scatter),
            py::arg("slots"), py::arg("block_ids"), py::arg("segments"), py::arg("threads") = 4,
            "Copy slots into engine blocks; segments are (base_ptr, block_stride, bytes).")
       .def("slot_length", &Pool::slot_length, py::arg("slot"))
