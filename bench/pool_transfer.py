@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import mooncake_peer  # noqa: E402
-from kvpool import KVPool  # noqa: E402
+from kvpool import KVPool, cuda_device_count  # noqa: E402
 
 FP = b"bench".ljust(32, b"\0")
 BATCH = 16  # blocks per call in the batched configuration (the connector moves whole requests)
@@ -241,16 +241,67 @@ def main() -> int:
                     row["mooncake"] = mooncake.bench(size, procs, max(20, iters // 4))
                 rows.append(row)
                 print(format_row(row), flush=True)
+        cuda = bench_cuda(shm)
+        print("cuda:", json.dumps(cuda), flush=True)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         if mooncake is not None:
             mooncake.stop()
     summary = summarize(rows, mooncake_reason=mooncake_peer.unavailable_reason
                         if mooncake is None else None)
+    summary["cuda"] = cuda
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
     return 0
+
+
+def bench_cuda(shm: Path, size: int = MiB, blocks: int = 256, repeat: int = 5) -> dict[str, Any]:
+    """GPU path, 1 MiB blocks: Beluga gather_cuda / scatter_cuda (the kernel reads and writes
+    the registered pool directly) against torch's copy between pinned host memory and the
+    device (the DMA limit), one call of `blocks` blocks each."""
+    if cuda_device_count() == 0:
+        return {"skipped": "no CUDA device visible (or beluga_native built without nvcc)"}
+    try:
+        import torch
+    except ImportError:
+        return {"skipped": "torch is not installed"}
+    if not torch.cuda.is_available():
+        return {"skipped": "torch has no CUDA"}
+    fp = hashlib.sha256(b"bench-cuda").digest()
+    pool = KVPool.create(shm / "cuda.pool", slot_size=size, slot_count=blocks, fingerprint=fp)
+    dev = torch.empty((blocks, size), dtype=torch.uint8, device="cuda")
+    dev.random_(0, 255)
+    host = torch.empty((blocks, size), dtype=torch.uint8, pin_memory=True)
+    seg = [(dev.data_ptr(), size, size)]
+    ids = list(range(blocks))
+    pool.cuda_register()
+    slots = pool.prepare_store([key(99, i) for i in ids])
+
+    def timed(fn: Any) -> float:
+        times = []
+        for _ in range(repeat):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return blocks * size / statistics.median(times) / 1e9
+
+    try:
+        out = {
+            "block_bytes": size, "blocks": blocks, "device": torch.cuda.get_device_name(),
+            "beluga_gather_gbps": timed(lambda: pool.gather_cuda(slots, ids, seg)),
+            "beluga_scatter_gbps": timed(lambda: pool.scatter_cuda(slots, ids, seg)),
+            "torch_d2h_pinned_gbps": timed(lambda: host.copy_(dev, non_blocking=True)),
+            "torch_h2d_pinned_gbps": timed(lambda: dev.copy_(host, non_blocking=True)),
+        }
+    finally:
+        pool.complete_store(slots, ok=False)
+        pool.close()
+    out["gather_vs_dma"] = out["beluga_gather_gbps"] / out["torch_d2h_pinned_gbps"]
+    out["scatter_vs_dma"] = out["beluga_scatter_gbps"] / out["torch_h2d_pinned_gbps"]
+    return out
 
 
 def format_row(row: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from kvpool.errors import (
     PoolBusyError,
     PoolClientLimitError,
     PoolCorruptError,
+    PoolCudaError,
     PoolError,
     PoolExistsError,
     PoolFingerprintError,
@@ -17,11 +18,20 @@ from kvpool.errors import (
     PoolNotFoundError,
 )
 from kvpool.keys import KEY_BYTES, ModelIdentity, block_keys, root_key
-from kvpool.pool import DUPLICATE, FULL, KVPool, PoolStats, PutResult
+from kvpool.pool import (
+    DUPLICATE,
+    FULL,
+    KVPool,
+    PoolStats,
+    PutResult,
+    cuda_built,
+    cuda_device_count,
+)
 
 __all__ = [
     "KEY_BYTES", "DUPLICATE", "FULL", "KVPool", "ModelIdentity", "PoolStats", "PutResult",
     "block_keys", "root_key", "PoolError", "PoolArgumentError", "PoolBusyError",
     "PoolClientLimitError", "PoolCorruptError", "PoolExistsError", "PoolFingerprintError",
-    "PoolFormatError", "PoolGeometryError", "PoolIOError", "PoolNotFoundError",
+    "PoolFormatError", "PoolGeometryError", "PoolIOError", "PoolNotFoundError", "PoolCudaError",
+    "cuda_built", "cuda_device_count",
 ]

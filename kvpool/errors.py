@@ -10,6 +10,7 @@
     ├── PoolCorruptError        truncated or scribbled header
     ├── PoolBusyError           the pool lock stayed held by a live process too long
     ├── PoolClientLimitError    too many processes attached
+    ├── PoolCudaError           GPU path: built without CUDA, no device, or a CUDA call failed
     └── PoolNotFoundError       attach_by_uuid: no pool with that UUID
 
 Expected per-block outcomes (duplicate, full, missing) are return values, not exceptions.
@@ -62,11 +63,15 @@ class PoolNotFoundError(PoolError):
     pass
 
 
+class PoolCudaError(PoolError):
+    pass
+
+
 # ErrorKind values of native/include/beluga/pool.h
 _BY_KIND: dict[int, type[PoolError]] = {
     1: PoolArgumentError, 2: PoolIOError, 3: PoolExistsError, 4: PoolFormatError,
     5: PoolGeometryError, 6: PoolFingerprintError, 7: PoolCorruptError, 8: PoolBusyError,
-    9: PoolClientLimitError,
+    9: PoolClientLimitError, 10: PoolCudaError,
 }
 
 

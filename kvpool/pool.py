@@ -268,6 +268,28 @@ class KVPool:
         """Slots -> engine blocks. segments: (base_ptr, block_stride_bytes, bytes)."""
         self._call(self._p.scatter, list(slots), list(block_ids), list(segments), threads)
 
+    # -- GPU copy engine (built where nvcc was present; see setup.py) ---------------------
+    def gather_cuda(self, slots: Sequence[int], block_ids: Sequence[int],
+                    segments: Sequence[tuple[int, int, int]], device: int = 0,
+                    stream: int = 0) -> None:
+        """GPU blocks -> slots, one kernel reading device memory and writing the pool through
+        its registered mapping (no bounce buffer). segments: (device_ptr, stride, bytes);
+        `stream` a raw cudaStream_t (e.g. torch.cuda.current_stream().cuda_stream).
+        Returns when the copy is done. Raises PoolCudaError without CUDA."""
+        self._call(self._p.gather_cuda, list(slots), list(block_ids), list(segments),
+                   device, stream)
+
+    def scatter_cuda(self, slots: Sequence[int], block_ids: Sequence[int],
+                     segments: Sequence[tuple[int, int, int]], device: int = 0,
+                     stream: int = 0) -> None:
+        """Slots -> GPU blocks, the kernel reading the pool directly. See gather_cuda."""
+        self._call(self._p.scatter_cuda, list(slots), list(block_ids), list(segments),
+                   device, stream)
+
+    def cuda_register(self) -> None:
+        """Register the mapping with the GPU now (otherwise done on the first GPU copy)."""
+        self._call(self._p.cuda_register)
+
     # -- housekeeping --------------------------------------------------------------------
     def stats(self) -> PoolStats:
         s = self._p.stats()
@@ -293,6 +315,16 @@ class KVPool:
             return fn(*args)
         except _native.NativePoolError as exc:
             raise from_native(exc) from None
+
+
+def cuda_built() -> bool:
+    """Whether beluga_native carries the GPU copy path."""
+    return bool(_native.CUDA_BUILT)
+
+
+def cuda_device_count() -> int:
+    """CUDA devices the GPU path can use (0 without CUDA, driver or device)."""
+    return int(_native.cuda_device_count())
 
 
 def _check_coherence(value: str) -> None:

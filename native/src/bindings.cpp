@@ -54,6 +54,20 @@ auto copier(CopyMethod method) {
   };
 }
 
+using CudaCopyMethod = void (Pool::*)(const std::vector<int64_t>&, const std::vector<int64_t>&,
+                                      const std::vector<beluga::Segment>&, int, uint64_t);
+
+// A binding for gather_cuda/scatter_cuda: segment bases are device pointers.
+auto cuda_copier(CudaCopyMethod method) {
+  return [method](Pool& p, const std::vector<int64_t>& slots,
+                  const std::vector<int64_t>& block_ids, const SegmentTuples& segments,
+                  int device, uint64_t stream) {
+    auto segs = to_segments(segments);
+    py::gil_scoped_release release;
+    (p.*method)(slots, block_ids, segs, device, stream);
+  };
+}
+
 py::buffer_info writable(py::buffer& b) {
   auto info = b.request(true);
   if (!PyBuffer_IsContiguous(info.view(), 'C'))
@@ -69,6 +83,9 @@ PYBIND11_MODULE(beluga_native, m) {
   m.attr("KEY_BYTES") = beluga::kKeyBytes;
   m.attr("DUPLICATE") = beluga::kDuplicate;
   m.attr("FULL") = beluga::kFull;
+  m.attr("CUDA_BUILT") = Pool::cuda_built();
+  m.def("cuda_device_count", &Pool::cuda_device_count,
+        "Visible CUDA devices (0 when built without CUDA or no driver/device).");
 
   static py::exception<beluga::PoolError> native_error(m, "NativePoolError");
   py::register_exception_translator([](std::exception_ptr p) {
@@ -180,6 +197,17 @@ PYBIND11_MODULE(beluga_native, m) {
       .def("scatter", copier(&Pool::scatter),
            py::arg("slots"), py::arg("block_ids"), py::arg("segments"), py::arg("threads") = 4,
            "Copy slots into engine blocks; segments are (base_ptr, block_stride, bytes).")
+      .def("gather_cuda", cuda_copier(&Pool::gather_cuda),
+           py::arg("slots"), py::arg("block_ids"), py::arg("segments"), py::arg("device") = 0,
+           py::arg("stream") = 0,
+           "GPU: copy device blocks into slots through the registered mapping (synchronous).")
+      .def("scatter_cuda", cuda_copier(&Pool::scatter_cuda),
+           py::arg("slots"), py::arg("block_ids"), py::arg("segments"), py::arg("device") = 0,
+           py::arg("stream") = 0,
+           "GPU: copy slots into device blocks through the registered mapping (synchronous).")
+      .def("cuda_register", &Pool::cuda_register, py::call_guard<py::gil_scoped_release>(),
+           "Register the whole mapping with the GPU (cudaHostRegister, mapped + portable).")
+      .def_property_readonly("cuda_registered", &Pool::cuda_registered)
       .def("slot_length", &Pool::slot_length, py::arg("slot"))
       .def("slot_address",
            [](const Pool& p, int64_t slot) { return reinterpret_cast<uint64_t>(p.slot_data(slot)); },

@@ -19,6 +19,9 @@
 #include <thread>
 
 #include "beluga/atomics.h"
+#ifdef BELUGA_WITH_CUDA
+#include "beluga/cuda_copy.h"
+#endif
 
 namespace beluga {
 namespace {
@@ -393,6 +396,10 @@ void Pool::detach() {
     unlock();
     client_ = UINT32_MAX;
   }
+#ifdef BELUGA_WITH_CUDA
+  if (cuda_base_ != 0) cuda::unregister_host(base_);
+  cuda_base_ = 0;
+#endif
   munmap(base_, size_);
   close(fd_);
   base_ = nullptr;
@@ -834,8 +841,9 @@ void Pool::read(int64_t slot, void* dst, uint64_t n, uint64_t offset) {
   atomics::count(hdr_->stats.bytes_out, n);
 }
 
-void Pool::copy_blocks(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                       const std::vector<Segment>& segs, int threads, bool to_pool) {
+uint64_t Pool::check_segments(const std::vector<int64_t>& slots,
+                              const std::vector<int64_t>& block_ids,
+                              const std::vector<Segment>& segs) const {
   if (slots.size() != block_ids.size()) fail(ErrorKind::kInvalid, "slots and block_ids differ in length");
   uint64_t per_block = 0;
   for (const auto& s : segs) per_block += s.bytes;
@@ -843,6 +851,14 @@ void Pool::copy_blocks(const std::vector<int64_t>& slots, const std::vector<int6
     fail(ErrorKind::kInvalid, "segments hold " + std::to_string(per_block) +
                                   " bytes per block; slots hold " + std::to_string(hdr_->slot_size));
   for (int64_t s : slots) check_slot(s);
+  for (int64_t b : block_ids)
+    if (b < 0) fail(ErrorKind::kInvalid, "negative block id " + std::to_string(b));
+  return per_block;
+}
+
+void Pool::copy_blocks(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                       const std::vector<Segment>& segs, int threads, bool to_pool) {
+  const uint64_t per_block = check_segments(slots, block_ids, segs);
   auto work = [&](size_t lo, size_t hi) {
     for (size_t i = lo; i < hi; ++i) {
       uint8_t* slot = data_ + uint64_t(slots[i]) * hdr_->slot_size;
@@ -883,6 +899,75 @@ void Pool::gather(const std::vector<int64_t>& slots, const std::vector<int64_t>&
 void Pool::scatter(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
                    const std::vector<Segment>& segments, int threads) {
   copy_blocks(slots, block_ids, segments, threads, false);
+}
+
+// ---- GPU path -----------------------------------------------------------------------------
+
+#ifdef BELUGA_WITH_CUDA
+bool Pool::cuda_built() { return true; }
+int Pool::cuda_device_count() { return cuda::device_count(); }
+
+void Pool::cuda_register() {
+  if (cuda_base_ != 0) return;
+  if (cuda::device_count() == 0) fail(ErrorKind::kCuda, "no CUDA device is visible");
+  std::string e = cuda::register_host(base_, size_);
+  if (!e.empty()) fail(ErrorKind::kCuda, e);
+  uint64_t dev = 0;
+  e = cuda::device_pointer(base_, &dev);
+  if (!e.empty()) {
+    cuda::unregister_host(base_);
+    fail(ErrorKind::kCuda, e);
+  }
+  cuda_base_ = dev;
+}
+
+void Pool::copy_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                     const std::vector<Segment>& segs, int device, uint64_t stream, bool to_pool) {
+  const uint64_t per_block = check_segments(slots, block_ids, segs);
+  cuda_register();
+  // Flush mode: the GPU reads the pool over the bus, so drop stale lines from this CPU's
+  // caches first, and after writing make sure no dirty CPU line shadows the GPU's data.
+  std::vector<cuda::CopyDesc> descs;
+  descs.reserve(slots.size() * segs.size());
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const uint64_t slot_off = uint64_t(data_ - base_) + uint64_t(slots[i]) * hdr_->slot_size;
+    if (flush_) invalidate(base_ + slot_off, per_block);
+    uint64_t off = 0;
+    for (const auto& seg : segs) {
+      const uint64_t engine = seg.base + uint64_t(block_ids[i]) * seg.block_stride;
+      const uint64_t pool = cuda_base_ + slot_off + off;
+      if (to_pool) descs.push_back({engine, pool, seg.bytes});
+      else descs.push_back({pool, engine, seg.bytes});
+      off += seg.bytes;
+    }
+  }
+  std::string e = cuda::copy(descs.data(), descs.size(), device, stream);
+  if (!e.empty()) fail(ErrorKind::kCuda, e);
+  if (to_pool && flush_)
+    for (int64_t s : slots) invalidate(data_ + uint64_t(s) * hdr_->slot_size, per_block);
+  if (!to_pool) atomics::count(hdr_->stats.bytes_out, slots.size() * per_block);
+}
+#else
+bool Pool::cuda_built() { return false; }
+int Pool::cuda_device_count() { return 0; }
+void Pool::cuda_register() {
+  fail(ErrorKind::kCuda, "beluga_native was built without CUDA (no nvcc at build time)");
+}
+void Pool::copy_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                     const std::vector<Segment>& segs, int, uint64_t, bool) {
+  check_segments(slots, block_ids, segs);
+  cuda_register();
+}
+#endif
+
+void Pool::gather_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                       const std::vector<Segment>& segments, int device, uint64_t stream) {
+  copy_cuda(slots, block_ids, segments, device, stream, true);
+}
+
+void Pool::scatter_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                        const std::vector<Segment>& segments, int device, uint64_t stream) {
+  copy_cuda(slots, block_ids, segments, device, stream, false);
 }
 
 }  // namespace beluga

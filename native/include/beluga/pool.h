@@ -32,7 +32,8 @@ enum class ErrorKind : int {
   kFingerprint = 6,  // another model's pool
   kCorrupt = 7,      // truncated or scribbled header
   kBusy = 8,         // the lock stayed held by a live process past the timeout
-  kNoClientSlot = 9  // too many attached processes
+  kNoClientSlot = 9,  // too many attached processes
+  kCuda = 10          // GPU path: built without CUDA, no device, or a CUDA call failed
 };
 
 class PoolError : public std::runtime_error {
@@ -105,6 +106,18 @@ class Pool {
                const std::vector<Segment>& segments, int threads);
   uint64_t slot_length(int64_t slot) const;
 
+  // GPU path (native/include/beluga/cuda_copy.h). Segment bases are device pointers on
+  // `device`; the pool side is read and written by the GPU through the registered mapping.
+  // Registration happens on first use (or explicitly) and is undone by detach().
+  static bool cuda_built();
+  static int cuda_device_count();
+  void cuda_register();
+  bool cuda_registered() const { return cuda_base_ != 0; }
+  void gather_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                   const std::vector<Segment>& segments, int device, uint64_t stream);
+  void scatter_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                    const std::vector<Segment>& segments, int device, uint64_t stream);
+
   Stats stats();
   uint8_t* slot_data(int64_t slot) const;
   const PoolHeader& header() const { return *hdr_; }
@@ -138,6 +151,10 @@ class Pool {
   void touch();
   void copy_blocks(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
                    const std::vector<Segment>& segments, int threads, bool to_pool);
+  uint64_t check_segments(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                          const std::vector<Segment>& segments) const;
+  void copy_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+                 const std::vector<Segment>& segments, int device, uint64_t stream, bool to_pool);
 
   std::string path_;
   int fd_;
@@ -153,6 +170,7 @@ class Pool {
   uint32_t client_ = UINT32_MAX;
   bool flush_ = false;
   bool locked_ = false;
+  uint64_t cuda_base_ = 0;  // device address of base_ once registered with the GPU
   mutable std::unordered_set<uintptr_t> lines_;  // flush mode: lines touched under the lock
 };
 

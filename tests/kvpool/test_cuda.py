@@ -1,0 +1,81 @@
+"""The GPU copy path. Tests that need a device skip themselves where none is visible; the
+typed-error tests run everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from kvpool import KVPool, PoolArgumentError, PoolCudaError, cuda_built, cuda_device_count
+from tests.kvpool.conftest import key
+
+MakePool = Callable[..., KVPool]
+HAS_GPU = cuda_device_count() > 0
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the error raised where no GPU is usable")
+def test_gpu_copy_without_a_device_is_a_typed_error(make_pool: MakePool) -> None:
+    pool = make_pool()
+    slots = pool.prepare_store([key(1)])
+    with pytest.raises(PoolCudaError, match="without CUDA" if not cuda_built()
+                       else "no CUDA device"):
+        pool.gather_cuda(slots, [0], [(0x1000, 4096, 4096)])
+    pool.complete_store(slots, ok=False)
+    assert pool.stats().used_slots == 0
+
+
+def test_gpu_copy_checks_arguments_before_touching_cuda(make_pool: MakePool) -> None:
+    pool = make_pool()
+    with pytest.raises(PoolArgumentError, match="negative block id"):
+        pool.scatter_cuda([0], [-1], [(0x1000, 4096, 4096)])
+    with pytest.raises(PoolArgumentError, match="differ in length"):
+        pool.scatter_cuda([0, 1], [0], [(0x1000, 4096, 4096)])
+    with pytest.raises(PoolArgumentError, match="bytes per block"):
+        pool.gather_cuda([0], [0], [(0x1000, 8192, 8192)])
+
+
+@needs_gpu
+@pytest.mark.parametrize("coherence", ["none", "flush"])
+def test_gpu_gather_then_scatter_round_trips_paged_blocks(make_pool: MakePool,
+                                                          coherence: str) -> None:
+    torch = pytest.importorskip("torch")
+    layers, blocks, block_bytes = 3, 8, 1024
+    pool = make_pool(slot_size=layers * block_bytes, coherence=coherence)
+    # A paged cache per layer: [blocks, block_bytes] uint8 on the GPU, random content.
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    src = [torch.randint(0, 256, (blocks, block_bytes), dtype=torch.uint8, device="cuda",
+                         generator=gen) for _ in range(layers)]
+    segs = [(t.data_ptr(), block_bytes, block_bytes) for t in src]
+    keys = [key(i) for i in range(4)]
+    slots = pool.prepare_store(keys)
+    engine_blocks = [5, 1, 7, 2]
+    pool.gather_cuda(slots, engine_blocks, segs)
+    pool.complete_store(slots, [layers * block_bytes] * 4)
+
+    # The pool holds exactly the GPU bytes, layer after layer, as a CPU reader sees them.
+    for k, b in zip(keys, engine_blocks, strict=True):
+        want = b"".join(bytes(t[b].cpu().numpy().tobytes()) for t in src)
+        assert pool.get([k])[0] == want
+
+    dst = [torch.zeros_like(t) for t in src]
+    with pool.pinned(keys) as pinned:
+        pool.scatter_cuda(pinned, [0, 3, 4, 6], [(t.data_ptr(), block_bytes, block_bytes)
+                                                  for t in dst],
+                          stream=torch.cuda.current_stream().cuda_stream)
+    for s, d in zip(src, dst, strict=True):
+        assert torch.equal(d[[0, 3, 4, 6]], s[engine_blocks])
+        assert int(d[[1, 2, 5, 7]].sum()) == 0  # untouched blocks stay untouched
+    assert pool.stats().pinned_slots == 0
+
+
+@needs_gpu
+def test_gpu_copy_handles_unaligned_segments(make_pool: MakePool) -> None:
+    torch = pytest.importorskip("torch")
+    pool = make_pool(slot_size=4096)
+    src = torch.arange(0, 1000, dtype=torch.uint8, device="cuda").reshape(10, 100)
+    slots = pool.prepare_store([key(9)])
+    pool.gather_cuda(slots, [3], [(src.data_ptr() + 1, 100, 37)])
+    pool.complete_store(slots, [37])
+    assert pool.get([key(9)])[0] == bytes(src.flatten()[301:338].cpu().numpy().tobytes())
