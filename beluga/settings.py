@@ -18,6 +18,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_STATE_DIR = Path(".beluga")
 
 
+# Read by setup.py when the native module is built, never at run time.
+BUILD_ONLY_ENV = frozenset({"BELUGA_BUILD_CUDA"})
+
+
 class Settings(BaseSettings):
     """Typed configuration shared by the gateway, the workers and `beluga up`."""
 
@@ -111,6 +115,34 @@ class Settings(BaseSettings):
         3, ge=1, description="Workers tried for one request when connecting fails."
     )
 
+    # --- KV pool (BelugaConnector) -----------------------------------------------------
+    pool: bool = Field(
+        True,
+        description="Share KV blocks between workers through the pool (BelugaConnector); "
+        "--no-pool runs plain vLLM.",
+    )
+    pool_path: Path | None = Field(
+        None,
+        description="Pool backing: a file in /dev/shm or on hugetlbfs, or /dev/daxX.Y. "
+        "Default: /dev/shm/beluga-<served_model_name>.pool.",
+    )
+    pool_size_gib: float = Field(
+        4.0, gt=0, description="Size of the pool when a worker creates it (GiB)."
+    )
+    pool_coherence: Literal["none", "flush"] = Field(
+        "none",
+        description="'flush' for hosts sharing CXL memory without hardware coherence.",
+    )
+    hints_interval_s: float = Field(
+        1.0, gt=0, description="How often a worker publishes its routing hints to Redis."
+    )
+    hints_ttl_s: int = Field(
+        15, ge=2, description="Lifetime of a worker's routing hints in Redis."
+    )
+    max_hint_keys: int = Field(
+        8192, ge=1, description="Most block keys one worker advertises in Redis."
+    )
+
     # --- beluga up ---------------------------------------------------------------------
     num_workers: int = Field(2, ge=1, le=64, description="Workers started by `beluga up`.")
     start_redis: bool = Field(
@@ -121,7 +153,7 @@ class Settings(BaseSettings):
     @classmethod
     def _no_unknown_environment(cls, data: Any) -> Any:
         """A misspelt BELUGA_* variable is an error, not a silently ignored setting."""
-        known = {f"BELUGA_{name.upper()}" for name in cls.model_fields}
+        known = {f"BELUGA_{name.upper()}" for name in cls.model_fields} | BUILD_ONLY_ENV
         unknown = sorted(k for k in os.environ if k.startswith("BELUGA_") and k not in known)
         if unknown:
             raise ValueError(f"unknown environment variables: {', '.join(unknown)}")
@@ -149,6 +181,13 @@ class Settings(BaseSettings):
         if self.model is not None:
             return self.model
         return self.models_dir / "SmolLM2-135M-Instruct"
+
+    @property
+    def resolved_pool_path(self) -> Path:
+        if self.pool_path is not None:
+            return self.pool_path
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.served_model_name)
+        return Path("/dev/shm") / f"beluga-{safe}.pool"
 
     @property
     def resolved_worker_id(self) -> str:

@@ -8,12 +8,15 @@ blocks between one fixed buffer and a region as large as the pool (so small bloc
 live in cache on one side only); memcpy does exactly that between two plain buffers and is
 the limit. Beluga put = prepare_store + copy + complete_store per block; get = pin + copy +
 unpin per block: the whole protocol, one block per call. Throughput is all processes'
-bytes over the wall time between a common start and the last finish.
+bytes over the wall time between a common start and the last finish. Where hugetlbfs can be
+had (an existing mount with room, or as root a temporary one), Beluga also runs on 2 MiB
+pages (`beluga_huge*`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -34,13 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import mooncake_peer  # noqa: E402
-from kvpool import KVPool, cuda_device_count  # noqa: E402
+from kvpool import KVPool, PoolIOError, cuda_device_count, hugetlbfs  # noqa: E402
 
 FP = b"bench".ljust(32, b"\0")
 BATCH = 16  # blocks per call in the batched configuration (the connector moves whole requests)
 # (row name, coherence, blocks per call)
 CONFIGS = [("beluga_none", "none", 1), ("beluga_flush", "flush", 1),
            ("beluga_batch", "none", BATCH)]
+# The same on a hugetlbfs backing (2 MiB pages), where one can be had (see kvpool.hugetlbfs).
+HUGE_CONFIGS = [("beluga_huge", "none", 1), ("beluga_huge_batch", "none", BATCH)]
 KiB, MiB = 1024, 1024 * 1024
 
 
@@ -211,6 +216,18 @@ def main() -> int:
     region = 128 * MiB if args.quick else 256 * MiB
     budget = (256 if args.quick else 1024) * MiB  # bytes per configuration and process
     shm = Path(tempfile.mkdtemp(prefix="beluga-bench-", dir="/dev/shm"))
+    stack = contextlib.ExitStack()
+    configs = [(c, coh, b, shm) for c, coh, b in CONFIGS]
+    huge_need = region + 64 * MiB  # one pool at a time, plus its metadata
+    huge = hugetlbfs.find_mount(huge_need)
+    huge_reason = None
+    if huge is None:
+        try:
+            huge = stack.enter_context(hugetlbfs.temporary_mount(huge_need))
+        except PoolIOError as exc:
+            huge_reason = str(exc)
+    if huge is not None:
+        configs += [(c, coh, b, huge) for c, coh, b in HUGE_CONFIGS]
     rows: list[dict[str, Any]] = []
     mooncake = None if args.no_mooncake or mooncake_peer.unavailable_reason \
         else mooncake_peer.start()
@@ -225,8 +242,8 @@ def main() -> int:
                                  "memcpy_shm_read"):
                         samples.setdefault(name, []).append(run_children(
                             name, procs, size, iters, ["--region", str(region // 2 // procs)]))
-                    for config, coherence, batch in CONFIGS:
-                        res = bench_beluga(size, procs, iters, region, coherence, shm,
+                    for config, coherence, batch, where in configs:
+                        res = bench_beluga(size, procs, iters, region, coherence, where,
                                            len(rows) * args.repeat + rep, batch)
                         for op, r in res.items():
                             samples.setdefault(f"{config}/{op}", []).append(r)
@@ -245,11 +262,14 @@ def main() -> int:
         print("cuda:", json.dumps(cuda), flush=True)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+        stack.close()
         if mooncake is not None:
             mooncake.stop()
     summary = summarize(rows, mooncake_reason=mooncake_peer.unavailable_reason
                         if mooncake is None else None)
     summary["cuda"] = cuda
+    if huge_reason is not None:
+        summary["hugetlbfs_unavailable"] = huge_reason
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
@@ -309,7 +329,9 @@ def format_row(row: dict[str, Any]) -> str:
              f"memcpy w {row['memcpy_write']['gbps']:6.2f} r {row['memcpy_read']['gbps']:6.2f}",
              f"shm w {row['memcpy_shm_write']['gbps']:6.2f} "
              f"r {row['memcpy_shm_read']['gbps']:6.2f}"]
-    for config, _, _ in CONFIGS:
+    for config, _, _ in CONFIGS + HUGE_CONFIGS:
+        if config not in row:
+            continue
         b = row[config]
         parts.append(f"{config[7:]}: put {b['put']['gbps']:6.2f} get {b['get']['gbps']:6.2f}")
     if "mooncake" in row:
@@ -353,6 +375,15 @@ def summarize(rows: list[dict[str, Any]], mooncake_reason: str | None) -> dict[s
     out["batched_min_ratio_to_shm_memcpy_from_256KiB"] = min(shm)
     out["batched_min_ratio_to_memcpy_from_256KiB"] = min(batched)
     out["batched_median_ratio_to_memcpy_from_256KiB"] = statistics.median(batched)
+    if "beluga_huge" in one:
+        huge = [r[c][op]["gbps"] / r[f"memcpy_{d}"]["gbps"]
+                for r in big for c in ("beluga_huge", "beluga_huge_batch")
+                for op, d in (("put", "write"), ("get", "read"))]
+        out["huge_min_ratio_to_memcpy_from_256KiB"] = min(huge)
+        out["huge_median_ratio_to_memcpy_from_256KiB"] = statistics.median(huge)
+        for c in ("beluga_huge", "beluga_huge_batch"):
+            for op in ("get", "put"):
+                out[f"{c}_{op}_gbps"] = one[c][op]["gbps"]
     out["beluga_batch_get_gbps"] = one["beluga_batch"]["get"]["gbps"]
     out["beluga_batch_put_gbps"] = one["beluga_batch"]["put"]["gbps"]
     if out["mooncake_get_gbps"]:

@@ -52,22 +52,26 @@ def root_key(fingerprint: bytes, cache_salt: str | bytes = b"") -> bytes:
     return h.digest()
 
 
+def next_key(prev: bytes, block: Sequence[int], namespace: str | bytes = b"") -> bytes:
+    """The key of a block given its predecessor's key (the chain step of block_keys)."""
+    ns = namespace.encode() if isinstance(namespace, str) else namespace
+    h = hashlib.sha256(prev)
+    _update(h, ns)
+    try:
+        h.update(struct.pack(f"<{len(block)}I", *block))
+    except struct.error as exc:
+        raise ValueError(f"token ids must be integers in [0, 2^32): {exc}") from None
+    return h.digest()
+
+
 def block_keys(token_ids: Sequence[int], block_tokens: int, fingerprint: bytes,
                cache_salt: str | bytes = b"", namespace: str | bytes = b"") -> list[bytes]:
     """Keys of the full blocks of `token_ids` (a trailing partial block has none)."""
     if block_tokens <= 0:
         raise ValueError("block_tokens must be positive")
-    ns = namespace.encode() if isinstance(namespace, str) else namespace
     prev = root_key(fingerprint, cache_salt)
     keys: list[bytes] = []
     for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
-        block = token_ids[start:start + block_tokens]
-        h = hashlib.sha256(prev)
-        _update(h, ns)
-        try:
-            h.update(struct.pack(f"<{block_tokens}I", *block))
-        except struct.error as exc:
-            raise ValueError(f"token ids must be integers in [0, 2^32): {exc}") from None
-        prev = h.digest()
+        prev = next_key(prev, token_ids[start:start + block_tokens], namespace)
         keys.append(prev)
     return keys

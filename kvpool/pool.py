@@ -207,10 +207,16 @@ class KVPool:
         return list(self._p.prepare_store(_keys(keys)))
 
     def complete_store(self, slots: Sequence[int], lengths: Sequence[int] = (),
-                       ok: bool = True) -> None:
-        self._p.complete_store([s for s in slots if s >= 0],
-                               [n for s, n in zip(slots, lengths, strict=True) if s >= 0]
-                               if lengths else [], ok)
+                       ok: bool = True, checksums: Sequence[int] = ()) -> None:
+        """Publish (ok) or free reserved slots; DUPLICATE / FULL entries are skipped.
+        `checksums` (as gather returned them) are kept and verified by scatter."""
+        keep = [i for i, s in enumerate(slots) if s >= 0]
+        for name, seq in (("lengths", lengths), ("checksums", checksums)):
+            if seq and len(seq) != len(slots):
+                raise PoolError(f"{name} and slots differ in length")
+        self._call(self._p.complete_store, [slots[i] for i in keep],
+                   [lengths[i] for i in keep] if lengths else [], ok,
+                   [checksums[i] for i in keep] if checksums else [])
 
     def write(self, slot: int, data: Any, offset: int = 0) -> None:
         self._call(self._p.write, slot, data, offset)
@@ -222,12 +228,14 @@ class KVPool:
         return int(self._call(self._p.slot_length, slot))
 
     def put(self, keys: Sequence[bytes], blocks: Sequence[Any]) -> PutResult:
-        """Store blocks (buffers of at most slot_size bytes) under their keys."""
+        """Store blocks (buffers of at most slot_size bytes) under their keys, each with
+        its checksum."""
         if len(keys) != len(blocks):
             raise PoolError("keys and blocks differ in length")
         slots = self.prepare_store(keys)
         written: list[int] = []
         lengths: list[int] = []
+        sums: list[int] = []
         try:
             for slot, block in zip(slots, blocks, strict=True):
                 if slot >= 0:
@@ -235,23 +243,35 @@ class KVPool:
                     self.write(slot, view)
                     written.append(slot)
                     lengths.append(view.nbytes)
+                    sums.append(self._call(self._p.compute_checksum, slot, view.nbytes))
         except BaseException:
             # Abort every reserved slot, written or not: none of them may stay WRITING.
             self.complete_store([s for s in slots if s >= 0], ok=False)
             raise
-        self.complete_store(written, lengths)
+        self.complete_store(written, lengths, checksums=sums)
         return PutResult(stored=len(written), duplicate=slots.count(DUPLICATE),
                          full=slots.count(FULL))
 
     def get(self, keys: Sequence[bytes]) -> list[bytes]:
-        """The bytes of the present prefix of `keys` (pinned while copied)."""
+        """The bytes of the present prefix of `keys` (pinned while copied). A block whose
+        bytes no longer match its checksum ends the prefix: it is never returned."""
         out: list[bytes] = []
         with self.pinned(keys) as slots:
             for slot in slots:
                 buf = bytearray(self.slot_length(slot))
                 self.read(slot, buf)
+                if not self._intact(slot, len(buf)):
+                    break
                 out.append(bytes(buf))
         return out
+
+    def checksum(self, slot: int) -> int:
+        """The checksum stored with a slot's block (0: stored without one)."""
+        return int(self._call(self._p.slot_checksum, slot))
+
+    def _intact(self, slot: int, nbytes: int) -> bool:
+        want = self.checksum(slot)
+        return want == 0 or want == self._call(self._p.compute_checksum, slot, nbytes)
 
     def remove(self, key: bytes) -> bool:
         """Drop one block unless it is pinned or being written."""
@@ -259,32 +279,41 @@ class KVPool:
 
     # -- copy engine -------------------------------------------------------------------
     def gather(self, slots: Sequence[int], block_ids: Sequence[int],
-               segments: Sequence[tuple[int, int, int]], threads: int = 4) -> None:
-        """Engine blocks -> slots. segments: (base_ptr, block_stride_bytes, bytes)."""
-        self._call(self._p.gather, list(slots), list(block_ids), list(segments), threads)
+               segments: Sequence[tuple[int, int, int]], threads: int = 4) -> list[int]:
+        """Engine blocks -> slots. segments: (base_ptr, block_stride_bytes, bytes).
+        Returns each block's checksum: pass them to complete_store."""
+        return list(self._call(self._p.gather, list(slots), list(block_ids), list(segments),
+                               threads))
 
     def scatter(self, slots: Sequence[int], block_ids: Sequence[int],
-                segments: Sequence[tuple[int, int, int]], threads: int = 4) -> None:
-        """Slots -> engine blocks. segments: (base_ptr, block_stride_bytes, bytes)."""
-        self._call(self._p.scatter, list(slots), list(block_ids), list(segments), threads)
+                segments: Sequence[tuple[int, int, int]], threads: int = 4,
+                verify: bool = True) -> list[int]:
+        """Slots -> engine blocks. segments: (base_ptr, block_stride_bytes, bytes).
+        Returns the positions (into `slots`) of blocks that failed verification: their
+        bytes differ from the checksum stored with them, or are fewer than the segments
+        need. Those engine blocks hold garbage and must be recomputed."""
+        return list(self._call(self._p.scatter, list(slots), list(block_ids),
+                               list(segments), threads, verify))
 
     # -- GPU copy engine (built where nvcc was present; see setup.py) ---------------------
     def gather_cuda(self, slots: Sequence[int], block_ids: Sequence[int],
                     segments: Sequence[tuple[int, int, int]], device: int = 0,
-                    stream: int = 0) -> None:
+                    stream: int = 0) -> list[int]:
         """GPU blocks -> slots, one kernel reading device memory and writing the pool through
         its registered mapping (no bounce buffer). segments: (device_ptr, stride, bytes);
         `stream` a raw cudaStream_t (e.g. torch.cuda.current_stream().cuda_stream).
-        Returns when the copy is done. Raises PoolCudaError without CUDA."""
-        self._call(self._p.gather_cuda, list(slots), list(block_ids), list(segments),
-                   device, stream)
+        Returns when the copy is done, with the checksums as gather does. Raises
+        PoolCudaError without CUDA."""
+        return list(self._call(self._p.gather_cuda, list(slots), list(block_ids),
+                               list(segments), device, stream))
 
     def scatter_cuda(self, slots: Sequence[int], block_ids: Sequence[int],
                      segments: Sequence[tuple[int, int, int]], device: int = 0,
-                     stream: int = 0) -> None:
-        """Slots -> GPU blocks, the kernel reading the pool directly. See gather_cuda."""
-        self._call(self._p.scatter_cuda, list(slots), list(block_ids), list(segments),
-                   device, stream)
+                     stream: int = 0) -> list[int]:
+        """Slots -> GPU blocks, the kernel reading the pool directly; returns the blocks
+        that failed verification, as scatter does. See gather_cuda."""
+        return list(self._call(self._p.scatter_cuda, list(slots), list(block_ids),
+                               list(segments), device, stream))
 
     def cuda_register(self) -> None:
         """Register the mapping with the GPU now (otherwise done on the first GPU copy)."""

@@ -40,31 +40,17 @@ auto keyed(R (Pool::*method)(const uint8_t*, size_t)) {
 }
 
 using SegmentTuples = std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>;
-using CopyMethod = void (Pool::*)(const std::vector<int64_t>&, const std::vector<int64_t>&,
-                                  const std::vector<beluga::Segment>&, int);
-
-// A binding for gather/scatter: segments as (base_ptr, block_stride, bytes) tuples.
-auto copier(CopyMethod method) {
-  return [method](Pool& p, const std::vector<int64_t>& slots,
-                  const std::vector<int64_t>& block_ids, const SegmentTuples& segments,
-                  int threads) {
-    auto segs = to_segments(segments);
-    py::gil_scoped_release release;
-    (p.*method)(slots, block_ids, segs, threads);
-  };
-}
-
-using CudaCopyMethod = void (Pool::*)(const std::vector<int64_t>&, const std::vector<int64_t>&,
-                                      const std::vector<beluga::Segment>&, int, uint64_t);
 
 // A binding for gather_cuda/scatter_cuda: segment bases are device pointers.
-auto cuda_copier(CudaCopyMethod method) {
+template <typename R>
+auto cuda_copier(R (Pool::*method)(const std::vector<int64_t>&, const std::vector<int64_t>&,
+                                   const std::vector<beluga::Segment>&, int, uint64_t)) {
   return [method](Pool& p, const std::vector<int64_t>& slots,
                   const std::vector<int64_t>& block_ids, const SegmentTuples& segments,
                   int device, uint64_t stream) {
     auto segs = to_segments(segments);
     py::gil_scoped_release release;
-    (p.*method)(slots, block_ids, segs, device, stream);
+    return (p.*method)(slots, block_ids, segs, device, stream);
   };
 }
 
@@ -149,8 +135,9 @@ PYBIND11_MODULE(beluga_native, m) {
            py::arg("keys"),
            "Reserve a slot per key: slot id, DUPLICATE (present or being written) or FULL.")
       .def("complete_store", &Pool::complete_store, py::arg("slots"), py::arg("lengths"),
-           py::arg("ok"), py::call_guard<py::gil_scoped_release>(),
-           "Publish (ok=True) or free the reserved slots.")
+           py::arg("ok"), py::arg("checksums") = std::vector<uint32_t>{},
+           py::call_guard<py::gil_scoped_release>(),
+           "Publish (ok=True) or free the reserved slots; checksums as gather returned them.")
       .def("remove",
            [](Pool& p, const py::bytes& key) {
              size_t n;
@@ -191,12 +178,30 @@ PYBIND11_MODULE(beluga_native, m) {
              p.read(slot, reinterpret_cast<void*>(dst), n, offset);
            },
            py::arg("slot"), py::arg("dst"), py::arg("nbytes"), py::arg("offset") = 0)
-      .def("gather", copier(&Pool::gather),
+      .def("gather",
+           [](Pool& p, const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+              const SegmentTuples& segments, int threads) {
+             auto segs = to_segments(segments);
+             py::gil_scoped_release release;
+             return p.gather(slots, block_ids, segs, threads);
+           },
            py::arg("slots"), py::arg("block_ids"), py::arg("segments"), py::arg("threads") = 4,
-           "Copy engine blocks into slots; segments are (base_ptr, block_stride, bytes).")
-      .def("scatter", copier(&Pool::scatter),
+           "Copy engine blocks into slots; segments are (base_ptr, block_stride, bytes). "
+           "Returns each block's checksum.")
+      .def("scatter",
+           [](Pool& p, const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
+              const SegmentTuples& segments, int threads, bool verify) {
+             auto segs = to_segments(segments);
+             py::gil_scoped_release release;
+             return p.scatter(slots, block_ids, segs, threads, verify);
+           },
            py::arg("slots"), py::arg("block_ids"), py::arg("segments"), py::arg("threads") = 4,
-           "Copy slots into engine blocks; segments are (base_ptr, block_stride, bytes).")
+           py::arg("verify") = true,
+           "Copy slots into engine blocks. Returns the indices of blocks that failed "
+           "verification (their bytes do not match the stored checksum).")
+      .def("slot_checksum", &Pool::slot_checksum, py::arg("slot"))
+      .def("compute_checksum", &Pool::compute_checksum, py::arg("slot"), py::arg("nbytes"),
+           py::call_guard<py::gil_scoped_release>())
       .def("gather_cuda", cuda_copier(&Pool::gather_cuda),
            py::arg("slots"), py::arg("block_ids"), py::arg("segments"), py::arg("device") = 0,
            py::arg("stream") = 0,

@@ -147,6 +147,43 @@ void invalidate(const void* p, size_t n) {
 
 [[noreturn]] void fail(ErrorKind kind, const std::string& msg) { throw PoolError(kind, msg); }
 
+inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+constexpr uint64_t kP1 = 0x9E3779B185EBCA87ULL, kP2 = 0xC2B2AE3D27D4EB4FULL,
+                   kP3 = 0x165667B19E3779F9ULL;
+inline uint64_t round64(uint64_t acc, uint64_t v) { return rotl(acc + v * kP2, 31) * kP1; }
+
+}  // namespace
+
+// xxh64-style: four independent lanes over 32-byte stripes (no carried dependency between
+// lanes, so it runs near memory speed), then the tail, folded to 32 bits. Never 0, which
+// means "no checksum". Pure function of the bytes: identical in every process and host.
+uint32_t block_checksum(const uint8_t* p, uint64_t n) {
+  uint64_t a = kP1 + kP2, b = kP2, c = 0, d = 0 - kP1;
+  const uint8_t* end = p + n;
+  for (; p + 32 <= end; p += 32) {
+    uint64_t v[4];
+    std::memcpy(v, p, 32);
+    a = round64(a, v[0]);
+    b = round64(b, v[1]);
+    c = round64(c, v[2]);
+    d = round64(d, v[3]);
+  }
+  uint64_t h = rotl(a, 1) + rotl(b, 7) + rotl(c, 12) + rotl(d, 18) + n;
+  for (; p + 8 <= end; p += 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    h = rotl(h ^ round64(0, v), 27) * kP1 + kP3;
+  }
+  for (; p < end; ++p) h = rotl(h ^ (*p * kP3), 11) * kP1;
+  h ^= h >> 33;
+  h *= kP2;
+  h ^= h >> 29;
+  auto folded = uint32_t(h ^ (h >> 32));
+  return folded == 0 ? 1 : folded;
+}
+
+namespace {
+
 std::string errno_text() { return std::strerror(errno); }
 
 }  // namespace
@@ -734,9 +771,11 @@ std::vector<int64_t> Pool::prepare_store(const uint8_t* keys, size_t n) {
 }
 
 void Pool::complete_store(const std::vector<int64_t>& slots, const std::vector<uint64_t>& lengths,
-                          bool ok) {
+                          bool ok, const std::vector<uint32_t>& checksums) {
   if (!lengths.empty() && lengths.size() != slots.size())
     fail(ErrorKind::kInvalid, "lengths must match slots");
+  if (!checksums.empty() && checksums.size() != slots.size())
+    fail(ErrorKind::kInvalid, "checksums must match slots");
   lock();
   uint64_t bytes = 0;
   for (size_t i = 0; i < slots.size(); ++i) {
@@ -746,6 +785,7 @@ void Pool::complete_store(const std::vector<int64_t>& slots, const std::vector<u
     if (m.state != uint32_t(SlotState::kWriting) || m.owner != client_) continue;
     if (ok) {
       m.length = lengths.empty() ? hdr_->slot_size : std::min(lengths[i], hdr_->slot_size);
+      m.checksum = checksums.empty() ? 0 : checksums[i];
       m.ref = 1;
       m.state = uint32_t(SlotState::kReady);  // publish: the bytes were written before
       bytes += m.length;
@@ -856,9 +896,14 @@ uint64_t Pool::check_segments(const std::vector<int64_t>& slots,
   return per_block;
 }
 
-void Pool::copy_blocks(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                       const std::vector<Segment>& segs, int threads, bool to_pool) {
+std::vector<int64_t> Pool::copy_blocks(const std::vector<int64_t>& slots,
+                                      const std::vector<int64_t>& block_ids,
+                                      const std::vector<Segment>& segs, int threads,
+                                      bool to_pool, bool check) {
   const uint64_t per_block = check_segments(slots, block_ids, segs);
+  const size_t n = slots.size();
+  // gather: the checksum of each written block; scatter: 1 where verification failed.
+  std::vector<int64_t> out(check ? n : 0, 0);
   auto work = [&](size_t lo, size_t hi) {
     for (size_t i = lo; i < hi; ++i) {
       uint8_t* slot = data_ + uint64_t(slots[i]) * hdr_->slot_size;
@@ -870,10 +915,21 @@ void Pool::copy_blocks(const std::vector<int64_t>& slots, const std::vector<int6
         else std::memcpy(engine, slot + off, seg.bytes);
         off += seg.bytes;
       }
+      if (check) {
+        // Scatter hashes the slot after copying it out: a scribble before or during the
+        // copy changes the hash (a false alarm at worst), one after it did not reach us.
+        uint32_t sum = block_checksum(slot, per_block);
+        if (to_pool) {
+          out[i] = sum;
+        } else {
+          const SlotMeta& m = slots_[slots[i]];  // pinned: immutable while we hold it
+          if (flush_) invalidate(&m, sizeof(m));
+          out[i] = (m.length < per_block || (m.checksum != 0 && m.checksum != sum)) ? 1 : 0;
+        }
+      }
       if (to_pool && flush_) writeback(slot, per_block);
     }
   };
-  size_t n = slots.size();
   size_t t = size_t(std::max(1, threads));
   if (n * per_block < (8u << 20)) t = 1;  // small batches: threads cost more than they give
   t = std::min(t, n);
@@ -889,16 +945,38 @@ void Pool::copy_blocks(const std::vector<int64_t>& slots, const std::vector<int6
     for (auto& th : pool) th.join();
   }
   if (!to_pool) atomics::count(hdr_->stats.bytes_out, n * per_block);
+  return out;
 }
 
-void Pool::gather(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                  const std::vector<Segment>& segments, int threads) {
-  copy_blocks(slots, block_ids, segments, threads, true);
+std::vector<uint32_t> Pool::gather(const std::vector<int64_t>& slots,
+                                   const std::vector<int64_t>& block_ids,
+                                   const std::vector<Segment>& segments, int threads) {
+  auto sums = copy_blocks(slots, block_ids, segments, threads, true, true);
+  return std::vector<uint32_t>(sums.begin(), sums.end());
 }
 
-void Pool::scatter(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                   const std::vector<Segment>& segments, int threads) {
-  copy_blocks(slots, block_ids, segments, threads, false);
+std::vector<int64_t> Pool::scatter(const std::vector<int64_t>& slots,
+                                   const std::vector<int64_t>& block_ids,
+                                   const std::vector<Segment>& segments, int threads,
+                                   bool verify) {
+  auto bad = copy_blocks(slots, block_ids, segments, threads, false, verify);
+  std::vector<int64_t> failed;
+  for (size_t i = 0; i < bad.size(); ++i)
+    if (bad[i]) failed.push_back(int64_t(i));
+  return failed;
+}
+
+uint32_t Pool::slot_checksum(int64_t slot) const {
+  check_slot(slot);
+  if (flush_) invalidate(&slots_[slot], sizeof(SlotMeta));
+  return slots_[slot].checksum;
+}
+
+uint32_t Pool::compute_checksum(int64_t slot, uint64_t n) const {
+  check_slot(slot);
+  if (n > hdr_->slot_size) fail(ErrorKind::kInvalid, "checksum beyond the slot");
+  if (flush_) invalidate(slot_data(slot), n);
+  return block_checksum(slot_data(slot), n);
 }
 
 // ---- GPU path -----------------------------------------------------------------------------
@@ -921,8 +999,10 @@ void Pool::cuda_register() {
   cuda_base_ = dev;
 }
 
-void Pool::copy_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                     const std::vector<Segment>& segs, int device, uint64_t stream, bool to_pool) {
+std::vector<int64_t> Pool::copy_cuda(const std::vector<int64_t>& slots,
+                                    const std::vector<int64_t>& block_ids,
+                                    const std::vector<Segment>& segs, int device,
+                                    uint64_t stream, bool to_pool) {
   const uint64_t per_block = check_segments(slots, block_ids, segs);
   cuda_register();
   // Flush mode: the GPU reads the pool over the bus, so drop stale lines from this CPU's
@@ -943,9 +1023,21 @@ void Pool::copy_cuda(const std::vector<int64_t>& slots, const std::vector<int64_
   }
   std::string e = cuda::copy(descs.data(), descs.size(), device, stream);
   if (!e.empty()) fail(ErrorKind::kCuda, e);
-  if (to_pool && flush_)
-    for (int64_t s : slots) invalidate(data_ + uint64_t(s) * hdr_->slot_size, per_block);
+  // Checksums on the CPU, reading the pool after the kernel (same rule as copy_blocks).
+  std::vector<int64_t> out(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) {
+    uint8_t* slot = data_ + uint64_t(slots[i]) * hdr_->slot_size;
+    if (flush_) invalidate(slot, per_block);
+    uint32_t sum = block_checksum(slot, per_block);
+    if (to_pool) {
+      out[i] = sum;
+    } else {
+      const SlotMeta& m = slots_[slots[i]];
+      out[i] = (m.length < per_block || (m.checksum != 0 && m.checksum != sum)) ? 1 : 0;
+    }
+  }
   if (!to_pool) atomics::count(hdr_->stats.bytes_out, slots.size() * per_block);
+  return out;
 }
 #else
 bool Pool::cuda_built() { return false; }
@@ -953,21 +1045,32 @@ int Pool::cuda_device_count() { return 0; }
 void Pool::cuda_register() {
   fail(ErrorKind::kCuda, "beluga_native was built without CUDA (no nvcc at build time)");
 }
-void Pool::copy_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                     const std::vector<Segment>& segs, int, uint64_t, bool) {
+std::vector<int64_t> Pool::copy_cuda(const std::vector<int64_t>& slots,
+                                    const std::vector<int64_t>& block_ids,
+                                    const std::vector<Segment>& segs, int, uint64_t, bool) {
   check_segments(slots, block_ids, segs);
   cuda_register();
+  return {};
 }
 #endif
 
-void Pool::gather_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                       const std::vector<Segment>& segments, int device, uint64_t stream) {
-  copy_cuda(slots, block_ids, segments, device, stream, true);
+std::vector<uint32_t> Pool::gather_cuda(const std::vector<int64_t>& slots,
+                                        const std::vector<int64_t>& block_ids,
+                                        const std::vector<Segment>& segments, int device,
+                                        uint64_t stream) {
+  auto sums = copy_cuda(slots, block_ids, segments, device, stream, true);
+  return std::vector<uint32_t>(sums.begin(), sums.end());
 }
 
-void Pool::scatter_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                        const std::vector<Segment>& segments, int device, uint64_t stream) {
-  copy_cuda(slots, block_ids, segments, device, stream, false);
+std::vector<int64_t> Pool::scatter_cuda(const std::vector<int64_t>& slots,
+                                        const std::vector<int64_t>& block_ids,
+                                        const std::vector<Segment>& segments, int device,
+                                        uint64_t stream) {
+  auto bad = copy_cuda(slots, block_ids, segments, device, stream, false);
+  std::vector<int64_t> failed;
+  for (size_t i = 0; i < bad.size(); ++i)
+    if (bad[i]) failed.push_back(int64_t(i));
+  return failed;
 }
 
 }  // namespace beluga

@@ -158,6 +158,49 @@ def test_gather_and_scatter_move_strided_blocks(make_pool: MakePool, coherence: 
         assert dest[layer][7 * 128:8 * 128] == layers[layer][6 * 128:7 * 128]
 
 
+@pytest.mark.parametrize("coherence", ["none", "flush"])
+def test_scatter_verifies_checksums_and_reports_scribbled_blocks(make_pool: MakePool,
+                                                                 coherence: str) -> None:
+    pool = make_pool(slot_size=256, coherence=coherence)
+    src = bytearray(os.urandom(4 * 256))
+    base = ctypes.addressof((ctypes.c_char * len(src)).from_buffer(src))
+    seg = [(base, 256, 256)]
+    keys = [key(i) for i in range(4)]
+    slots = pool.prepare_store(keys)
+    sums = pool.gather(slots, [0, 1, 2, 3], seg)
+    assert len(sums) == 4 and all(s != 0 for s in sums) and len(set(sums)) == 4
+    pool.complete_store(slots, [256] * 4, checksums=sums)
+    assert [pool.checksum(s) for s in slots] == sums
+
+    # Scribble over 3 bytes of block 2 with plain stores (a stray writer, a bad DIMM...).
+    with pool.pinned(keys) as pinned:
+        target = pool._p.slot_address(pinned[2]) + 17
+    ctypes.memmove(target, bytes(b ^ 0xFF for b in src[2 * 256 + 17:2 * 256 + 20]), 3)
+    out = bytearray(4 * 256)
+    obase = ctypes.addressof((ctypes.c_char * len(out)).from_buffer(out))
+    with pool.pinned(keys) as pinned:
+        failed = pool.scatter(pinned, [0, 1, 2, 3], [(obase, 256, 256)])
+        assert failed == [2]
+        assert pool.scatter(pinned, [0, 1, 2, 3], [(obase, 256, 256)], verify=False) == []
+    assert out[:512] == src[:512] and out[768:] == src[768:]
+    # get() never returns a block that fails its checksum: the prefix ends before it.
+    assert pool.get(keys) == [bytes(src[0:256]), bytes(src[256:512])]
+    # A slot shorter than the segments ask for fails too.
+    short = pool.prepare_store([key(9)])
+    pool.gather(short, [0], seg)
+    pool.complete_store(short, [100])
+    with pool.pinned([key(9)]) as pinned:
+        assert pool.scatter(pinned, [0], [(obase, 256, 256)]) == [0]
+
+
+def test_complete_store_rejects_mismatched_checksums(make_pool: MakePool) -> None:
+    pool = make_pool()
+    slots = pool.prepare_store([key(1), key(2)])
+    with pytest.raises(PoolError, match="checksums and slots differ"):
+        pool.complete_store(slots, [4096, 4096], checksums=[1])
+    pool.complete_store(slots, ok=False)
+
+
 def test_flush_mode_round_trips(make_pool: MakePool, pool_path: Path) -> None:
     pool = make_pool(coherence="flush")
     assert pool.coherence == "flush"

@@ -75,6 +75,9 @@ struct Segment {
   uint64_t bytes;
 };
 
+// Checksum of a block's bytes (xxh64-style, folded to 32 bits, never 0).
+uint32_t block_checksum(const uint8_t* p, uint64_t n);
+
 class Pool {
  public:
   static std::unique_ptr<Pool> create(const std::string& path, const CreateOptions& opts);
@@ -91,8 +94,10 @@ class Pool {
   std::vector<int64_t> pin(const uint8_t* keys, size_t n);
   void unpin(const std::vector<int64_t>& slots);
   std::vector<int64_t> prepare_store(const uint8_t* keys, size_t n);
+  // checksums (optional, one per slot): block_checksum of each block's bytes, kept in its
+  // SlotMeta and verified by scatter(verify=true).
   void complete_store(const std::vector<int64_t>& slots, const std::vector<uint64_t>& lengths,
-                      bool ok);
+                      bool ok, const std::vector<uint32_t>& checksums = {});
   bool remove(const uint8_t* key);
   size_t sweep();  // reclaim dead clients now; returns how many
   void detach();
@@ -100,10 +105,18 @@ class Pool {
   // Copies (no lock). write: into WRITING slots this process owns; read: from pinned slots.
   void write(int64_t slot, const void* src, uint64_t n, uint64_t offset = 0);
   void read(int64_t slot, void* dst, uint64_t n, uint64_t offset = 0);
-  void gather(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-              const std::vector<Segment>& segments, int threads);
-  void scatter(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-               const std::vector<Segment>& segments, int threads);
+  // gather returns each written block's checksum (pass them to complete_store).
+  std::vector<uint32_t> gather(const std::vector<int64_t>& slots,
+                               const std::vector<int64_t>& block_ids,
+                               const std::vector<Segment>& segments, int threads);
+  // scatter with verify returns the indices (into slots) of blocks whose bytes do not match
+  // their stored checksum or are shorter than the segments: the caller must not use them.
+  std::vector<int64_t> scatter(const std::vector<int64_t>& slots,
+                               const std::vector<int64_t>& block_ids,
+                               const std::vector<Segment>& segments, int threads,
+                               bool verify = true);
+  uint32_t slot_checksum(int64_t slot) const;                 // as stored (0: none)
+  uint32_t compute_checksum(int64_t slot, uint64_t n) const;  // of the bytes there now
   uint64_t slot_length(int64_t slot) const;
 
   // GPU path (native/include/beluga/cuda_copy.h). Segment bases are device pointers on
@@ -113,10 +126,15 @@ class Pool {
   static int cuda_device_count();
   void cuda_register();
   bool cuda_registered() const { return cuda_base_ != 0; }
-  void gather_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                   const std::vector<Segment>& segments, int device, uint64_t stream);
-  void scatter_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                    const std::vector<Segment>& segments, int device, uint64_t stream);
+  // Same results as gather / scatter(verify=true); checksums computed on the CPU.
+  std::vector<uint32_t> gather_cuda(const std::vector<int64_t>& slots,
+                                    const std::vector<int64_t>& block_ids,
+                                    const std::vector<Segment>& segments, int device,
+                                    uint64_t stream);
+  std::vector<int64_t> scatter_cuda(const std::vector<int64_t>& slots,
+                                    const std::vector<int64_t>& block_ids,
+                                    const std::vector<Segment>& segments, int device,
+                                    uint64_t stream);
 
   Stats stats();
   uint8_t* slot_data(int64_t slot) const;
@@ -149,12 +167,16 @@ class Pool {
   int64_t allocate();
   void check_slot(int64_t slot) const;
   void touch();
-  void copy_blocks(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                   const std::vector<Segment>& segments, int threads, bool to_pool);
+  std::vector<int64_t> copy_blocks(const std::vector<int64_t>& slots,
+                                   const std::vector<int64_t>& block_ids,
+                                   const std::vector<Segment>& segments, int threads,
+                                   bool to_pool, bool check);
   uint64_t check_segments(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
                           const std::vector<Segment>& segments) const;
-  void copy_cuda(const std::vector<int64_t>& slots, const std::vector<int64_t>& block_ids,
-                 const std::vector<Segment>& segments, int device, uint64_t stream, bool to_pool);
+  std::vector<int64_t> copy_cuda(const std::vector<int64_t>& slots,
+                                 const std::vector<int64_t>& block_ids,
+                                 const std::vector<Segment>& segments, int device,
+                                 uint64_t stream, bool to_pool);
 
   std::string path_;
   int fd_;
