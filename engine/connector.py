@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
     from engine.hints import HintPublisher
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # through vLLM's log handlers
 GiB = 1 << 30
 
 
@@ -285,6 +285,7 @@ class _SchedulerSide:
         self.hints: HintPublisher | None = None
         self._tracked: dict[str, _Tracked] = {}
         self._promised: dict[str, _Promise] = {}   # pinned, not yet in a step plan
+        self._local_hit: dict[str, int] = {}       # tokens vLLM had locally, per request
         self._planned: dict[str, _Promise] = {}    # allocated, goes into the next plan
         self._in_flight: dict[int, list[_Promise]] = {}  # step -> its loads (pinned)
         self._step = 0
@@ -340,6 +341,7 @@ class _SchedulerSide:
         if self.pool is None:
             return 0
         self._release(self._promised.pop(request.request_id, None))  # asked again
+        self._local_hit[request.request_id] = num_computed_tokens
         t = self._track(request)
         keys = self._keys(t, request.num_tokens)
         start = num_computed_tokens // self.block_tokens
@@ -366,16 +368,14 @@ class _SchedulerSide:
 
     def after_alloc(self, request: Request, num_external_tokens: int) -> None:
         promise = self._promised.pop(request.request_id, None)
-        t = self._track(request)
+        local = self._local_hit.pop(request.request_id, 0)
+        self._track(request)
         if num_external_tokens == 0 or promise is None:
             self._release(promise)
-            local = promise.start_block * self.block_tokens if promise else 0
             self._count_prompt(request, local, 0)
             return
         self._planned[request.request_id] = promise
-        self._count_prompt(request, promise.start_block * self.block_tokens,
-                           num_external_tokens)
-        t.saved_blocks = 0
+        self._count_prompt(request, local, num_external_tokens)
 
     def _count_prompt(self, request: Request, local: int, pool: int) -> None:
         if self.pool is None:
@@ -450,6 +450,7 @@ class _SchedulerSide:
                     t.saved_blocks = min(t.saved_blocks, promise.start_block + bad[0])
 
     def finished(self, req_id: str) -> None:
+        self._local_hit.pop(req_id, None)
         self._release(self._promised.pop(req_id, None))
         self._release(self._planned.pop(req_id, None))
         self._tracked.pop(req_id, None)

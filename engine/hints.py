@@ -19,7 +19,7 @@ import redis
 
 from beluga.registry import HintsRecord, hint_blocks_key, hint_key, hints_key
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # through vLLM's log handlers
 
 
 class HintPublisher:

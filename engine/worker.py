@@ -12,6 +12,7 @@ record expires after `worker_ttl_s`.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import shlex
@@ -58,10 +59,34 @@ def vllm_command(settings: Settings, python: str = sys.executable) -> list[str]:
     ]
     if settings.enforce_eager:
         cmd.append("--enforce-eager")
+    if settings.pool:
+        cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config(settings))]
     if cuda_available():
         cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     cmd += shlex.split(settings.vllm_extra_args)
     return cmd
+
+
+def kv_transfer_config(settings: Settings) -> dict[str, object]:
+    """vLLM's --kv-transfer-config selecting BelugaConnector (engine/connector.py)."""
+    return {
+        "kv_connector": "BelugaConnector",
+        "kv_connector_module_path": "engine.connector",
+        "kv_role": "kv_both",
+        # A block that fails validation is recomputed, never used and never fatal.
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {
+            "pool_path": str(settings.resolved_pool_path),
+            "pool_size_gib": settings.pool_size_gib,
+            "coherence": settings.pool_coherence,
+            "worker_id": settings.resolved_worker_id,
+            "redis_url": settings.redis_url,
+            "redis_key_prefix": settings.redis_key_prefix,
+            "hints_interval_s": settings.hints_interval_s,
+            "hints_ttl_s": settings.hints_ttl_s,
+            "max_hint_keys": settings.max_hint_keys,
+        },
+    }
 
 
 def vllm_env(settings: Settings) -> dict[str, str]:
