@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from beluga.settings import Settings
+from engine.connector import ConnectorConfig
 from engine.worker import parse_load, vllm_command, vllm_env
 
 VLLM_METRICS = """\
@@ -45,3 +47,17 @@ def test_load_is_read_from_vllm_metrics() -> None:
         'vllm:num_requests_running{engine="1",model_name="m"} 4.0')
     assert parse_load(two_engines) == (7, 2)
     assert parse_load("") == (0, 0)
+
+
+def test_the_connector_is_configured_by_default_and_can_be_switched_off() -> None:
+    s = Settings(worker_port=8123, pool_size_gib=2, served_model_name="my/model")
+    cmd = vllm_command(s)
+    cfg = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
+    assert cfg["kv_connector"] == "BelugaConnector"
+    assert cfg["kv_connector_module_path"] == "engine.connector"
+    assert cfg["kv_load_failure_policy"] == "recompute"
+    extra = cfg["kv_connector_extra_config"]
+    assert extra["pool_path"] == "/dev/shm/beluga-my_model.pool"
+    assert extra["pool_size_gib"] == 2 and extra["worker_id"] == s.resolved_worker_id
+    ConnectorConfig.model_validate(extra)  # what the connector will accept
+    assert "--kv-transfer-config" not in vllm_command(Settings(pool=False))

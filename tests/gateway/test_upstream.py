@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,14 +21,9 @@ from fastapi.testclient import TestClient
 from beluga.registry import SCHEMA_VERSION, worker_key
 from beluga.settings import Settings
 from gateway.app import create_app
+from tests.support import RedisServer, free_port
 
 PREFIX = "beluga:test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stand_in() -> FastAPI:
@@ -63,25 +55,9 @@ def stand_in() -> FastAPI:
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is missing: run `make setup`")
-    port = free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    server = RedisServer().start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from kvpool import ModelIdentity, block_keys
+from kvpool.keys import next_key
 
 FP = ModelIdentity("m", "r", "bfloat16", 30, 3, 64, 16).fingerprint()
 
@@ -51,3 +52,9 @@ def test_bad_token_ids_are_rejected(tokens: list[object]) -> None:
 def test_bad_block_size_is_rejected() -> None:
     with pytest.raises(ValueError):
         block_keys([1, 2], 0, FP)
+
+
+def test_next_key_continues_a_chain() -> None:
+    tokens = list(range(100))
+    keys = block_keys(tokens, 16, FP)
+    assert next_key(keys[2], tokens[48:64]) == keys[3]
