@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     kv_cache_space_gib: float = Field(
         1.0, gt=0, description="KV-cache space of one CPU worker (VLLM_CPU_KVCACHE_SPACE)."
     )
+    cpu_reserved_cores: int = Field(
+        1, ge=0,
+        description="CPU cores a CPU worker leaves to vLLM's scheduler process "
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU). Fixed so that a worker with the KV connector runs "
+        "the same threads, hence the same arithmetic, as one without (vLLM reserves one "
+        "more core when a connector is configured).",
+    )
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Fraction of GPU memory a CUDA worker may use."
     )

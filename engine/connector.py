@@ -352,13 +352,16 @@ class _SchedulerSide:
         except PoolError as exc:
             logger.warning("Beluga pool lookup failed, computing instead: %s", exc)
             return 0
-        # vLLM must compute at least the last prompt token itself.
-        end_tokens = min((start + len(slots)) * self.block_tokens, request.num_tokens - 1)
+        # Whole blocks only, and never the block holding the last prompt token: vLLM computes
+        # that one itself, exactly as after a hit in its own prefix cache. So a pool hit
+        # leaves the engine in the state a local hit would, computation split included.
+        last_full = (request.num_tokens - 1) // self.block_tokens
+        end_tokens = min(start + len(slots), last_full) * self.block_tokens
         external = end_tokens - num_computed_tokens
         if external <= 0:
             self.pool.unpin(slots)
             return 0
-        need = -(-end_tokens // self.block_tokens) - start
+        need = end_tokens // self.block_tokens - start
         if need < len(slots):
             self.pool.unpin(slots[need:])
             slots = slots[:need]
@@ -522,7 +525,8 @@ class _WorkerSide:
                         self.pool.path, self.pool.slot_count, self.pool.slot_size,
                         self.pool.uuid)
         except (PoolError, LayoutError, OSError) as exc:
-            logger.warning("Beluga pool unavailable, serving WITHOUT KV sharing: %s", exc)
+            # The scheduler side meets the same condition and warns once for the worker.
+            logger.info("Beluga pool unavailable in the model runner: %s", exc)
             self.geo = None
         self.stats.set_enabled(self.pool is not None)
 

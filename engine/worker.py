@@ -93,6 +93,7 @@ def vllm_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     # KV space of a CPU worker, in GiB: capped on purpose so several workers fit.
     env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_space_gib:g}"
+    env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.cpu_reserved_cores)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")

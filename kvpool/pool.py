@@ -171,6 +171,11 @@ class KVPool:
         return uuidlib.UUID(bytes=bytes(self._p.uuid))
 
     @property
+    def fingerprint(self) -> bytes:
+        """The model fingerprint in the header (block keys derive from it)."""
+        return bytes(self._p.fingerprint)
+
+    @property
     def slot_size(self) -> int:
         return int(self._p.slot_size)
 

@@ -4,6 +4,7 @@ is still alive afterwards."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import pytest
 import redis
 
 from beluga.registry import WorkerRecord, parse_record, worker_pattern
+from kvpool import KVPool
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / ".beluga" / "models" / "SmolLM2-135M-Instruct"
@@ -60,6 +62,11 @@ class Stack:
     proc: subprocess.Popen[bytes]
     log: Path
     state_dir: Path
+    pool_path: Path          # the pool both stack workers share
+    worker_urls: list[str]   # the stack's workers, A then B
+    reference_url: str       # a cold worker without the connector (--no-pool)
+    mismatch_url: str        # a worker whose pool file belongs to another model
+    mismatch_log: Path
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
@@ -74,12 +81,42 @@ class Stack:
         return sorted(records, key=lambda r: r.id)
 
 
+def start_worker(env: dict[str, str], port: int, prefix: str, log: Path,
+                 *flags: str) -> subprocess.Popen[bytes]:
+    """A `beluga worker` outside the stack (its own registry prefix: the gateway ignores it)."""
+    wenv = dict(env, BELUGA_WORKER_PORT=str(port), BELUGA_REDIS_KEY_PREFIX=prefix)
+    with open(log, "wb") as fh:
+        return subprocess.Popen([sys.executable, "-m", "beluga.cli", "worker", *flags],
+                                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=wenv, cwd=ROOT)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"worker at {url} did not become healthy:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if not (MODEL / "beluga-model.json").is_file():
         pytest.fail(f"the default model is not prepared at {MODEL}: run `make setup`")
     state = tmp_path_factory.mktemp("stack")
     gateway_port, worker_port, redis_port = free_port(), free_port(2), free_port()
+    ref_port, mm_port = free_port(), free_port()
+    pool_path = Path(f"/dev/shm/beluga-e2e-{os.getpid()}.pool")
+    mismatch_pool = Path(f"/dev/shm/beluga-e2e-{os.getpid()}-foreign.pool")
+    for p in (pool_path, mismatch_pool):
+        p.unlink(missing_ok=True)
+    KVPool.create(mismatch_pool, slot_size=4096, slot_count=16,
+                  fingerprint=hashlib.sha256(b"another model").digest()).close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
     env.update({
         "BELUGA_STATE_DIR": str(state), "BELUGA_MODEL": str(MODEL),
@@ -88,22 +125,44 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "BELUGA_WORKER_PORT": str(worker_port), "BELUGA_KV_CACHE_SPACE_GIB": "1",
         "BELUGA_MAX_MODEL_LEN": "2048", "BELUGA_HEARTBEAT_INTERVAL_S": "1",
         "BELUGA_WORKER_TTL_S": "5", "BELUGA_UNHEALTHY_COOLDOWN_S": "60",
-        "BELUGA_UPSTREAM_TIMEOUT_S": "120",
+        "BELUGA_UPSTREAM_TIMEOUT_S": "120", "BELUGA_POOL_PATH": str(pool_path),
+        "BELUGA_POOL_SIZE_GIB": "1",
     })
     log = state / "up.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "up"], stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=ROOT)
+    # Started alongside the stack: a cold reference without the connector, and a worker
+    # whose pool file is another model's (it must serve, without sharing).
+    ref = start_worker(env, ref_port, "beluga:ref", state / "reference.log", "--no-pool")
+    mm_log = state / "mismatch.log"
+    mm = start_worker(dict(env, BELUGA_POOL_PATH=str(mismatch_pool)), mm_port, "beluga:mm",
+                      mm_log)
     deadline = time.monotonic() + START_TIMEOUT_S
     while b"Press Ctrl-C" not in log.read_bytes():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"beluga up did not become ready:\n{log.read_text()[-4000:]}")
         time.sleep(1)
+    ref_url, mm_url = f"http://127.0.0.1:{ref_port}", f"http://127.0.0.1:{mm_port}"
+    wait_healthy(ref_url, ref, state / "reference.log", deadline)
+    wait_healthy(mm_url, mm, mm_log, deadline)
     s = Stack(base_url=f"http://127.0.0.1:{gateway_port}", redis_url=env["BELUGA_REDIS_URL"],
-              proc=proc, log=log, state_dir=state)
+              proc=proc, log=log, state_dir=state, pool_path=pool_path,
+              worker_urls=[f"http://127.0.0.1:{worker_port + i}" for i in range(2)],
+              reference_url=ref_url, mismatch_url=mm_url, mismatch_log=mm_log)
     yield s
+
+    for extra in (ref, mm):
+        extra.send_signal(signal.SIGTERM)
+    for extra in (ref, mm):
+        try:
+            extra.wait(60)
+        except subprocess.TimeoutExpired:
+            extra.kill()
+    for p in (pool_path, mismatch_pool):
+        p.unlink(missing_ok=True)
 
     started = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
