@@ -51,7 +51,16 @@ from engine.connector_meta import (
 )
 from engine.connector_metrics import BelugaPromMetrics, BelugaStats
 from engine.kv_layout import BlockLayout, LayoutError, block_layout
-from kvpool import FULL, KVPool, ModelIdentity, PoolError, block_keys
+from kvpool import (
+    FULL,
+    KVPool,
+    ModelIdentity,
+    PoolError,
+    PoolFingerprintError,
+    PoolFormatError,
+    PoolGeometryError,
+    block_keys,
+)
 from kvpool.keys import next_key
 
 if TYPE_CHECKING:
@@ -301,7 +310,12 @@ class _SchedulerSide:
                         self.pool.path, self.pool.slot_count, self.pool.slot_size,
                         self.pool.uuid)
         except (PoolError, LayoutError, OSError) as exc:
-            logger.warning("Beluga pool unavailable, serving WITHOUT KV sharing: %s", exc)
+            hint = ""
+            if isinstance(exc, PoolGeometryError | PoolFingerprintError | PoolFormatError):
+                hint = (f" ({cfg.pool_path} belongs to another model or version: delete it "
+                        "or pass another --pool-path)")
+            logger.warning("Beluga pool unavailable, serving WITHOUT KV sharing: %s%s",
+                           exc, hint)
             self.block_tokens = vllm_config.cache_config.block_size
         self.stats.set_enabled(self.pool is not None)
         if cfg.redis_url and self.pool is not None:

@@ -66,7 +66,7 @@ class Stack:
     worker_urls: list[str]   # the stack's workers, A then B
     reference_url: str       # a cold worker without the connector (--no-pool)
     mismatch_url: str        # a worker whose pool file belongs to another model
-    mismatch_log: Path
+    mismatch_log: Path       # that worker's vLLM log
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
@@ -151,7 +151,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(base_url=f"http://127.0.0.1:{gateway_port}", redis_url=env["BELUGA_REDIS_URL"],
               proc=proc, log=log, state_dir=state, pool_path=pool_path,
               worker_urls=[f"http://127.0.0.1:{worker_port + i}" for i in range(2)],
-              reference_url=ref_url, mismatch_url=mm_url, mismatch_log=mm_log)
+              reference_url=ref_url, mismatch_url=mm_url,
+              mismatch_log=state / "logs" / f"worker-{mm_port}.vllm.log")
     yield s
 
     for extra in (ref, mm):

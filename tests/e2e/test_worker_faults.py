@@ -1,4 +1,5 @@
-"""A worker killed with SIGKILL while requests continue: they succeed on the other worker.
+"""A worker killed with SIGKILL while requests continue: they succeed on the other worker,
+and the pool the victim was saving into stays consistent for the survivor.
 
 Runs last in the session: it leaves the stack with one worker."""
 
@@ -13,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import psutil
 
+from kvpool import block_keys
 from tests.e2e.conftest import MODEL_NAME, Stack
+from tests.e2e.pool_helpers import BLOCK, complete, metrics, pool_of, prompt
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -27,6 +30,24 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
     victim_procs = [psutil.Process(victim.pid)] + psutil.Process(victim.pid).children(
         recursive=True)
     started = threading.Event()
+    victim_url = stack.worker_urls[[w.id for w in workers].index(victim.id)]
+    survivor_url = stack.worker_urls[[w.id for w in workers].index(survivor.id)]
+
+    # Long, distinct prompts straight at the victim: it is prefilling and saving blocks into
+    # the pool, one save per step, when the SIGKILL lands.
+    sent: list[list[int]] = []
+    stop_saving = threading.Event()
+
+    def keep_saving() -> None:
+        i = 0
+        while not stop_saving.is_set():
+            ids = prompt(41 + 97 * i, 1200 + 13 * i)
+            sent.append(ids)
+            i += 1
+            try:
+                complete(victim_url, ids, max_tokens=1)
+            except Exception:  # noqa: BLE001 - the victim dies under it
+                return
 
     def ask(i: int) -> tuple[str, str]:
         started.set()
@@ -34,12 +55,21 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
             model=MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=30)
         return raw.headers["x-beluga-worker"], raw.parse().choices[0].message.content or ""
 
+    saver = threading.Thread(target=keep_saving, daemon=True)
+    saver.start()
+    saved_before = metrics(victim_url).get("beluga_worker_pool_blocks_saved_total", 0)
+    deadline = time.monotonic() + 120
+    while metrics(victim_url).get("beluga_worker_pool_blocks_saved_total", 0) <= saved_before:
+        assert time.monotonic() < deadline, "the victim never saved a block"
+        time.sleep(0.05)
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(ask, i) for i in range(12)]
         started.wait(10)
         time.sleep(0.3)
         os.killpg(victim.pid, signal.SIGKILL)  # the worker, its vLLM server and engine
+        stop_saving.set()
         results = [f.result() for f in futures]
+    saver.join(30)
 
     assert all("Paris" in text for _, text in results), results
     _gone, alive = psutil.wait_procs(victim_procs, timeout=10)
@@ -53,3 +83,25 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert stack.proc.poll() is None, "beluga up must survive a worker crash"
+
+    # The pool after the crash: nothing half-written or pinned by the dead processes, and
+    # every block the victim published is intact (get() checks each block's checksum).
+    with pool_of(stack) as pool:
+        pool.sweep()
+        st = pool.stats()
+        assert st.writing_slots == 0 and st.pinned_slots == 0, st
+        published = 0
+        for ids in sent:
+            keys = block_keys(ids, BLOCK, pool.fingerprint)
+            n = pool.lookup_prefix(keys)
+            assert len(pool.get(keys)) == n
+            published += n
+        assert published > 0
+    # ... and the survivor loads them: its answer is the one it gives from its own cache.
+    ids = sent[0]
+    before = metrics(survivor_url)
+    first = complete(survivor_url, ids)
+    after = metrics(survivor_url)
+    assert (after["beluga_worker_prompt_tokens_total:pool"]
+            - before["beluga_worker_prompt_tokens_total:pool"]) > 0
+    assert complete(survivor_url, ids) == first
