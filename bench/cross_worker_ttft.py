@@ -42,7 +42,7 @@ from engine.worker import vllm_command, vllm_env  # noqa: E402
 WORDS = ("river mountain quiet engine silver market garden letter winter doctor window "
          "signal harbor orange paper castle forest bridge camera pocket rabbit thunder "
          "violin ladder marble planet candle desert island jacket lemon mirror needle "
-         "ocean pepper rocket saddle tunnel velvet wagon yellow zebra anchor basket").split()
+         "ocean pepper rocket saddle tunnel velvet wagon yellow zebra anchor basket")
 
 
 @dataclass
@@ -103,7 +103,7 @@ def prompts(model: Path, n: int, tokens: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        text = " ".join(" ".join(rng.sample(WORDS, rng.randint(5, 11))).capitalize() + "."
+        text = " ".join(" ".join(rng.sample(WORDS.split(), rng.randint(5, 11))).capitalize() + "."
                         for _ in range(tokens // 6))
         ids = tok(text, add_special_tokens=False)["input_ids"]
         if len(ids) < tokens:
@@ -112,8 +112,11 @@ def prompts(model: Path, n: int, tokens: int, seed: int) -> list[list[int]]:
     return out
 
 
-def ttft(url: str, model_name: str, ids: list[int]) -> float:
-    """Seconds to the first streamed token of a greedy completion."""
+def ttft(url: str, model_name: str, ids: list[int], settle_s: float = 2.0) -> float:
+    """Seconds to the first streamed token of a greedy completion. Waits `settle_s` first:
+    every server here shares 2 cores, and a server that just finished keeps its OpenMP
+    threads spinning for a while, which would be charged to whoever runs next."""
+    time.sleep(settle_s)
     body = {"model": model_name, "prompt": ids, "max_tokens": 2, "temperature": 0,
             "stream": True}
     t0 = time.perf_counter()
@@ -142,15 +145,18 @@ def beluga_counters(url: str) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--prompts", type=int, default=5, help="distinct prompts (median over)")
+    ap.add_argument("--prompts", type=int, default=7, help="distinct prompts (median over)")
     ap.add_argument("--tokens", type=int, default=3000, help="prompt length in tokens")
     ap.add_argument("--kv-gib", type=float, default=1.0, help="KV space per worker (GiB)")
     ap.add_argument("--pool-gib", type=float, default=2.0, help="Beluga pool size (GiB)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
 
+    # One prefill pass per prompt everywhere (ExampleConnector saves only a request's first
+    # chunk, so with chunked prefill its B would load a short file and crash).
+    batch = f"--max-num-batched-tokens {args.tokens + 64}"
     base = Settings(kv_cache_space_gib=args.kv_gib, max_model_len=args.tokens + 64,
-                    pool=False)
+                    pool=False, vllm_extra_args=batch)
     logs = Path(tempfile.mkdtemp(prefix="beluga-ttft-"))
     shm = Path(tempfile.mkdtemp(prefix="beluga-ttft-", dir="/dev/shm"))
     example_cfg = json.dumps({
@@ -163,8 +169,8 @@ def main() -> int:
     pool_path = shm / "beluga.pool"
     configs = {
         "recompute": worker(),
-        "example_a": worker(vllm_extra_args=f"--kv-transfer-config '{example_cfg}'"),
-        "example_b": worker(vllm_extra_args=f"--kv-transfer-config '{example_cfg}'"),
+        "example_a": worker(vllm_extra_args=f"{batch} --kv-transfer-config '{example_cfg}'"),
+        "example_b": worker(vllm_extra_args=f"{batch} --kv-transfer-config '{example_cfg}'"),
         "beluga_a": worker(pool=True, pool_path=pool_path, pool_size_gib=args.pool_gib,
                            redis_url="redis://127.0.0.1:1/0"),
         "beluga_b": worker(pool=True, pool_path=pool_path, pool_size_gib=args.pool_gib,
@@ -186,7 +192,7 @@ def main() -> int:
         # warm-up (first-request overheads), not reported
         warm = prompts(base.model_path, 1, 256, args.seed + 1)[0]
         for s in servers:
-            ttft(s.url, model_name, warm)
+            ttft(s.url, model_name, warm, settle_s=0)
         rows = []
         for i, ids in enumerate(work):
             row: dict[str, float] = {}
