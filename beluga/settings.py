@@ -102,8 +102,10 @@ class Settings(BaseSettings):
     # --- gateway -----------------------------------------------------------------------
     gateway_host: str = Field("0.0.0.0", description="Address the gateway listens on.")
     gateway_port: int = Field(8000, ge=1, le=65535, description="Port of the gateway.")
-    routing_policy: Literal["least_loaded"] = Field(
-        "least_loaded", description="How the gateway picks a worker."
+    routing_policy: Literal["pool_aware", "prefix_affinity", "least_loaded", "round_robin"] = (
+        Field("pool_aware", description="How the gateway picks a worker: pool_aware "
+              "(lowest estimated TTFT from local cache, pool and queue), prefix_affinity, "
+              "least_loaded or round_robin.")
     )
     registry_refresh_s: float = Field(
         1.0, gt=0, description="How often the gateway re-reads the worker registry."

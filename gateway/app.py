@@ -34,8 +34,11 @@ from gateway.errors import (
     normalize_upstream_error,
     status_error_type,
 )
-from gateway.policies import Policy, RequestInfo, make_policy
+from gateway.metrics import GatewayMetrics
+from gateway.policies import Choice, Policy, RequestInfo, make_policy
+from gateway.prefixes import PrefixIndex
 from gateway.requests import Endpoint, ParsedRequest, parse_request
+from gateway.tokenize import PromptTokenizer
 from gateway.workers import WorkerPool, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,37 @@ class Gateway:
         self.pool = pool
         self.policy = policy
         self.client: httpx.AsyncClient | None = None
+        self.metrics = GatewayMetrics(policy.name)
+        self.prefixes = PrefixIndex(pool.client, settings.redis_key_prefix)
+        dirs = {settings.served_model_name: settings.model_path}
+        self.tokenizer = PromptTokenizer({m: d for m, d in dirs.items() if d.is_dir()})
+
+    def route_info(self, req: ParsedRequest, workers: list[WorkerState]) -> RequestInfo:
+        """The request's prompt as the policies see it: length, block keys, and how many
+        leading blocks each worker and the pool hold."""
+        base = RequestInfo(model=req.model, endpoint=req.endpoint, stream=req.stream)
+        keying = self.prefixes.keying([w.id for w in workers])
+        if keying is None or not self.tokenizer.knows(req.model):
+            return base
+        tokens = self.tokenizer.tokens(req.model, req.endpoint, req.payload)
+        if tokens is None:
+            return base
+        salt = req.payload.get("cache_salt")
+        keys = self.prefixes.keys(keying, tokens, salt if isinstance(salt, str) else "")
+        return RequestInfo(
+            model=req.model, endpoint=req.endpoint, stream=req.stream,
+            prompt_tokens=len(tokens), block_tokens=keying.block_tokens, keys=tuple(keys),
+            local_blocks={w.id: self.prefixes.local_blocks(w.id, keys) for w in workers},
+            pool_blocks=self.prefixes.pool_blocks(keying, keys))
+
+    async def refresh(self) -> None:
+        await self.pool.refresh()
+        await self.prefixes.refresh(w.id for w in self.pool.snapshot())
+
+    async def run_refresh(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.settings.registry_refresh_s)
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.settings.max_request_bytes
@@ -85,14 +119,20 @@ class Gateway:
     async def forward(self, req: ParsedRequest, body: bytes) -> Response:
         assert self.client is not None
         tried: set[str] = set()
-        info = RequestInfo(model=req.model, endpoint=req.endpoint, stream=req.stream)
+        info: RequestInfo | None = None
         last_error: APIError | None = None
+        started = time.perf_counter()
         for _ in range(self.settings.max_attempts):
-            choice = self.policy.select(self.candidates(req, tried), info)
+            candidates = self.candidates(req, tried)
+            if info is None:
+                info = self.route_info(req, self.pool.for_model(req.model))
+            choice = self.policy.select(candidates, info)
             if choice is None:
                 break
             worker = choice.worker
             tried.add(worker.id)
+            self.prefixes.routed(worker.id, info.keys)
+            self.metrics.routed(choice, info)
             headers = {"x-beluga-worker": worker.id, "x-beluga-route": choice.reason}
             upstream = self.client.build_request(
                 "POST", worker.url + UPSTREAM_PATHS[req.endpoint], content=body,
@@ -121,9 +161,13 @@ class Gateway:
                 finally:
                     worker.done()
                     await resp.aclose()
-                return self.buffered_response(resp, content, headers)
-            return StreamingResponse(self.relay(resp, worker), status_code=200,
-                                     media_type="text/event-stream", headers=headers)
+                out = self.buffered_response(resp, content, headers)
+                self.metrics.answered(req.endpoint, out.status_code, worker.id,
+                                      time.perf_counter() - started)
+                return out
+            return StreamingResponse(self.relay(resp, worker, choice, info, started),
+                                     status_code=200, media_type="text/event-stream",
+                                     headers=headers)
         raise last_error or NoHealthyWorker(
             f"no healthy worker can serve '{req.model}' right now", code="no_healthy_worker")
 
@@ -139,15 +183,29 @@ class Gateway:
         return JSONResponse(normalize_upstream_error(resp.status_code, content),
                             status_code=resp.status_code, headers=headers)
 
-    async def relay(self, resp: httpx.Response, worker: WorkerState) -> AsyncIterator[bytes]:
-        """Pass SSE bytes through; a worker failure mid-stream ends with an error event."""
+    async def relay(self, resp: httpx.Response, worker: WorkerState, choice: Choice,
+                    info: RequestInfo, started: float) -> AsyncIterator[bytes]:
+        """Pass SSE bytes through; a worker failure mid-stream ends with an error event.
+        The first chunk's arrival is the request's TTFT, which the policy learns from."""
+        last: float | None = None
         try:
             async for chunk in resp.aiter_raw():
+                now = time.perf_counter()
+                if last is None:
+                    ttft = now - started
+                    self.policy.observe(choice, info, ttft)
+                    self.metrics.ttft.labels(worker.id, self.metrics.policy).observe(ttft)
+                else:
+                    self.metrics.itl.labels(worker.id).observe(now - last)
+                last = now
                 yield chunk
+            self.metrics.answered(info.endpoint, 200, worker.id, time.perf_counter() - started)
         except httpx.TimeoutException:
+            self.metrics.answered(info.endpoint, UpstreamTimeout.status_code, worker.id, None)
             yield UpstreamTimeout(f"worker {worker.id} went silent mid-stream").sse_event()
         except httpx.HTTPError as exc:
             self.pool.mark_unhealthy(worker)
+            self.metrics.answered(info.endpoint, UpstreamFailure.status_code, worker.id, None)
             yield UpstreamFailure(f"worker {worker.id} failed mid-stream: {exc!r}").sse_event()
         finally:
             worker.done()
@@ -167,14 +225,15 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             gw.client = client
-            await gw.pool.refresh()
-            refresher = asyncio.create_task(gw.pool.run())
+            await gw.refresh()
+            refresher = asyncio.create_task(gw.run_refresh())
             try:
                 yield
             finally:
                 refresher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await refresher
+                gw.prefixes.close()
                 await gw.pool.close()
 
     app = FastAPI(title="Beluga gateway", version="0.1.0", lifespan=lifespan)
@@ -196,8 +255,16 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
                             status_code=500)
 
     async def handle(request: Request, endpoint: Endpoint) -> Response:
-        body = await gw.read_body(request)
-        return await gw.forward(parse_request(body, endpoint), body)
+        try:
+            body = await gw.read_body(request)
+            return await gw.forward(parse_request(body, endpoint), body)
+        except APIError as exc:
+            gw.metrics.answered(endpoint, exc.status_code, None, None)
+            raise
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -118,7 +118,7 @@ class KVPool:
     def attach_by_uuid(cls, pool_uuid: uuidlib.UUID | str,
                        candidates: Sequence[str] = DEFAULT_CANDIDATES, *,
                        fingerprint: bytes = b"", slot_size: int = 0,
-                       coherence: Coherence | None = None) -> KVPool:
+                       coherence: Coherence | None = None, prefault: bool = True) -> KVPool:
         """Attach to the pool whose header carries `pool_uuid`, wherever it is mapped here.
 
         The same CXL device gets different /dev/daxX.Y names on different hosts; the UUID in
@@ -138,7 +138,7 @@ class KVPool:
                 probe.close()
                 if found:
                     return cls.attach(path, fingerprint=fingerprint, slot_size=slot_size,
-                                      coherence=coherence)
+                                      coherence=coherence, prefault=prefault)
                 seen.append(path)
         raise PoolNotFoundError(f"no pool with UUID {want} among {list(candidates)} "
                                 f"(other pools seen: {seen or 'none'})")

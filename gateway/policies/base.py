@@ -1,9 +1,18 @@
-"""The routing policy interface: ``select(workers, request) -> Choice``."""
+"""The routing policy interface: ``select(workers, request) -> Choice``.
+
+A policy sees the request's shape (prompt length, block keys) and, per worker, how many of
+the prompt's leading blocks that worker holds in its own KV cache (`local_blocks`, from the
+workers' Redis hints and this gateway's own routing record) and how many the shared pool
+holds (`pool_blocks`). Policies are pure functions of what they are given, plus their own
+learned state, so they are unit-tested without a network.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 from gateway.workers import WorkerState
@@ -16,6 +25,11 @@ class RequestInfo:
     model: str
     endpoint: str
     stream: bool
+    prompt_tokens: int = 0
+    block_tokens: int = 0
+    keys: tuple[bytes, ...] = ()  # block keys of the prompt's full blocks (DESIGN.md)
+    local_blocks: Mapping[str, int] = field(default_factory=dict)  # worker id -> blocks
+    pool_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,8 @@ class Choice:
 
     worker: WorkerState
     reason: str
+    estimate_s: float | None = None  # the policy's predicted TTFT, when it has one
+    features: tuple[float, ...] = ()  # what the estimate was made of (for observe)
 
 
 class Policy(Protocol):
@@ -32,3 +48,30 @@ class Policy(Protocol):
     def select(self, workers: Sequence[WorkerState], request: RequestInfo) -> Choice | None:
         """Pick one of `workers` (all healthy, all serving the model); None if empty."""
         ...
+
+    def observe(self, choice: Choice, request: RequestInfo, ttft_s: float) -> None:
+        """A measured time to first token of a request this policy routed."""
+        ...
+
+
+def rendezvous(key: bytes, workers: Sequence[WorkerState]) -> WorkerState:
+    """The worker with the highest hash of (key, worker id): every gateway picks the same one
+    for the same key without talking to the others, and removing a worker moves only its
+    own keys."""
+    return max(workers, key=lambda w: hashlib.blake2b(key + w.id.encode(), digest_size=8)
+               .digest())
+
+
+class TieBreak:
+    """Among equally good workers: the one a prompt's first block hashes to (so gateways
+    agree and a prefix sticks), or, for a prompt without a full block, the next in turn
+    (nothing to stick to: spread the load)."""
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+
+    def __call__(self, request: RequestInfo, tied: Sequence[WorkerState]) -> WorkerState:
+        if request.keys:
+            return rendezvous(request.keys[0], tied)
+        ordered = sorted(tied, key=lambda w: w.id)
+        return ordered[next(self._turn) % len(ordered)]

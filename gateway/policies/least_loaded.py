@@ -22,3 +22,6 @@ class LeastLoaded:
         lowest = min(w.load() for w in workers)
         tied = sorted((w for w in workers if w.load() == lowest), key=lambda w: w.id)
         return Choice(worker=tied[next(self._turn) % len(tied)], reason="least_loaded")
+
+    def observe(self, choice: Choice, request: RequestInfo, ttft_s: float) -> None:
+        return

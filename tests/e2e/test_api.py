@@ -60,11 +60,27 @@ def test_openai_parameters_pass_through(client: openai.OpenAI) -> None:
 
 
 def test_requests_spread_over_both_workers(client: openai.OpenAI, stack: Stack) -> None:
+    """Short prompts (no full KV block: nothing to stick to) rotate over the workers."""
     seen = set()
-    for _ in range(4):
+    for i in range(4):
         raw = client.chat.completions.with_raw_response.create(
-            model=MODEL_NAME, messages=QUESTION, max_tokens=2)
-        assert raw.headers["x-beluga-route"] == "least_loaded"
+            model=MODEL_NAME, messages=[{"role": "user", "content": f"Say {i}."}], max_tokens=2)
+        assert raw.headers["x-beluga-route"] in {"cold", "local", "pool"}
         seen.add(raw.headers["x-beluga-worker"])
     assert seen == {w.id for w in stack.workers()}
     assert len(seen) == 2
+
+
+def test_a_long_prompt_sticks_to_the_worker_that_has_it(client: openai.OpenAI) -> None:
+    """pool_aware: the second time, the worker holding the prompt in its own cache wins."""
+    long_text = " ".join(f"Fact {i}: the code word number {i} is {i * 37 % 1000}."
+                         for i in range(60))  # > 2 blocks of 128 tokens
+    messages = [{"role": "user", "content": long_text + " What is code word 7?"}]
+    first = client.chat.completions.with_raw_response.create(
+        model=MODEL_NAME, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+    routes = []
+    for _ in range(3):
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL_NAME, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+        routes.append((raw.headers["x-beluga-worker"], raw.headers["x-beluga-route"]))
+    assert routes == [(first.headers["x-beluga-worker"], "local")] * 3

@@ -141,3 +141,17 @@ def test_streams_are_relayed_as_sse(gateway: TestClient) -> None:
 def test_models_lists_every_registered_model(gateway: TestClient) -> None:
     ids = [m["id"] for m in gateway.get("/v1/models").json()["data"]]
     assert ids == ["boom", "m", "slow"]
+
+
+def test_metrics_count_requests_routes_and_latencies(gateway: TestClient) -> None:
+    ok = gateway.post("/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200
+    bad = gateway.post("/v1/chat/completions", content=b"{")
+    assert bad.status_code == 400
+    text = gateway.get("/metrics").text
+    assert 'beluga_gateway_requests_total{endpoint="chat",status="200"}' in text
+    assert 'beluga_gateway_requests_total{endpoint="chat",status="400"}' in text
+    assert "beluga_gateway_route_decisions_total{" in text
+    assert "beluga_gateway_e2e_seconds_bucket{" in text
+    assert 'beluga_gateway_prompt_tokens_total{source="pool"}' in text

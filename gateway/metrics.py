@@ -1,0 +1,66 @@
+"""The gateway's Prometheus metrics (served on /metrics), named per DESIGN.md.
+
+    beluga_gateway_requests_total{endpoint, status}
+    beluga_gateway_ttft_seconds{worker, policy}              streaming requests
+    beluga_gateway_e2e_seconds{worker, policy}               every answered request
+    beluga_gateway_itl_seconds{worker}                       between streamed chunks
+    beluga_gateway_route_decisions_total{policy, reason}
+    beluga_gateway_prompt_tokens_total{source}               local | pool | computed, as
+                                                             estimated when routing
+Each gateway process has its own registry (several apps in one test process never clash).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from gateway.policies import Choice, RequestInfo
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class GatewayMetrics:
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("beluga_gateway_requests", "Requests answered, by status.",
+                                ["endpoint", "status"], registry=r)
+        self.ttft = Histogram("beluga_gateway_ttft_seconds",
+                              "Time to the first streamed byte of the answer.",
+                              ["worker", "policy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("beluga_gateway_e2e_seconds", "Time to the whole answer.",
+                             ["worker", "policy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("beluga_gateway_itl_seconds",
+                             "Time between streamed chunks (inter-token latency).",
+                             ["worker"], buckets=ITL_BUCKETS, registry=r)
+        self.decisions = Counter("beluga_gateway_route_decisions",
+                                 "Routing decisions, by policy and reason.",
+                                 ["policy", "reason"], registry=r)
+        self.prompt_tokens = Counter("beluga_gateway_prompt_tokens",
+                                     "Prompt tokens by where the chosen worker gets their KV "
+                                     "(estimated at routing).", ["source"], registry=r)
+        for source in ("local", "pool", "computed"):
+            self.prompt_tokens.labels(source)
+
+    def routed(self, choice: Choice, info: RequestInfo) -> None:
+        self.decisions.labels(self.policy, choice.reason).inc()
+        if info.prompt_tokens <= 0:
+            return
+        bt = info.block_tokens
+        local = min(info.local_blocks.get(choice.worker.id, 0) * bt, info.prompt_tokens)
+        pool = max(0, min(info.pool_blocks * bt, info.prompt_tokens) - local)
+        self.prompt_tokens.labels("local").inc(local)
+        self.prompt_tokens.labels("pool").inc(pool)
+        self.prompt_tokens.labels("computed").inc(info.prompt_tokens - local - pool)
+
+    def answered(self, endpoint: str, status: int, worker: str | None,
+                 seconds: float | None) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        if worker is not None and seconds is not None and status == 200:
+            self.e2e.labels(worker, self.policy).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

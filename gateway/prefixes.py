@@ -1,0 +1,147 @@
+"""Where a prompt's blocks are cached: per worker (its own KV cache) and in the shared pool.
+
+* Workers' hints (engine/hints.py) are read from Redis with the registry: per worker a
+  versioned record (model fingerprint, block size, pool UUID) and a bounded set of hint
+  keys. Stale hints cost routing quality, never correctness; with Redis down the last
+  snapshot is kept.
+* This gateway's own record: the keys of prompts it routed to each worker recently, so a
+  follow-up request sticks before the worker's next hint refresh (bounded LRU per worker).
+* The pool: when the hints name a pool UUID and that pool is mapped on this host
+  (/dev/shm, hugetlbfs, devdax), the gateway attaches it and asks `lookup_prefix` (a few
+  microseconds, no pins). Elsewhere the pool's share is unknown and counted as zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from beluga.registry import HintsRecord, hint_blocks_key, hint_key, hints_key, parse_hints
+from kvpool import KVPool, PoolError, block_keys
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerHints:
+    record: HintsRecord
+    keys: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Keying:
+    """How a model's block keys are made (from its workers' hint records)."""
+
+    fingerprint: bytes
+    block_tokens: int
+    pool_uuid: str | None
+
+
+class PrefixIndex:
+    def __init__(self, client: aioredis.Redis, prefix: str, own_capacity: int = 8192) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._hints: dict[str, WorkerHints] = {}
+        self._own: dict[str, OrderedDict[str, None]] = {}
+        self._own_cap = own_capacity
+        self._pool: KVPool | None = None
+        self._pool_uuid: str | None = None
+        self._pool_failed: set[str] = set()
+
+    # -- refresh (background task) -------------------------------------------------------
+    async def refresh(self, worker_ids: Iterable[str]) -> bool:
+        ids = list(worker_ids)
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for wid in ids:
+                pipe.get(hints_key(self._prefix, wid))
+                pipe.smembers(hint_blocks_key(self._prefix, wid))
+            raw = await pipe.execute() if ids else []
+        except (RedisError, OSError):
+            return False
+        hints: dict[str, WorkerHints] = {}
+        for i, wid in enumerate(ids):
+            rec = parse_hints(raw[2 * i]) if raw[2 * i] is not None else None
+            if rec is None or rec.worker_id != wid:
+                continue
+            keys = frozenset(k.decode() if isinstance(k, bytes) else str(k)
+                             for k in raw[2 * i + 1])
+            hints[wid] = WorkerHints(rec, keys)
+        self._hints = hints
+        for wid in list(self._own):
+            if wid not in ids:
+                del self._own[wid]
+        await self._maybe_attach_pool()
+        return True
+
+    async def _maybe_attach_pool(self) -> None:
+        uuids = {h.record.pool_uuid for h in self._hints.values() if h.record.pool_uuid}
+        if self._pool_uuid in uuids or not uuids:
+            return
+        for uuid in sorted(uuids - self._pool_failed):
+            try:
+                pool = await asyncio.to_thread(KVPool.attach_by_uuid, uuid, prefault=False)
+            except PoolError as exc:
+                logger.info("pool %s is not mapped on this host (%s); routing on hints only",
+                            uuid, exc)
+                self._pool_failed.add(uuid)
+                continue
+            if self._pool is not None:
+                self._pool.close()
+            self._pool, self._pool_uuid = pool, uuid
+            logger.info("attached pool %s at %s for routing", uuid, pool.path)
+            return
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    # -- per request ---------------------------------------------------------------------
+    def keying(self, worker_ids: Sequence[str]) -> Keying | None:
+        for wid in worker_ids:
+            h = self._hints.get(wid)
+            if h is not None:
+                r = h.record
+                return Keying(bytes.fromhex(r.fingerprint), r.block_tokens, r.pool_uuid)
+        return None
+
+    def keys(self, keying: Keying, tokens: Sequence[int], cache_salt: str) -> list[bytes]:
+        return block_keys(tokens, keying.block_tokens, keying.fingerprint, cache_salt)
+
+    def local_blocks(self, worker_id: str, keys: Sequence[bytes]) -> int:
+        """Leading blocks of `keys` the worker holds (its hints or this gateway's record)."""
+        hinted = self._hints.get(worker_id)
+        held = hinted.keys if hinted is not None else frozenset()
+        own = self._own.get(worker_id, OrderedDict())
+        n = 0
+        for k in keys:
+            h = hint_key(k)
+            if h not in held and h not in own:
+                break
+            n += 1
+        return n
+
+    def pool_blocks(self, keying: Keying, keys: Sequence[bytes]) -> int:
+        if self._pool is None or not keys or keying.pool_uuid != self._pool_uuid:
+            return 0
+        try:
+            return self._pool.lookup_prefix(keys)
+        except PoolError:
+            return 0
+
+    def routed(self, worker_id: str, keys: Sequence[bytes]) -> None:
+        """Remember that `keys` will be in this worker's cache once it has served them."""
+        own = self._own.setdefault(worker_id, OrderedDict())
+        for k in keys:
+            h = hint_key(k)
+            own[h] = None
+            own.move_to_end(h)
+        while len(own) > self._own_cap:
+            own.popitem(last=False)

@@ -1,0 +1,105 @@
+"""What the gateway knows about cached prefixes: workers' hints from a real Redis, its own
+routing record, and the shared pool attached by UUID."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine.hints import HintPublisher
+from gateway.prefixes import PrefixIndex
+from kvpool import KVPool, block_keys
+from tests.support import RedisServer
+
+FP = hashlib.sha256(b"model").digest()
+PREFIX = "beluga:test"
+TOKENS = list(range(1000, 1000 + 16 * 6))  # 6 blocks of 16
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    s = RedisServer().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def shm_pool() -> Iterator[KVPool]:
+    path = Path(f"/dev/shm/beluga-test-prefixes-{os.getpid()}.pool")
+    pool = KVPool.create(path, slot_size=4096, slot_count=32, fingerprint=FP)
+    yield pool
+    pool.close()
+    path.unlink(missing_ok=True)
+
+
+def publish(server: RedisServer, wid: str, keys: list[bytes], pool_uuid: str | None) -> None:
+    pub = HintPublisher(server.url, PREFIX, wid, FP, 16, pool_uuid, ttl_s=10, interval_s=0.05,
+                        max_keys=100)
+    pub.offer(keys)
+    client = server.client()
+    deadline = time.monotonic() + 5
+    while client.scard(f"{PREFIX}:hints:{wid}:blocks") != len(keys):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    pub._stop.set()  # leave the hints in Redis (close() would delete them)
+    pub._wake.set()
+
+
+def test_local_and_pool_prefixes(server: RedisServer, shm_pool: KVPool) -> None:
+    keys = block_keys(TOKENS, 16, FP)
+    publish(server, "w1", keys[:4], str(shm_pool.uuid))   # w1 holds 4 leading blocks
+    publish(server, "w2", keys[2:], str(shm_pool.uuid))   # w2 holds blocks 2.. (no prefix)
+    shm_pool.put(keys[:5], [b"x" * 100] * 5)              # the pool holds 5
+
+    async def go() -> None:
+        client = aioredis.Redis.from_url(server.url)
+        index = PrefixIndex(client, PREFIX)
+        try:
+            assert await index.refresh(["w1", "w2", "w3"])
+            keying = index.keying(["w3", "w1"])
+            assert keying is not None and keying.fingerprint == FP
+            assert keying.block_tokens == 16 and keying.pool_uuid == str(shm_pool.uuid)
+            ks = index.keys(keying, TOKENS, "")
+            assert ks == keys
+            assert index.local_blocks("w1", ks) == 4
+            assert index.local_blocks("w2", ks) == 0   # a prefix, not any blocks
+            assert index.local_blocks("w3", ks) == 0
+            assert index.pool_blocks(keying, ks) == 5  # attached the pool by its UUID
+            index.routed("w3", ks)                     # this gateway just sent it to w3
+            assert index.local_blocks("w3", ks) == 6
+            salted = index.keys(keying, TOKENS, "tenant-b")
+            assert index.local_blocks("w1", salted) == 0  # tenants never share prefixes
+        finally:
+            index.close()
+            await client.aclose()
+
+    asyncio.run(go())
+
+
+def test_redis_down_keeps_the_last_hints(server: RedisServer) -> None:
+    keys = block_keys(TOKENS, 16, FP)
+    publish(server, "w1", keys[:3], None)
+
+    async def go() -> None:
+        client = aioredis.Redis.from_url(server.url, socket_timeout=0.5,
+                                         socket_connect_timeout=0.5)
+        index = PrefixIndex(client, PREFIX)
+        try:
+            assert await index.refresh(["w1"])
+            server.stop()
+            assert not await index.refresh(["w1"])
+            assert index.local_blocks("w1", keys) == 3  # routing on what it knew
+            assert index.pool_blocks(index.keying(["w1"]), keys) == 0  # type: ignore[arg-type]
+        finally:
+            server.start()
+            index.close()
+            await client.aclose()
+
+    asyncio.run(go())
