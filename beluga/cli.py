@@ -32,7 +32,8 @@ WORKER_FIELDS = (
     "hints_interval_s", "hints_ttl_s", "max_hint_keys",
 )
 GATEWAY_FIELDS = (
-    "state_dir", "redis_url", "redis_key_prefix", "gateway_host", "gateway_port",
+    "state_dir", "model", "served_model_name", "redis_url", "redis_key_prefix",
+    "gateway_host", "gateway_port",
     "routing_policy", "registry_refresh_s", "connect_timeout_s", "upstream_timeout_s",
     "max_request_bytes", "unhealthy_cooldown_s", "max_attempts",
 )

@@ -53,7 +53,7 @@ class PromptTokenizer:
                     add_generation_prompt=payload.get("add_generation_prompt", True),
                     continue_final_message=payload.get("continue_final_message", False),
                     **(payload.get("chat_template_kwargs") or {}))
-                if isinstance(ids, dict):  # BatchEncoding in newer transformers
+                if not isinstance(ids, list):  # a BatchEncoding in newer transformers
                     ids = ids["input_ids"]
                 return [int(t) for t in ids]
             prompt = payload["prompt"]

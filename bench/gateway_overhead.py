@@ -1,0 +1,211 @@
+"""Gateway overhead: the latency one gateway adds, and the requests per second it sustains.
+
+    python bench/gateway_overhead.py --json OUT.json
+
+A fast stand-in upstream (a raw ASGI app under uvicorn answering every completion with a
+fixed body) is registered in a private Redis as a worker, with routing hints for the default
+model, so the gateway does all its real work: parse, tokenize (1,000-token prompts, the
+model's chat template), block keys, hint lookups, policy, proxy. Measured in one run:
+
+  added_p50_ms / added_p99_ms  gateway latency minus direct latency, same client, requests
+                               alternating between the two paths, non-streaming
+  rps                          non-streaming requests per second through one gateway
+                               process under `--concurrency` concurrent clients
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from beluga.registry import (  # noqa: E402
+    HintsRecord,
+    WorkerRecord,
+    hints_key,
+    worker_key,
+)
+from beluga.settings import Settings  # noqa: E402
+
+STAND_IN = '''
+import json
+BODY = json.dumps({"id": "x", "object": "chat.completion", "model": "m", "choices": [
+    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1000, "completion_tokens": 1, "total_tokens": 1001}}).encode()
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        msg = await receive()
+        more = msg.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": BODY})
+'''
+WORDS = ("river mountain quiet engine silver market garden letter winter doctor window "
+         "signal harbor orange paper castle forest bridge camera pocket rabbit thunder")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up") from None
+            time.sleep(0.2)
+
+
+def prompt_text(rng: random.Random, tokens: int) -> str:
+    words = WORDS.split()
+    return " ".join(rng.choice(words) for _ in range(int(tokens * 0.95)))
+
+
+async def latencies(gw: str, direct: str, bodies: list[dict[str, Any]]) -> list[float]:
+    added = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        for body in bodies:
+            pair = []
+            for url in (direct, gw):
+                t0 = time.perf_counter()
+                r = await client.post(f"{url}/v1/chat/completions", json=body)
+                pair.append(time.perf_counter() - t0)
+                r.raise_for_status()
+            added.append((pair[1] - pair[0]) * 1000)
+    return added
+
+
+async def throughput(gw: str, bodies: list[dict[str, Any]], concurrency: int,
+                     seconds: float) -> tuple[float, int]:
+    done = errors = 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        async def one(i: int) -> None:
+            nonlocal done, errors
+            k = i
+            while time.perf_counter() < stop:
+                r = await client.post(f"{gw}/v1/chat/completions", json=bodies[k % len(bodies)])
+                k += concurrency
+                if r.status_code == 200:
+                    done += 1
+                else:
+                    errors += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(concurrency)))
+        return done / (time.perf_counter() - t0), errors
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--requests", type=int, default=400, help="latency pairs")
+    ap.add_argument("--tokens", type=int, default=1000, help="prompt tokens")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--policy", default="pool_aware")
+    args = ap.parse_args()
+
+    settings = Settings()
+    tmp = Path(tempfile.mkdtemp(prefix="beluga-gwbench-"))
+    redis_port, up_port, gw_port = free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise SystemExit("redis-server is missing: run `make setup`")
+        procs.append(subprocess.Popen([server, "--port", str(redis_port), "--save", "",
+                                       "--appendonly", "no"], stdout=subprocess.DEVNULL))
+        (tmp / "standin.py").write_text(STAND_IN)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "standin:app", "--port", str(up_port),
+             "--log-level", "warning", "--no-access-log"], cwd=tmp))
+        direct = f"http://127.0.0.1:{up_port}"
+        wait_http(direct)
+        r = redis.Redis(port=redis_port)
+        prefix = settings.redis_key_prefix
+        now = time.time()
+        rec = WorkerRecord.model_validate({
+            "schema": 1, "id": "standin", "url": direct, "model": settings.served_model_name,
+            "capacity": 10_000, "pid": procs[-1].pid, "started_at": now, "heartbeat_at": now})
+        r.set(worker_key(prefix, "standin"), rec.to_json(), ex=3600)
+        hints = HintsRecord(worker_id="standin", fingerprint="ab" * 32, block_tokens=128,
+                            pool_uuid=None, keys=0, updated_at=now)
+        r.set(hints_key(prefix, "standin"), hints.to_json(), ex=3600)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
+        env.update({"BELUGA_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                    "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(gw_port),
+                    "BELUGA_ROUTING_POLICY": args.policy})
+        procs.append(subprocess.Popen([sys.executable, "-m", "beluga.cli", "gateway"], env=env,
+                                      cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        gw = f"http://127.0.0.1:{gw_port}"
+        wait_http(f"{gw}/health")
+        rng = random.Random(5)
+        bodies = [{"model": settings.served_model_name, "max_tokens": 1,
+                   "messages": [{"role": "user", "content": prompt_text(rng, args.tokens)}]}
+                  for _ in range(64)]
+        from gateway.tokenize import PromptTokenizer
+        tok = PromptTokenizer({settings.served_model_name: settings.model_path})
+        n_tokens = statistics.median(
+            len(tok.tokens(settings.served_model_name, "chat", b) or []) for b in bodies)
+        # warm-up: tokenizer load, connections
+        asyncio.run(latencies(gw, direct, bodies[:20]))
+        added = asyncio.run(latencies(gw, direct, [bodies[i % 64] for i in range(args.requests)]))
+        rps, errors = asyncio.run(throughput(gw, bodies, args.concurrency, args.seconds))
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    added.sort()
+    summary = {
+        "policy": args.policy, "prompt_tokens": n_tokens, "pairs": len(added),
+        "added_p50_ms": round(statistics.median(added), 3),
+        "added_p99_ms": round(added[int(0.99 * (len(added) - 1))], 3),
+        "rps": round(rps, 1), "errors": errors, "concurrency": args.concurrency,
+        "cpus": os.cpu_count(),
+    }
+    summary["targets"] = {"added_p50_le_1ms": summary["added_p50_ms"] <= 1.0,
+                          "rps_ge_1000": summary["rps"] >= 1000}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

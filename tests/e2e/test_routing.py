@@ -1,0 +1,85 @@
+"""Pool-aware routing end to end: the gateway tokenizes as vLLM does, and two gateways on
+one Redis send one prefix to one worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway.tokenize import PromptTokenizer
+from tests.e2e.conftest import MODEL, MODEL_NAME, ROOT, Stack, free_port
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."},
+     {"role": "user", "content": "Name three rivers."},
+     {"role": "assistant", "content": "Nile, Amazon, Danube."},
+     {"role": "user", "content": "And three mountains? Ünïcödé ✓"}],
+    [{"role": "user", "content": "word " * 300}],
+]
+
+
+def test_the_gateway_tokenizes_exactly_as_vllm(stack: Stack) -> None:
+    tok = PromptTokenizer({MODEL_NAME: MODEL})
+    worker = stack.worker_urls[0]
+    for messages in CHATS:
+        vllm = httpx.post(f"{worker}/tokenize", json={"model": MODEL_NAME,
+                                                      "messages": messages}, timeout=30)
+        assert vllm.status_code == 200, vllm.text
+        ours = tok.tokens(MODEL_NAME, "chat", {"messages": messages})
+        assert ours == vllm.json()["tokens"]
+    for prompt in ("Once upon a time", "  spaces\tand\nnewlines  ", "x" * 2000):
+        vllm = httpx.post(f"{worker}/tokenize", json={"model": MODEL_NAME, "prompt": prompt},
+                          timeout=30)
+        assert tok.tokens(MODEL_NAME, "completions", {"prompt": prompt}) == \
+            vllm.json()["tokens"]
+
+
+@pytest.fixture(scope="module")
+def second_gateway(stack: Stack) -> Iterator[str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
+    env.update({"BELUGA_REDIS_URL": stack.redis_url, "BELUGA_MODEL": str(MODEL),
+                "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(port),
+                "BELUGA_STATE_DIR": str(stack.state_dir)})
+    log = stack.state_dir / "gateway2.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "gateway"], stdout=fh,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).json()["status"] == "ok":
+                break
+        except (httpx.HTTPError, ValueError):
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.3)
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+
+
+def test_two_gateways_send_one_prefix_to_one_worker(stack: Stack, second_gateway: str) -> None:
+    gateways = [stack.base_url, second_gateway]
+    for i in range(6):
+        # A new long prompt (several full blocks) each time, first seen by alternating
+        # gateways: both must pick the same worker, without talking to each other.
+        text = " ".join(f"Note {i}-{j}: the value of item {j} is {(i * 131 + j * 17) % 997}."
+                        for j in range(50))
+        body = {"model": MODEL_NAME, "max_tokens": 1,
+                "messages": [{"role": "user", "content": text}]}
+        picked = []
+        for g in (gateways if i % 2 == 0 else gateways[::-1]):
+            r = httpx.post(f"{g}/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            picked.append(r.headers["x-beluga-worker"])
+        assert picked[0] == picked[1], (i, picked)

@@ -1,0 +1,40 @@
+"""The gateway's tokenizer on the default model (e2e checks it against vLLM's /tokenize)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.tokenize import PromptTokenizer
+
+MODEL = Path(__file__).resolve().parents[2] / ".beluga" / "models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def tok() -> PromptTokenizer:
+    if not MODEL.is_dir():
+        pytest.fail(f"the default model is not prepared at {MODEL}: run `make setup`")
+    return PromptTokenizer({"m": MODEL})
+
+
+def test_chat_uses_the_template_with_a_generation_prompt(tok: PromptTokenizer) -> None:
+    ids = tok.tokens("m", "chat", {"messages": [{"role": "user", "content": "hi"}]})
+    assert ids is not None and all(isinstance(t, int) for t in ids)
+    without = tok.tokens("m", "chat", {"messages": [{"role": "user", "content": "hi"}],
+                                       "add_generation_prompt": False})
+    assert without is not None and len(without) < len(ids) and ids[:len(without)] == without
+
+
+def test_completions_token_ids_and_batches(tok: PromptTokenizer) -> None:
+    assert tok.tokens("m", "completions", {"prompt": [5, 6, 7]}) == [5, 6, 7]
+    first = tok.tokens("m", "completions", {"prompt": "hello world"})
+    assert first and tok.tokens("m", "completions", {"prompt": ["hello world", "x"]}) == first
+
+
+def test_what_cannot_be_tokenized_gives_none_never_an_exception(tok: PromptTokenizer) -> None:
+    assert not tok.knows("other") and tok.tokens("other", "chat", {"messages": []}) is None
+    assert tok.tokens("m", "chat", {"messages": [{"role": "user"}]}) is None  # no content
+    assert tok.tokens("m", "chat", {"messages": [{"role": "user", "content": "x"}],
+                                    "chat_template_kwargs": 5}) is None
+    assert tok.tokens("m", "completions", {"prompt": None}) is None
