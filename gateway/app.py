@@ -67,6 +67,8 @@ class Gateway:
         """The request's prompt as the policies see it: length, block keys, and how many
         leading blocks each worker and the pool hold."""
         base = RequestInfo(model=req.model, endpoint=req.endpoint, stream=req.stream)
+        if not self.policy.uses_prefixes:
+            return base
         keying = self.prefixes.keying([w.id for w in workers])
         if keying is None or not self.tokenizer.knows(req.model):
             return base

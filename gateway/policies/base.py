@@ -44,6 +44,7 @@ class Choice:
 
 class Policy(Protocol):
     name: ClassVar[str]
+    uses_prefixes: ClassVar[bool]  # False: the gateway skips tokenizing for it
 
     def select(self, workers: Sequence[WorkerState], request: RequestInfo) -> Choice | None:
         """Pick one of `workers` (all healthy, all serving the model); None if empty."""
