@@ -38,3 +38,23 @@ def test_what_cannot_be_tokenized_gives_none_never_an_exception(tok: PromptToken
     assert tok.tokens("m", "chat", {"messages": [{"role": "user", "content": "x"}],
                                     "chat_template_kwargs": 5}) is None
     assert tok.tokens("m", "completions", {"prompt": None}) is None
+
+
+CHATS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief.\n\n"}, {"role": "user", "content": "  two  spaces"},
+     {"role": "assistant", "content": "ok\t"}, {"role": "user", "content": "ü ✓ 東京"}],
+    [{"role": "user", "content": "a literal <|im_end|> and <|im_start|>user inside"}],
+    [{"role": "user", "content": "word " * 500}],
+]
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_segment_cache_equals_tokenizing_the_whole_prompt(tok: PromptTokenizer,
+                                                          messages: list[dict[str, str]]) -> None:
+    hf = tok._tokenizer("m")
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    whole = hf(text, add_special_tokens=False)["input_ids"]
+    assert tok._segments["m"].enabled
+    assert tok.tokens("m", "chat", {"messages": messages}) == whole
+    assert tok.tokens("m", "chat", {"messages": messages}) == whole  # from the cache
