@@ -33,7 +33,7 @@ WORKER_FIELDS = (
 )
 GATEWAY_FIELDS = (
     "state_dir", "model", "served_model_name", "redis_url", "redis_key_prefix",
-    "gateway_host", "gateway_port",
+    "gateway_host", "gateway_port", "api_keys",
     "routing_policy", "registry_refresh_s", "connect_timeout_s", "upstream_timeout_s",
     "max_request_bytes", "unhealthy_cooldown_s", "max_attempts",
 )

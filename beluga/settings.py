@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     # --- gateway -----------------------------------------------------------------------
     gateway_host: str = Field("0.0.0.0", description="Address the gateway listens on.")
     gateway_port: int = Field(8000, ge=1, le=65535, description="Port of the gateway.")
+    api_keys: str = Field(
+        "",
+        description="Comma-separated `key:tenant` pairs. When set, every /v1 request needs "
+        "`Authorization: Bearer <key>` (401 otherwise), and each tenant gets its own "
+        "cache_salt, so tenants never share cached prefixes. Empty: no authentication.",
+    )
     routing_policy: Literal["pool_aware", "prefix_affinity", "least_loaded", "round_robin"] = (
         Field("pool_aware", description="How the gateway picks a worker: pool_aware "
               "(lowest estimated TTFT from local cache, pool and queue), prefix_affinity, "
@@ -168,6 +174,15 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown environment variables: {', '.join(unknown)}")
         return data
 
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: str) -> str:
+        for item in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, tenant = item.partition(":")
+            if not key or not sep or not tenant:
+                raise ValueError("api_keys must be comma-separated `key:tenant` pairs")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
@@ -190,6 +205,17 @@ class Settings(BaseSettings):
         if self.model is not None:
             return self.model
         return self.models_dir / "SmolLM2-135M-Instruct"
+
+    @property
+    def api_key_tenants(self) -> dict[str, str]:
+        """key -> tenant, from `api_keys`."""
+        out: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in self.api_keys.split(","))):
+            key, sep, tenant = item.partition(":")
+            if not key or not sep or not tenant:
+                raise ValueError("api_keys must be comma-separated `key:tenant` pairs")
+            out[key] = tenant
+        return out
 
     @property
     def resolved_pool_path(self) -> Path:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -28,6 +31,7 @@ from gateway.errors import (
     NoHealthyWorker,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
     UpstreamFailure,
     UpstreamTimeout,
     error_body,
@@ -58,10 +62,33 @@ class Gateway:
         self.pool = pool
         self.policy = policy
         self.client: httpx.AsyncClient | None = None
+        self.tenants = settings.api_key_tenants
         self.metrics = GatewayMetrics(policy.name)
         self.prefixes = PrefixIndex(pool.client, settings.redis_key_prefix)
         dirs = {settings.served_model_name: settings.model_path}
         self.tokenizer = PromptTokenizer({m: d for m, d in dirs.items() if d.is_dir()})
+
+    def authorize(self, request: Request) -> str | None:
+        """The caller's tenant, or None when no keys are configured; 401 otherwise."""
+        if not self.tenants:
+            return None
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        tenant = self.tenants.get(key.strip()) if scheme.lower() == "bearer" else None
+        if tenant is None:
+            raise Unauthorized("Incorrect or missing API key. Send `Authorization: Bearer "
+                               "<key>` with a key this gateway knows.", code="invalid_api_key")
+        return tenant
+
+    @staticmethod
+    def salted(req: ParsedRequest, tenant: str) -> tuple[ParsedRequest, bytes]:
+        """The request with the tenant's cache salt (combined with any salt the client
+        sent), so no two tenants ever share a cached prefix, in vLLM or in the pool."""
+        client_salt = req.payload.get("cache_salt")
+        h = hashlib.sha256(b"beluga-tenant-v1\0" + tenant.encode())
+        if isinstance(client_salt, str) and client_salt:
+            h.update(b"\0" + client_salt.encode())
+        payload = dict(req.payload, cache_salt=h.hexdigest())
+        return replace(req, payload=payload), json.dumps(payload).encode()
 
     def route_info(self, req: ParsedRequest, workers: list[WorkerState]) -> RequestInfo:
         """The request's prompt as the policies see it: length, block keys, and how many
@@ -258,8 +285,12 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
 
     async def handle(request: Request, endpoint: Endpoint) -> Response:
         try:
+            tenant = gw.authorize(request)
             body = await gw.read_body(request)
-            return await gw.forward(parse_request(body, endpoint), body)
+            req = parse_request(body, endpoint)
+            if tenant is not None:
+                req, body = gw.salted(req, tenant)
+            return await gw.forward(req, body)
         except APIError as exc:
             gw.metrics.answered(endpoint, exc.status_code, None, None)
             raise
@@ -277,7 +308,8 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
         return await handle(request, "completions")
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        gw.authorize(request)
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "beluga"}
             for name in gw.pool.models()]}

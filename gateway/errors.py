@@ -46,6 +46,11 @@ class BadRequest(APIError):
     error_type = "invalid_request_error"
 
 
+class Unauthorized(APIError):
+    status_code = 401
+    error_type = "invalid_request_error"
+
+
 class NotFound(APIError):
     status_code = 404
     error_type = "invalid_request_error"

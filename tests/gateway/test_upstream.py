@@ -48,7 +48,7 @@ def stand_in() -> FastAPI:
                                            "param": "max_tokens", "code": 400}},
                                 status_code=400)
         return JSONResponse({"object": "chat.completion", "model": model,
-                             "echo": body.get("seed")})
+                             "echo": body.get("seed"), "salt": body.get("cache_salt")})
 
     return app
 
@@ -155,3 +155,43 @@ def test_metrics_count_requests_routes_and_latencies(gateway: TestClient) -> Non
     assert "beluga_gateway_route_decisions_total{" in text
     assert "beluga_gateway_e2e_seconds_bucket{" in text
     assert 'beluga_gateway_prompt_tokens_total{source="pool"}' in text
+
+
+@pytest.fixture(scope="module")
+def secured(redis_url: str, upstream_url: str) -> Iterator[TestClient]:
+    register(redis.Redis.from_url(redis_url), "b-live", upstream_url, "m")
+    settings = Settings(redis_url=redis_url, redis_key_prefix=PREFIX,
+                        api_keys="key-a:alice, key-b:bob")
+    with TestClient(create_app(settings)) as tc:
+        yield tc
+
+
+def test_api_keys_are_required_and_checked(secured: TestClient) -> None:
+    for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "Basic key-a"}):
+        resp = secured.post("/v1/chat/completions", json=chat("m"), headers=headers)
+        assert resp.status_code == 401
+        err = resp.json()["error"]
+        assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error"
+    assert secured.get("/v1/models").status_code == 401
+    assert secured.get("/v1/models", headers={"authorization": "Bearer key-b"}).status_code == 200
+    assert secured.get("/health").status_code == 200  # operators' endpoints stay open
+    assert 'status="401"' in secured.get("/metrics").text
+
+
+def test_each_tenant_gets_its_own_cache_salt(secured: TestClient) -> None:
+    def salt(key: str, **extra: object) -> str:
+        resp = secured.post("/v1/chat/completions", json=chat("m", **extra),
+                            headers={"authorization": f"Bearer {key}"})
+        assert resp.status_code == 200, resp.text
+        return str(resp.json()["salt"])
+
+    a, b = salt("key-a"), salt("key-b")
+    assert a != b and len(a) == 64 and salt("key-a") == a  # stable per tenant
+    # A client's own salt is combined with the tenant's, never replaces it.
+    assert salt("key-a", cache_salt="x") not in (a, "x")
+    assert salt("key-a", cache_salt="x") != salt("key-b", cache_salt="x")
+
+
+def test_malformed_api_keys_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="key:tenant"):
+        Settings(api_keys="justakey")
