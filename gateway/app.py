@@ -42,6 +42,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.policies import Choice, Policy, RequestInfo, make_policy
 from gateway.prefixes import PrefixIndex
 from gateway.requests import Endpoint, ParsedRequest, parse_request
+from gateway.sse import UsageFilter, with_usage
 from gateway.tokenize import PromptTokenizer
 from gateway.workers import WorkerPool, WorkerState
 
@@ -147,6 +148,11 @@ class Gateway:
 
     async def forward(self, req: ParsedRequest, body: bytes) -> Response:
         assert self.client is not None
+        strip_usage = False
+        if req.stream:  # ask for usage (metrics); removed again if the client did not ask
+            payload, strip_usage = with_usage(req.payload)
+            if strip_usage:
+                body = json.dumps(payload).encode()
         tried: set[str] = set()
         info: RequestInfo | None = None
         last_error: APIError | None = None
@@ -191,10 +197,16 @@ class Gateway:
                     worker.done()
                     await resp.aclose()
                 out = self.buffered_response(resp, content, headers)
+                if resp.status_code == 200:
+                    with contextlib.suppress(ValueError):
+                        answer = json.loads(content)
+                        if isinstance(answer, dict):
+                            self.metrics.usage(answer.get("usage"))
                 self.metrics.answered(req.endpoint, out.status_code, worker.id,
                                       time.perf_counter() - started)
                 return out
-            return StreamingResponse(self.relay(resp, worker, choice, info, started),
+            return StreamingResponse(self.relay(resp, worker, choice, info, started,
+                                                UsageFilter(strip_usage)),
                                      status_code=200, media_type="text/event-stream",
                                      headers=headers)
         raise last_error or NoHealthyWorker(
@@ -213,7 +225,8 @@ class Gateway:
                             status_code=resp.status_code, headers=headers)
 
     async def relay(self, resp: httpx.Response, worker: WorkerState, choice: Choice,
-                    info: RequestInfo, started: float) -> AsyncIterator[bytes]:
+                    info: RequestInfo, started: float,
+                    usage: UsageFilter) -> AsyncIterator[bytes]:
         """Pass SSE bytes through; a worker failure mid-stream ends with an error event.
         The first chunk's arrival is the request's TTFT, which the policy learns from."""
         last: float | None = None
@@ -227,7 +240,13 @@ class Gateway:
                 else:
                     self.metrics.itl.labels(worker.id).observe(now - last)
                 last = now
-                yield chunk
+                out = usage.feed(chunk)
+                if out:
+                    yield out
+            rest = usage.flush()
+            if rest:
+                yield rest
+            self.metrics.usage(usage.usage)
             self.metrics.answered(info.endpoint, 200, worker.id, time.perf_counter() - started)
         except httpx.TimeoutException:
             self.metrics.answered(info.endpoint, UpstreamTimeout.status_code, worker.id, None)

@@ -44,6 +44,16 @@ class GatewayMetrics:
                                      "(estimated at routing).", ["source"], registry=r)
         for source in ("local", "pool", "computed"):
             self.prompt_tokens.labels(source)
+        self.tokens = Counter("beluga_gateway_tokens", "Tokens of answered requests, from "
+                              "the workers' usage reports.", ["kind"], registry=r)
+
+    def usage(self, usage: object) -> None:
+        if not isinstance(usage, dict):
+            return
+        for kind in ("prompt", "completion"):
+            value = usage.get(f"{kind}_tokens")
+            if isinstance(value, int) and value >= 0:
+                self.tokens.labels(kind).inc(value)
 
     def routed(self, choice: Choice, info: RequestInfo) -> None:
         self.decisions.labels(self.policy, choice.reason).inc()

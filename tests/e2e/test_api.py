@@ -84,3 +84,27 @@ def test_a_long_prompt_sticks_to_the_worker_that_has_it(client: openai.OpenAI) -
             model=MODEL_NAME, messages=messages, max_tokens=2)  # type: ignore[arg-type]
         routes.append((raw.headers["x-beluga-worker"], raw.headers["x-beluga-route"]))
     assert routes == [(first.headers["x-beluga-worker"], "local")] * 3
+
+
+def test_streams_get_usage_only_when_asked_and_the_gateway_counts_it(stack: Stack) -> None:
+    import json
+
+    import httpx
+    body = {"model": MODEL_NAME, "stream": True, "max_tokens": 4, "min_tokens": 4,
+            "messages": [{"role": "user", "content": "Count to three."}]}
+    before = httpx.get(f"{stack.base_url}/metrics").text
+    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body,
+                      timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks and all("usage" not in c and c["choices"] for c in chunks)
+    after = httpx.get(f"{stack.base_url}/metrics").text
+
+    def completion_tokens(text: str) -> float:
+        for line in text.splitlines():
+            if line.startswith('beluga_gateway_tokens_total{kind="completion"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    assert completion_tokens(after) - completion_tokens(before) == 4
