@@ -948,22 +948,30 @@ std::vector<int64_t> Pool::copy_blocks(const std::vector<int64_t>& slots,
   return out;
 }
 
+namespace {
+// copy_blocks/copy_cuda results: per-block checksums (gather) or failure flags (scatter).
+std::vector<uint32_t> as_checksums(const std::vector<int64_t>& sums) {
+  return std::vector<uint32_t>(sums.begin(), sums.end());
+}
+std::vector<int64_t> failed_positions(const std::vector<int64_t>& flags) {
+  std::vector<int64_t> failed;
+  for (size_t i = 0; i < flags.size(); ++i)
+    if (flags[i]) failed.push_back(int64_t(i));
+  return failed;
+}
+}  // namespace
+
 std::vector<uint32_t> Pool::gather(const std::vector<int64_t>& slots,
                                    const std::vector<int64_t>& block_ids,
                                    const std::vector<Segment>& segments, int threads) {
-  auto sums = copy_blocks(slots, block_ids, segments, threads, true, true);
-  return std::vector<uint32_t>(sums.begin(), sums.end());
+  return as_checksums(copy_blocks(slots, block_ids, segments, threads, true, true));
 }
 
 std::vector<int64_t> Pool::scatter(const std::vector<int64_t>& slots,
                                    const std::vector<int64_t>& block_ids,
                                    const std::vector<Segment>& segments, int threads,
                                    bool verify) {
-  auto bad = copy_blocks(slots, block_ids, segments, threads, false, verify);
-  std::vector<int64_t> failed;
-  for (size_t i = 0; i < bad.size(); ++i)
-    if (bad[i]) failed.push_back(int64_t(i));
-  return failed;
+  return failed_positions(copy_blocks(slots, block_ids, segments, threads, false, verify));
 }
 
 uint32_t Pool::slot_checksum(int64_t slot) const {
@@ -1058,19 +1066,14 @@ std::vector<uint32_t> Pool::gather_cuda(const std::vector<int64_t>& slots,
                                         const std::vector<int64_t>& block_ids,
                                         const std::vector<Segment>& segments, int device,
                                         uint64_t stream) {
-  auto sums = copy_cuda(slots, block_ids, segments, device, stream, true);
-  return std::vector<uint32_t>(sums.begin(), sums.end());
+  return as_checksums(copy_cuda(slots, block_ids, segments, device, stream, true));
 }
 
 std::vector<int64_t> Pool::scatter_cuda(const std::vector<int64_t>& slots,
                                         const std::vector<int64_t>& block_ids,
                                         const std::vector<Segment>& segments, int device,
                                         uint64_t stream) {
-  auto bad = copy_cuda(slots, block_ids, segments, device, stream, false);
-  std::vector<int64_t> failed;
-  for (size_t i = 0; i < bad.size(); ++i)
-    if (bad[i]) failed.push_back(int64_t(i));
-  return failed;
+  return failed_positions(copy_cuda(slots, block_ids, segments, device, stream, false));
 }
 
 }  // namespace beluga
