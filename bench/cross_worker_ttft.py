@@ -147,7 +147,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--prompts", type=int, default=7, help="distinct prompts (median over)")
     ap.add_argument("--tokens", type=int, default=3000, help="prompt length in tokens")
-    ap.add_argument("--kv-gib", type=float, default=1.0, help="KV space per worker (GiB)")
+    ap.add_argument("--kv-gib", type=int, default=1, help="KV space per worker (whole GiB)")
     ap.add_argument("--pool-gib", type=float, default=2.0, help="Beluga pool size (GiB)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()

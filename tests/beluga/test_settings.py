@@ -50,7 +50,7 @@ def test_bad_values_are_rejected(monkeypatch: pytest.MonkeyPatch, name: str, val
 
 def test_settings_survive_the_trip_to_child_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     original = Settings(gateway_port=9200, model=Path("/m"), enforce_eager=False,
-                        vllm_extra_args="--seed 3", kv_cache_space_gib=0.5)
+                        vllm_extra_args="--seed 3", kv_cache_space_gib=3)
     for key, value in settings_env(original).items():
         monkeypatch.setenv(key, value)
     assert Settings() == original

@@ -34,8 +34,8 @@ def test_eager_can_be_switched_off() -> None:
 
 
 def test_cpu_kv_space_is_capped_and_the_hub_is_never_called() -> None:
-    env = vllm_env(Settings(kv_cache_space_gib=0.5))
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == "0.5"
+    env = vllm_env(Settings(kv_cache_space_gib=2))
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     # the same thread layout with and without the connector (same arithmetic)
     assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
     assert env["HF_HUB_OFFLINE"] == "1"
