@@ -108,6 +108,13 @@ class WorkerPool:
         self.redis_ok = True
         self.last_refresh = time.monotonic()
         fresh: dict[str, WorkerState] = {}
+        # A worker missing from the registry is dropped once its last heartbeat is older
+        # than the registry TTL (what key expiry means), not at once: after a Redis restart
+        # the registry is empty until the workers' next heartbeats, and they are alive.
+        now = time.time()
+        for wid, known in self._workers.items():
+            if now - known.record.heartbeat_at < self.settings.worker_ttl_s:
+                fresh[wid] = known
         for rec in records:
             old = self._workers.get(rec.id)
             if old is not None and old.url == rec.url and old.record.pid == rec.pid:
