@@ -141,10 +141,13 @@ def pool_geometry(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
                         tuple(groups[0].layer_names))
 
 
-def open_pool(cfg: ConnectorConfig, geo: PoolGeometry) -> KVPool:
+def open_pool(cfg: ConnectorConfig, geo: PoolGeometry, side: str) -> KVPool:
     slots = max(1, int(cfg.pool_size_gib * GiB) // geo.slot_size)
-    return KVPool.open(cfg.pool_path, slot_size=geo.slot_size, slot_count=slots,
+    pool = KVPool.open(cfg.pool_path, slot_size=geo.slot_size, slot_count=slots,
                        fingerprint=geo.fingerprint, coherence=cfg.coherence)
+    logger.info("Beluga pool %s attached (%s): %d slots of %d bytes, uuid %s", pool.path,
+                side, pool.slot_count, pool.slot_size, pool.uuid)
+    return pool
 
 
 class BelugaConnector(KVConnectorBase_V1):
@@ -305,10 +308,7 @@ class _SchedulerSide:
         try:
             self.geo = pool_geometry(vllm_config, kv_cache_config)
             self.block_tokens = self.geo.block_tokens
-            self.pool = open_pool(cfg, self.geo)
-            logger.info("Beluga pool %s attached (scheduler): %d slots of %d bytes, uuid %s",
-                        self.pool.path, self.pool.slot_count, self.pool.slot_size,
-                        self.pool.uuid)
+            self.pool = open_pool(cfg, self.geo, "scheduler")
         except (PoolError, LayoutError, OSError) as exc:
             hint = ""
             if isinstance(exc, PoolGeometryError | PoolFingerprintError | PoolFormatError):
@@ -534,10 +534,7 @@ class _WorkerSide:
                 vllm_config, kv_cache_config, get_tensor_model_parallel_rank())
             if vllm_config.parallel_config.tensor_parallel_size != 1:
                 raise LayoutError("tensor parallelism is not shared yet")
-            self.pool = open_pool(cfg, self.geo)
-            logger.info("Beluga pool %s attached (worker): %d slots of %d bytes, uuid %s",
-                        self.pool.path, self.pool.slot_count, self.pool.slot_size,
-                        self.pool.uuid)
+            self.pool = open_pool(cfg, self.geo, "worker")
         except (PoolError, LayoutError, OSError) as exc:
             # The scheduler side meets the same condition and warns once for the worker.
             logger.info("Beluga pool unavailable in the model runner: %s", exc)
