@@ -35,7 +35,8 @@ GATEWAY_FIELDS = (
     "state_dir", "model", "served_model_name", "redis_url", "redis_key_prefix",
     "gateway_host", "gateway_port", "api_keys",
     "routing_policy", "registry_refresh_s", "connect_timeout_s", "upstream_timeout_s",
-    "max_request_bytes", "unhealthy_cooldown_s", "max_attempts",
+    "max_request_bytes", "unhealthy_cooldown_s", "health_check_interval_s",
+    "health_check_timeout_s", "max_attempts",
 )
 UP_FIELDS = tuple(dict.fromkeys(
     WORKER_FIELDS + GATEWAY_FIELDS + ("num_workers", "start_redis")))

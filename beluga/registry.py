@@ -73,6 +73,7 @@ class HintsRecord(BaseModel):
     fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")  # model fingerprint of the keys
     block_tokens: int = Field(ge=1)
     pool_uuid: str | None = None  # the pool this worker shares through, if any
+    pool_path: str | None = Field(None, max_length=4096)  # where that pool is mapped there
     keys: int = Field(ge=0)  # how many keys the set holds
     updated_at: float
 

@@ -127,7 +127,16 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
     unhealthy_cooldown_s: float = Field(
-        10.0, ge=0, description="How long a worker that failed to connect is skipped."
+        10.0, ge=0, description="How long a worker that failed is skipped; each failed "
+        "health check extends it, a passing one ends it."
+    )
+    health_check_interval_s: float = Field(
+        2.0, ge=0, description="How often the gateway GETs every worker's /health: a "
+        "failing worker is taken out of routing, a recovered one put back. 0: off (failed "
+        "workers come back after the cooldown)."
+    )
+    health_check_timeout_s: float = Field(
+        2.0, gt=0, description="How long one health check may take before it counts as failed."
     )
     max_attempts: int = Field(
         3, ge=1, description="Workers tried for one request when connecting fails."

@@ -323,7 +323,7 @@ class _SchedulerSide:
             self.hints = HintPublisher(
                 cfg.redis_url, cfg.redis_key_prefix, cfg.worker_id, self.geo.fingerprint,
                 self.block_tokens, str(self.pool.uuid), cfg.hints_ttl_s,
-                cfg.hints_interval_s, cfg.max_hint_keys)
+                cfg.hints_interval_s, cfg.max_hint_keys, pool_path=self.pool.path)
 
     def _track(self, request: Request) -> _Tracked:
         t = self._tracked.get(request.request_id)

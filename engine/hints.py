@@ -25,12 +25,12 @@ logger = logging.getLogger(f"vllm.{__name__}")  # through vLLM's log handlers
 class HintPublisher:
     def __init__(self, redis_url: str, prefix: str, worker_id: str, fingerprint: bytes,
                  block_tokens: int, pool_uuid: str | None, ttl_s: int, interval_s: float,
-                 max_keys: int) -> None:
+                 max_keys: int, pool_path: str | None = None) -> None:
         self._client = redis.Redis.from_url(redis_url, socket_timeout=2.0,
                                             socket_connect_timeout=2.0)
         self._prefix, self._worker = prefix, worker_id
         self._fingerprint, self._block_tokens = fingerprint.hex(), block_tokens
-        self._pool_uuid = pool_uuid
+        self._pool_uuid, self._pool_path = pool_uuid, pool_path
         self._ttl, self._interval, self._max = ttl_s, interval_s, max_keys
         self._latest: list[str] | None = None
         self._wake = threading.Event()
@@ -78,7 +78,7 @@ class HintPublisher:
     def _publish(self, keys: list[str], changed: bool) -> None:
         record = HintsRecord(worker_id=self._worker, fingerprint=self._fingerprint,
                              block_tokens=self._block_tokens, pool_uuid=self._pool_uuid,
-                             keys=len(keys), updated_at=time.time())
+                             pool_path=self._pool_path, keys=len(keys), updated_at=time.time())
         blocks = hint_blocks_key(self._prefix, self._worker)
         pipe = self._client.pipeline(transaction=True)
         if changed:

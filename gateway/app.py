@@ -39,6 +39,7 @@ from gateway.errors import (
     status_error_type,
 )
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import CHAT_REQUEST, COMPLETION_REQUEST, operation
 from gateway.policies import Choice, Policy, RequestInfo, make_policy
 from gateway.prefixes import PrefixIndex
 from gateway.requests import Endpoint, ParsedRequest, parse_request
@@ -65,6 +66,7 @@ class Gateway:
         self.client: httpx.AsyncClient | None = None
         self.tenants = settings.api_key_tenants
         self.metrics = GatewayMetrics(policy.name)
+        self.metrics.watch_workers(self.pool.snapshot)
         self.prefixes = PrefixIndex(pool.client, settings.redis_key_prefix)
         dirs = {settings.served_model_name: settings.model_path}
         self.tokenizer = PromptTokenizer({m: d for m, d in dirs.items() if d.is_dir()})
@@ -119,6 +121,15 @@ class Gateway:
         while True:
             await self.refresh()
             await asyncio.sleep(self.settings.registry_refresh_s)
+
+    async def run_health_checks(self) -> None:
+        assert self.client is not None
+        while True:
+            await asyncio.sleep(self.settings.health_check_interval_s)
+            try:
+                await self.pool.check_health(self.client)
+            except Exception:  # a bug here must not stop the checks for good
+                logger.exception("health checks failed")
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.settings.max_request_bytes
@@ -274,13 +285,17 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             gw.client = client
             await gw.refresh()
-            refresher = asyncio.create_task(gw.run_refresh())
+            tasks = [asyncio.create_task(gw.run_refresh())]
+            if settings.health_check_interval_s > 0:
+                tasks.append(asyncio.create_task(gw.run_health_checks()))
             try:
                 yield
             finally:
-                refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await refresher
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 gw.prefixes.close()
                 await gw.pool.close()
 
@@ -318,11 +333,13 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=operation(
+        CHAT_REQUEST, "A chat completion, or its server-sent events when streaming."))
     async def chat_completions(request: Request) -> Response:
         return await handle(request, "chat")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=operation(
+        COMPLETION_REQUEST, "A completion, or its server-sent events when streaming."))
     async def completions(request: Request) -> Response:
         return await handle(request, "completions")
 

@@ -7,14 +7,23 @@
     beluga_gateway_route_decisions_total{policy, reason}
     beluga_gateway_prompt_tokens_total{source}               local | pool | computed, as
                                                              estimated when routing
+    beluga_gateway_worker_healthy{worker}                    1 in routing, 0 taken out
+    beluga_gateway_worker_in_flight{worker}                  this gateway's open requests
+    beluga_gateway_worker_load{worker}                       occupancy the router sees
 Each gateway process has its own registry (several apps in one test process never clash).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gateway.policies import Choice, RequestInfo
+from gateway.workers import WorkerState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)
@@ -47,6 +56,10 @@ class GatewayMetrics:
         self.tokens = Counter("beluga_gateway_tokens", "Tokens of answered requests, from "
                               "the workers' usage reports.", ["kind"], registry=r)
 
+    def watch_workers(self, snapshot: Callable[[], Sequence[WorkerState]]) -> None:
+        """Per-worker gauges, read from the registry snapshot at scrape time."""
+        self.registry.register(_WorkerGauges(snapshot))
+
     def usage(self, usage: object) -> None:
         if not isinstance(usage, dict):
             return
@@ -74,3 +87,27 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WorkerGauges(Collector):
+    def __init__(self, snapshot: Callable[[], Sequence[WorkerState]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily("beluga_gateway_worker_healthy",
+                                    "1 while the worker is in routing, 0 while taken out.",
+                                    labels=["worker"])
+        in_flight = GaugeMetricFamily("beluga_gateway_worker_in_flight",
+                                      "Requests this gateway has open on the worker.",
+                                      labels=["worker"])
+        load = GaugeMetricFamily("beluga_gateway_worker_load",
+                                 "Occupancy per slot the router sees (reported or own).",
+                                 labels=["worker"])
+        now = time.monotonic()
+        for w in self._snapshot():
+            healthy.add_metric([w.id], 1.0 if w.healthy(now) else 0.0)
+            in_flight.add_metric([w.id], float(w.in_flight))
+            load.add_metric([w.id], w.load())
+        yield healthy
+        yield in_flight
+        yield load

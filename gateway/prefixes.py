@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 
 from beluga.registry import HintsRecord, hint_blocks_key, hint_key, hints_key, parse_hints
 from kvpool import KVPool, PoolError, block_keys
+from kvpool.pool import DEFAULT_CANDIDATES
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +87,13 @@ class PrefixIndex:
         if self._pool_uuid in uuids or not uuids:
             return
         for uuid in sorted(uuids - self._pool_failed):
+            # Where the workers map it first (the same path on a shared host), then the
+            # usual places (a CXL device has another /dev/dax name on every host).
+            paths = sorted({glob.escape(h.record.pool_path) for h in self._hints.values()
+                            if h.record.pool_uuid == uuid and h.record.pool_path})
             try:
-                pool = await asyncio.to_thread(KVPool.attach_by_uuid, uuid, prefault=False)
+                pool = await asyncio.to_thread(KVPool.attach_by_uuid, uuid,
+                                               [*paths, *DEFAULT_CANDIDATES], prefault=False)
             except PoolError as exc:
                 logger.info("pool %s is not mapped on this host (%s); routing on hints only",
                             uuid, exc)

@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import httpx
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -84,10 +85,36 @@ class WorkerPool:
     def for_model(self, model: str) -> list[WorkerState]:
         return [w for w in self._snapshot if w.record.model == model]
 
-    def mark_unhealthy(self, worker: WorkerState) -> None:
-        worker.unhealthy_until = time.monotonic() + self.settings.unhealthy_cooldown_s
-        logger.warning("worker %s at %s failed; skipping it for %.0f s", worker.id, worker.url,
-                       self.settings.unhealthy_cooldown_s)
+    def mark_unhealthy(self, worker: WorkerState, why: str = "failed") -> None:
+        now = time.monotonic()
+        was_healthy = worker.healthy(now)
+        worker.unhealthy_until = max(worker.unhealthy_until,
+                                     now + self.settings.unhealthy_cooldown_s)
+        if was_healthy:
+            logger.warning("worker %s at %s %s; taken out of routing", worker.id, worker.url,
+                           why)
+
+    async def check_health(self, client: httpx.AsyncClient) -> None:
+        """GET every worker's /health at once: a failure takes (or keeps) it out, a pass puts
+        it back at once, whatever the remaining cooldown."""
+        workers = self._snapshot
+        results = await asyncio.gather(*(self._probe(client, w) for w in workers))
+        for worker, problem in zip(workers, results, strict=True):
+            if problem is not None:
+                self.mark_unhealthy(worker, f"failed its health check ({problem})")
+            elif not worker.healthy(time.monotonic()):
+                worker.unhealthy_until = 0.0
+                logger.info("worker %s at %s passed its health check; back in routing",
+                            worker.id, worker.url)
+
+    async def _probe(self, client: httpx.AsyncClient, worker: WorkerState) -> str | None:
+        """None when healthy, else what went wrong."""
+        try:
+            resp = await client.get(f"{worker.url}/health",
+                                    timeout=self.settings.health_check_timeout_s)
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        return None if resp.status_code == 200 else f"HTTP {resp.status_code}"
 
     async def refresh(self) -> None:
         try:

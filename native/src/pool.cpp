@@ -2,9 +2,11 @@
 #include "beluga/pool.h"
 
 #include <errno.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -12,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <random>
@@ -226,6 +229,31 @@ static uint8_t* map_region(int fd, uint64_t size, const std::string& path, bool 
 
 static bool is_devdax(const std::string& path) { return path.rfind("/dev/dax", 0) == 0; }
 
+// Builds in progress are named <pool file><kBuildInfix><pid>.<random>.
+static constexpr const char* kBuildInfix = ".building.";
+
+// Remove builds whose creator died: a live creator holds LOCK_EX on its build from before
+// the file has a size, so a sized build whose lock is free was abandoned.
+static void sweep_abandoned_builds(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  std::string dir = slash == std::string::npos ? "." : path.substr(0, slash);
+  if (dir.empty()) dir = "/";
+  std::string prefix = path.substr(slash == std::string::npos ? 0 : slash + 1) + kBuildInfix;
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) return;
+  while (dirent* e = readdir(d)) {
+    if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) != 0) continue;
+    std::string victim = dir + "/" + e->d_name;
+    int fd = open(victim.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue;
+    struct stat st{};
+    if (fstat(fd, &st) == 0 && st.st_size > 0 && flock(fd, LOCK_EX | LOCK_NB) == 0)
+      unlink(victim.c_str());
+    close(fd);
+  }
+  closedir(d);
+}
+
 static uint64_t devdax_size(const std::string& path) {
   auto name = path.substr(path.find_last_of('/') + 1);
   std::ifstream f("/sys/bus/dax/devices/" + name + "/size");
@@ -246,9 +274,18 @@ std::unique_ptr<Pool> Pool::create(const std::string& path, const CreateOptions&
   Layout l = compute_layout(o.slot_size, o.slot_count, o.max_clients, o.max_pins);
   int fd;
   uint64_t size = l.total;
-  if (is_devdax(path)) {
+  const bool dax = is_devdax(path);
+  // A file pool is built under a private name and linked into place only once its header is
+  // published: an attacher never sees a half-made pool, and a creator that dies leaves no
+  // file at `path` (its leftover is swept by the next creator).
+  std::string build_path = path;
+  if (dax) {
     fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
     if (fd < 0) fail(ErrorKind::kIo, "cannot open " + path + ": " + errno_text());
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      close(fd);
+      fail(ErrorKind::kBusy, path + " is being initialised by another process");
+    }
     uint64_t dev = devdax_size(path);
     if (dev < size) {
       close(fd);
@@ -256,13 +293,26 @@ std::unique_ptr<Pool> Pool::create(const std::string& path, const CreateOptions&
                                     std::to_string(size));
     }
   } else {
-    fd = open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, o.mode);
-    if (fd < 0 && errno == EEXIST) fail(ErrorKind::kExists, path + " already exists");
-    if (fd < 0) fail(ErrorKind::kIo, "cannot create " + path + ": " + errno_text());
-    if (ftruncate(fd, off_t(size)) != 0) {
-      auto msg = "cannot size " + path + ": " + errno_text();
+    if (access(path.c_str(), F_OK) == 0) fail(ErrorKind::kExists, path + " already exists");
+    sweep_abandoned_builds(path);
+    std::random_device rd;
+    char suffix[64];
+    std::snprintf(suffix, sizeof(suffix), "%s%d.%08x", kBuildInfix, int(getpid()), unsigned(rd()));
+    build_path = path + suffix;
+    fd = open(build_path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, o.mode);
+    if (fd < 0) fail(ErrorKind::kIo, "cannot create " + build_path + ": " + errno_text());
+    // Held until the pool is linked into place: a sweeper never takes a live build.
+    flock(fd, LOCK_EX);
+    // Reserve every page now: a full tmpfs/hugetlbfs fails here with ENOSPC instead of a
+    // SIGBUS on some later copy. Filesystems without fallocate keep a sparse file.
+    if (ftruncate(fd, off_t(size)) != 0 ||
+        (fallocate(fd, 0, 0, off_t(size)) != 0 && errno != EOPNOTSUPP && errno != ENOSYS)) {
+      auto msg = "cannot reserve " + std::to_string(size) + " bytes for " + path + ": " +
+                 errno_text() + (errno == ENOSPC ? " (not enough space on that filesystem: "
+                                                   "free some, or make the pool smaller)"
+                                                 : "");
       close(fd);
-      unlink(path.c_str());
+      unlink(build_path.c_str());
       fail(ErrorKind::kIo, msg);
     }
   }
@@ -271,7 +321,7 @@ std::unique_ptr<Pool> Pool::create(const std::string& path, const CreateOptions&
     base = map_region(fd, size, path, o.prefault && o.numa_node < 0);
   } catch (...) {
     close(fd);
-    if (!is_devdax(path)) unlink(path.c_str());
+    if (!dax) unlink(build_path.c_str());
     throw;
   }
   if (o.numa_node >= 0) {
@@ -285,7 +335,7 @@ std::unique_ptr<Pool> Pool::create(const std::string& path, const CreateOptions&
                  errno_text();
       munmap(base, size);
       close(fd);
-      if (!is_devdax(path)) unlink(path.c_str());
+      if (!dax) unlink(build_path.c_str());
       fail(ErrorKind::kIo, msg);
     }
   }
@@ -316,6 +366,19 @@ std::unique_ptr<Pool> Pool::create(const std::string& path, const CreateOptions&
   if (o.coherence == Coherence::kFlush) writeback(base, l.data);
   h->magic.store(kMagic, std::memory_order_release);  // published last
   if (o.coherence == Coherence::kFlush) writeback(&h->magic, 8);
+  if (!dax) {
+    // link() fails if `path` appeared meanwhile: the other creator won, this build goes.
+    int rc = link(build_path.c_str(), path.c_str());
+    int err = errno;
+    unlink(build_path.c_str());
+    if (rc != 0) {
+      munmap(base, size);
+      close(fd);
+      if (err == EEXIST) fail(ErrorKind::kExists, path + " already exists");
+      fail(ErrorKind::kIo, "cannot link " + path + ": " + std::strerror(err));
+    }
+  }
+  flock(fd, LOCK_UN);
   std::unique_ptr<Pool> pool(new Pool(path, fd, base, size));
   pool->claim_client();
   return pool;

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -104,6 +105,17 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, deadline: f
         time.sleep(1)
 
 
+def pool_enabled(url: str, wait_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+        if any(ln.startswith("beluga_worker_pool_enabled") and ln.endswith(" 1.0")
+               for ln in lines):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if not (MODEL / "beluga-model.json").is_file():
@@ -111,8 +123,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("stack")
     gateway_port, worker_port, redis_port = free_port(), free_port(2), free_port()
     ref_port, mm_port = free_port(), free_port()
-    pool_path = Path(f"/dev/shm/beluga-e2e-{os.getpid()}.pool")
-    mismatch_pool = Path(f"/dev/shm/beluga-e2e-{os.getpid()}-foreign.pool")
+    # /dev/shm as users run it; where it is too small (a container's 64 MiB default), a
+    # plain file: the pool maps it the same way.
+    shm = Path("/dev/shm")
+    where = shm if shm.is_dir() and shutil.disk_usage(shm).free > 2 * 1024**3 else state
+    pool_path = where / f"beluga-e2e-{os.getpid()}.pool"
+    mismatch_pool = where / f"beluga-e2e-{os.getpid()}-foreign.pool"
     for p in (pool_path, mismatch_pool):
         p.unlink(missing_ok=True)
     KVPool.create(mismatch_pool, slot_size=4096, slot_count=16,
@@ -148,6 +164,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ref_url, mm_url = f"http://127.0.0.1:{ref_port}", f"http://127.0.0.1:{mm_port}"
     wait_healthy(ref_url, ref, state / "reference.log", deadline)
     wait_healthy(mm_url, mm, mm_log, deadline)
+    for i in range(2):
+        # Every pool test depends on this: say why at once, with the worker's own words.
+        url = f"http://127.0.0.1:{worker_port + i}"
+        httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": MODEL_NAME, "prompt": "Hello", "max_tokens": 1})  # the gauge comes with a step
+        if not pool_enabled(url):
+            wlog = state / "logs" / f"worker-{worker_port + i}.vllm.log"
+            said = [ln for ln in wlog.read_text(errors="replace").splitlines()
+                    if "Beluga" in ln or "beluga" in ln.lower() and "error" in ln.lower()]
+            proc.kill()
+            pytest.fail(f"stack worker {i} serves without the pool:\n" + "\n".join(said[-30:]))
     s = Stack(base_url=f"http://127.0.0.1:{gateway_port}", redis_url=env["BELUGA_REDIS_URL"],
               proc=proc, log=log, state_dir=state, pool_path=pool_path,
               worker_urls=[f"http://127.0.0.1:{worker_port + i}" for i in range(2)],

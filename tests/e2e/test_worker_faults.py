@@ -1,5 +1,6 @@
-"""A worker killed with SIGKILL while requests continue: they succeed on the other worker,
-and the pool the victim was saving into stays consistent for the survivor.
+"""A worker killed with SIGKILL while requests continue: requests not yet answered succeed
+on the other worker, streams the victim was sending end with a clear error event, and the
+pool the victim was saving into stays consistent for the survivor.
 
 Runs last in the session: it leaves the stack with one worker."""
 
@@ -10,6 +11,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import openai
 import psutil
@@ -21,12 +23,58 @@ from tests.e2e.pool_helpers import BLOCK, complete, metrics, pool_of, prompt
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+@dataclass
+class LongStream:
+    """A long chat stream through the gateway, read on its own thread."""
+
+    index: int
+    worker: str = ""
+    chunks: int = 0
+    error: openai.APIError | None = None
+    finished: bool = False   # the stream ended by itself (not closed by the test)
+    started: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self, client: openai.OpenAI, close: threading.Event) -> None:
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL_NAME, stream=True, temperature=0, max_tokens=1500,
+                extra_body={"ignore_eos": True},
+                messages=[{"role": "user", "content": f"Write a long story #{self.index}."}])
+            self.worker = raw.headers["x-beluga-worker"]
+            stream = raw.parse()
+            for _chunk in stream:
+                self.chunks += 1
+                self.started.set()
+                if close.is_set():
+                    stream.close()
+                    return
+            self.finished = True
+        except openai.APIError as exc:
+            self.error = exc
+        finally:
+            self.started.set()
+            self.done.set()
+
+
 def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
     client = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="x", max_retries=0,
                            timeout=120)
     workers = stack.workers()
     assert len(workers) == 2
-    victim, survivor = workers
+
+    # Long streams first; the victim is a worker that is sending at least one of them.
+    close_streams = threading.Event()
+    streams = [LongStream(i) for i in range(4)]
+    readers = [threading.Thread(target=s.run, args=(client, close_streams), daemon=True)
+               for s in streams]
+    for r in readers:
+        r.start()
+    for s in streams:
+        assert s.started.wait(120) and s.error is None and s.chunks > 0, s
+    by_worker = {w.id: sum(s.worker == w.id for s in streams) for w in workers}
+    victim = max(workers, key=lambda w: by_worker[w.id])
+    survivor = next(w for w in workers if w.id != victim.id)
     victim_procs = [psutil.Process(victim.pid)] + psutil.Process(victim.pid).children(
         recursive=True)
     started = threading.Event()
@@ -41,7 +89,7 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
     def keep_saving() -> None:
         i = 0
         while not stop_saving.is_set():
-            ids = prompt(41 + 97 * i, 1200 + 13 * i)
+            ids = prompt((41 + 97 * i) % 3000, 1200 + 13 * (i % 50))
             sent.append(ids)
             i += 1
             try:
@@ -62,16 +110,35 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
     while metrics(victim_url).get("beluga_worker_pool_blocks_saved_total", 0) <= saved_before:
         assert time.monotonic() < deadline, "the victim never saved a block"
         time.sleep(0.05)
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(ask, i) for i in range(12)]
+    with ThreadPoolExecutor(4) as ex:
+        futures = [ex.submit(ask, i) for i in range(12)]
         started.wait(10)
         time.sleep(0.3)
+        assert not any(s.done.is_set() for s in streams), "a stream ended before the kill"
+        at_kill = {s.index: s.chunks for s in streams}
         os.killpg(victim.pid, signal.SIGKILL)  # the worker, its vLLM server and engine
         stop_saving.set()
         results = [f.result() for f in futures]
     saver.join(30)
 
     assert all("Paris" in text for _, text in results), results
+    # The victim's streams end with an error event the SDK raises, naming what happened;
+    # the survivor's go on streaming.
+    for s in streams:
+        if s.worker == victim.id:
+            assert s.done.wait(60), "a stream from the dead worker hangs"
+            assert s.error is not None and not s.finished, s
+            assert f"worker {victim.id} failed mid-stream" in s.error.message, s.error.message
+    deadline = time.monotonic() + 60
+    for s in streams:
+        if s.worker == survivor.id:
+            while s.chunks < at_kill[s.index] + 10 and not s.done.is_set():
+                assert time.monotonic() < deadline, "a survivor's stream stalled"
+                time.sleep(0.1)
+            assert s.error is None, s.error
+    close_streams.set()
+    for r in readers:
+        r.join(60)
     _gone, alive = psutil.wait_procs(victim_procs, timeout=10)
     assert not alive
     # After the kill, new requests all land on the survivor.

@@ -39,9 +39,10 @@ def shm_pool() -> Iterator[KVPool]:
     path.unlink(missing_ok=True)
 
 
-def publish(server: RedisServer, wid: str, keys: list[bytes], pool_uuid: str | None) -> None:
+def publish(server: RedisServer, wid: str, keys: list[bytes], pool_uuid: str | None,
+            pool_path: str | None = None) -> None:
     pub = HintPublisher(server.url, PREFIX, wid, FP, 16, pool_uuid, ttl_s=10, interval_s=0.05,
-                        max_keys=100)
+                        max_keys=100, pool_path=pool_path)
     pub.offer(keys)
     client = server.client()
     deadline = time.monotonic() + 5
@@ -103,3 +104,32 @@ def test_redis_down_keeps_the_last_hints(server: RedisServer) -> None:
             await client.aclose()
 
     asyncio.run(go())
+
+
+def test_the_pool_is_found_where_the_workers_map_it(server: RedisServer,
+                                                    tmp_path: Path) -> None:
+    """A pool outside the usual places (/dev/dax*, /dev/shm, /dev/hugepages): the hints say
+    where the workers map it, and the gateway attaches it there (checking the UUID)."""
+    path = tmp_path / "odd [place]" / "p.pool"   # glob characters are taken literally
+    path.parent.mkdir()
+    pool = KVPool.create(path, slot_size=4096, slot_count=32, fingerprint=FP)
+    try:
+        keys = block_keys(TOKENS, 16, FP)
+        pool.put(keys[:3], [b"x" * 100] * 3)
+        publish(server, "w1", keys[:1], str(pool.uuid), str(path))
+
+        async def go() -> None:
+            client = aioredis.Redis.from_url(server.url)
+            index = PrefixIndex(client, PREFIX)
+            try:
+                assert await index.refresh(["w1"])
+                keying = index.keying(["w1"])
+                assert keying is not None
+                assert index.pool_blocks(keying, index.keys(keying, TOKENS, "")) == 3
+            finally:
+                index.close()
+                await client.aclose()
+
+        asyncio.run(go())
+    finally:
+        pool.close()

@@ -28,6 +28,11 @@ PREFIX = "beluga:test"
 
 def stand_in() -> FastAPI:
     app = FastAPI()
+    app.state.health_status = 200
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=app.state.health_status)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -60,10 +65,9 @@ def redis_url() -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def upstream_url() -> Iterator[str]:
+def serve(app: FastAPI) -> Iterator[str]:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(stand_in(), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -72,6 +76,11 @@ def upstream_url() -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def upstream_url() -> Iterator[str]:
+    yield from serve(stand_in())
 
 
 def register(client: redis.Redis, wid: str, url: str, model: str) -> None:
@@ -195,3 +204,43 @@ def test_each_tenant_gets_its_own_cache_salt(secured: TestClient) -> None:
 def test_malformed_api_keys_setting_is_refused() -> None:
     with pytest.raises(ValueError, match="key:tenant"):
         Settings(api_keys="justakey")
+
+
+def test_health_checks_take_a_worker_out_and_put_it_back(redis_url: str) -> None:
+    """A worker whose /health fails is out of routing (no request is needed to find out);
+    once it passes again it is back at the next check, not after the 60 s cooldown."""
+    app = stand_in()
+    for url in serve(app):
+        client = redis.Redis.from_url(redis_url)
+        register(client, "h-flaky", url, "hm")
+        register(client, "h-steady", url.replace("127.0.0.1", "localhost"), "hm")
+        settings = Settings(redis_url=redis_url, redis_key_prefix=PREFIX,
+                            unhealthy_cooldown_s=60, health_check_interval_s=0.1,
+                            health_check_timeout_s=1.0)
+        with TestClient(create_app(settings)) as gw:
+
+            def healthy() -> dict[str, bool]:
+                return {w["id"]: w["healthy"] for w in gw.get("/health").json()["workers"]
+                        if w["id"].startswith("h-")}
+
+            def wait_for(want: dict[str, bool]) -> None:
+                deadline = time.monotonic() + 5
+                while healthy() != want:
+                    assert time.monotonic() < deadline, healthy()
+                    time.sleep(0.05)
+
+            wait_for({"h-flaky": True, "h-steady": True})
+            app.state.health_status = 503     # both answer from this one stand-in
+            wait_for({"h-flaky": False, "h-steady": False})
+            resp = gw.post("/v1/chat/completions", json=chat("hm"))
+            assert resp.status_code == 503    # nobody to route to: the OpenAI error body
+            assert resp.json()["error"]["code"] == "no_healthy_worker"
+            metrics = gw.get("/metrics").text
+            assert 'beluga_gateway_worker_healthy{worker="h-flaky"} 0.0' in metrics
+            app.state.health_status = 200
+            wait_for({"h-flaky": True, "h-steady": True})
+            resp = gw.post("/v1/chat/completions", json=chat("hm", seed=3))
+            assert resp.status_code == 200 and resp.json()["echo"] == 3
+            assert 'beluga_gateway_worker_healthy{worker="h-flaky"} 1.0' in gw.get(
+                "/metrics").text
+        client.delete(worker_key(PREFIX, "h-flaky"), worker_key(PREFIX, "h-steady"))

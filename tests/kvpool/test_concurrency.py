@@ -100,3 +100,35 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
     assert fresh.put([key(0)], [block_for(key(0), SLOT)]).stored in (0, 1)
     fresh.close()
     owner.close()
+
+
+def test_racing_openers_share_one_pool(tmp_path: Path) -> None:
+    """Six processes open a missing pool at once (as workers starting together do): one
+    creates it, the rest attach to that same pool, and no build file is left behind."""
+    path = tmp_path / "race.pool"
+    code = (
+        "import sys\n"
+        "from kvpool import KVPool\n"
+        "from tests.kvpool.conftest import FP\n"
+        "sys.stdin.readline()\n"
+        f"p = KVPool.open({str(path)!r}, slot_size=65536, slot_count=512, fingerprint=FP)\n"
+        "print(p.uuid, flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(6)]
+    try:
+        for p in procs:    # one "go" to all: they open together
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.flush()
+        uuids = {p.stdout.readline().strip() for p in procs if p.stdout is not None}
+        assert len(uuids) == 1 and "" not in uuids
+        assert [f.name for f in tmp_path.iterdir()] == ["race.pool"]
+    finally:
+        for p in procs:
+            if p.stdin is not None:
+                p.stdin.close()
+            p.wait(timeout=30)

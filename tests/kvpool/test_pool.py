@@ -334,3 +334,54 @@ def test_a_failed_put_leaves_no_reserved_slot(make_pool: MakePool) -> None:
     st = pool.stats()
     assert (st.writing_slots, st.used_slots) == (0, 0)
     assert pool.lookup_prefix([key(1)]) == 0
+
+
+def test_a_pool_file_appears_only_once_complete(pool_path: Path) -> None:
+    """Creation builds under a private name and links the finished pool into place."""
+    leftovers = lambda: sorted(p.name for p in pool_path.parent.iterdir())  # noqa: E731
+    pool = KVPool.create(pool_path, slot_size=4096, slot_count=8, fingerprint=FP)
+    try:
+        assert leftovers() == [pool_path.name]
+        # The published file already carries its header: an attacher needs no waiting.
+        assert KVPool.attach(pool_path, fingerprint=FP, wait_init_s=0.0).uuid == pool.uuid
+    finally:
+        pool.close()
+
+
+def test_an_abandoned_build_is_swept_and_a_live_one_kept(pool_path: Path) -> None:
+    import fcntl
+
+    dead = pool_path.parent / f"{pool_path.name}.building.4242.0000dead"
+    dead.write_bytes(b"\0" * 8192)              # sized, nobody holds its lock: abandoned
+    live = pool_path.parent / f"{pool_path.name}.building.4243.00001ive"
+    live.write_bytes(b"\0" * 8192)
+    other = pool_path.parent / "other.pool.building.1.00000000"
+    other.write_bytes(b"\0" * 8192)             # another pool's build: not ours to sweep
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)        # a creator still building
+        pool = KVPool.create(pool_path, slot_size=4096, slot_count=8, fingerprint=FP)
+        pool.close()
+    assert not dead.exists()
+    assert live.exists() and other.exists()
+
+
+def test_a_full_filesystem_fails_at_create_not_later(tmp_path: Path) -> None:
+    """A 16 MiB tmpfs and a 40 MiB pool: a clear PoolIOError at create, no file left behind
+    (not a SIGBUS on some later copy)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        with pytest.raises(PoolIOError, match="not enough space"):
+            KVPool.create(mnt / "big.pool", slot_size=65536, slot_count=512, fingerprint=FP)
+        assert list(mnt.iterdir()) == []
+        small = KVPool.create(mnt / "fits.pool", slot_size=4096, slot_count=64, fingerprint=FP)
+        small.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
