@@ -120,7 +120,11 @@ def operation(request_schema: dict[str, Any], answer: str) -> dict[str, Any]:
         "responses": {
             "200": {"description": answer, "content": {
                 "application/json": {"schema": {"type": "object"}},
-                "text/event-stream": {"schema": {"type": "string"}},
+                # one schema per event: `data` is a JSON chunk, an error object or [DONE]
+                "text/event-stream": {"schema": {
+                    "type": "object", "required": ["data"],
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                }},
             }},
             **{code: {"description": text,
                       "content": {"application/json": {"schema": _ERROR}}}

@@ -1,20 +1,41 @@
-"""Real helper processes shared by the tests: a free port and a redis-server."""
+"""Real helpers shared by the tests: a free port, a redis-server, an ASGI app on real HTTP."""
 
 from __future__ import annotations
 
 import shutil
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
+import uvicorn
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def serve(app: Any) -> Iterator[str]:
+    """Serve an ASGI app (lifespan included) with uvicorn on a free port, in a thread;
+    yields its base URL, stops it after."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
 
 
 class RedisServer:

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.testclient import TestClient
@@ -21,7 +19,7 @@ from fastapi.testclient import TestClient
 from beluga.registry import SCHEMA_VERSION, worker_key
 from beluga.settings import Settings
 from gateway.app import create_app
-from tests.support import RedisServer, free_port
+from tests.support import RedisServer, free_port, serve
 
 PREFIX = "beluga:test"
 
@@ -63,19 +61,6 @@ def redis_url() -> Iterator[str]:
     server = RedisServer().start()
     yield server.url
     server.stop()
-
-
-def serve(app: FastAPI) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
 
 
 @pytest.fixture(scope="module")
