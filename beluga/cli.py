@@ -27,7 +27,7 @@ WORKER_FIELDS = (
     "worker_host", "worker_port", "worker_id", "worker_advertise_url", "dtype",
     "enforce_eager", "kv_cache_space_gib", "cpu_reserved_cores", "gpu_memory_utilization",
     "max_model_len",
-    "max_num_seqs", "vllm_extra_args", "heartbeat_interval_s", "worker_ttl_s",
+    "max_num_seqs", "tool_call_parser", "vllm_extra_args", "heartbeat_interval_s", "worker_ttl_s",
     "worker_start_timeout_s", "pool", "pool_path", "pool_size_gib", "pool_coherence",
     "hints_interval_s", "hints_ttl_s", "max_hint_keys",
 )

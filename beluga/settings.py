@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(
         32, ge=1, description="Most concurrent sequences one worker runs (its capacity)."
     )
+    tool_call_parser: str = Field(
+        "hermes", pattern=r"^[a-z0-9_]*$",
+        description="vLLM tool-call parser for the served model (hermes fits ChatML-style "
+        "templates such as SmolLM2 and Qwen; llama3_json, mistral, pythonic, ... others). "
+        "Enables `tools` with tool_choice auto, required or a named function. Empty: off.",
+    )
     vllm_extra_args: str = Field(
         "", description="Extra arguments appended to the vLLM server command line."
     )

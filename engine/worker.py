@@ -59,6 +59,8 @@ def vllm_command(settings: Settings, python: str = sys.executable) -> list[str]:
     ]
     if settings.enforce_eager:
         cmd.append("--enforce-eager")
+    if settings.tool_call_parser:
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
     if settings.pool:
         cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config(settings))]
     if cuda_available():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -59,6 +61,72 @@ def test_openai_parameters_pass_through(client: openai.OpenAI) -> None:
     assert usages and usages[-1].completion_tokens == 3
 
 
+def test_max_completion_tokens_and_completions_parameters(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=QUESTION, max_completion_tokens=3, temperature=0,
+        extra_body={"ignore_eos": True})
+    assert chat.usage is not None and chat.usage.completion_tokens == 3
+    assert chat.choices[0].finish_reason == "length"
+    text = client.completions.create(
+        model=MODEL_NAME, prompt="The capital of France is", max_tokens=2, n=2, seed=3,
+        temperature=0.9, logprobs=2, echo=True)
+    assert len(text.choices) == 2
+    for choice in text.choices:
+        assert choice.text.startswith("The capital of France is")   # echo
+        assert choice.logprobs is not None and choice.logprobs.top_logprobs
+    # The same seed gives the same sample.
+    again = client.completions.create(
+        model=MODEL_NAME, prompt="The capital of France is", max_tokens=2, n=2, seed=3,
+        temperature=0.9, logprobs=2, echo=True)
+    assert [c.text for c in again.choices] == [c.text for c in text.choices]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"], "additionalProperties": False},
+    },
+}
+
+
+def test_tools_reach_the_model_and_calls_come_back(client: openai.OpenAI) -> None:
+    """A named tool choice (the workers run with --tool-call-parser hermes): the call comes
+    back through the gateway in the OpenAI shape. (How well a 135M model fills the arguments
+    is not the gateway's business: only that they are JSON.)"""
+    resp = client.chat.completions.create(
+        model=MODEL_NAME, max_tokens=100, temperature=0,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    calls = resp.choices[0].message.tool_calls
+    assert calls and calls[0].type == "function"
+    assert calls[0].function.name == "get_weather"
+    json.loads(calls[0].function.arguments)
+    assert resp.choices[0].finish_reason in ("stop", "tool_calls")
+
+
+def test_response_format_json_schema_is_honoured(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"capital": {"type": "string"},
+                                               "country": {"type": "string"}},
+              "required": ["capital", "country"], "additionalProperties": False}
+    resp = client.chat.completions.create(
+        model=MODEL_NAME, max_tokens=100, temperature=0, messages=QUESTION,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "answer", "schema": schema}})
+    answer = json.loads(resp.choices[0].message.content or "")
+    assert set(answer) == {"capital", "country"}
+    assert all(isinstance(v, str) for v in answer.values())
+    streamed = client.chat.completions.create(
+        model=MODEL_NAME, max_tokens=100, temperature=0, messages=QUESTION, stream=True,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "answer", "schema": schema}})
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert set(json.loads(text)) == {"capital", "country"}
+
+
 def test_requests_spread_over_both_workers(client: openai.OpenAI, stack: Stack) -> None:
     """Short prompts (no full KV block: nothing to stick to) rotate over the workers."""
     seen = set()
@@ -87,8 +155,6 @@ def test_a_long_prompt_sticks_to_the_worker_that_has_it(client: openai.OpenAI) -
 
 
 def test_streams_get_usage_only_when_asked_and_the_gateway_counts_it(stack: Stack) -> None:
-    import json
-
     import httpx
     body = {"model": MODEL_NAME, "stream": True, "max_tokens": 4, "min_tokens": 4,
             "messages": [{"role": "user", "content": "Count to three."}]}

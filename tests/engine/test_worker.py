@@ -33,6 +33,13 @@ def test_eager_can_be_switched_off() -> None:
     assert "--enforce-eager" not in vllm_command(Settings(enforce_eager=False))
 
 
+def test_tool_calls_are_on_with_the_chosen_parser_or_off() -> None:
+    args = " ".join(vllm_command(Settings(tool_call_parser="llama3_json")))
+    assert "--enable-auto-tool-choice --tool-call-parser llama3_json" in args
+    off = vllm_command(Settings(tool_call_parser=""))
+    assert "--enable-auto-tool-choice" not in off and "--tool-call-parser" not in off
+
+
 def test_cpu_kv_space_is_capped_and_the_hub_is_never_called() -> None:
     env = vllm_env(Settings(kv_cache_space_gib=2))
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
