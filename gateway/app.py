@@ -16,13 +16,14 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from beluga.settings import Settings
@@ -41,11 +42,12 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import CHAT_REQUEST, COMPLETION_REQUEST, operation
 from gateway.policies import Choice, Policy, RequestInfo, make_policy
-from gateway.prefixes import PrefixIndex
+from gateway.prefixes import Keying, PrefixIndex
 from gateway.requests import Endpoint, ParsedRequest, parse_request
 from gateway.sse import UsageFilter, with_usage
-from gateway.tokenize import PromptTokenizer
+from gateway.tokenize import Prompt, PromptTokenizer
 from gateway.workers import WorkerPool, WorkerState
+from kvpool.keys import next_key, root_key
 
 logger = logging.getLogger(__name__)
 
@@ -93,25 +95,42 @@ class Gateway:
         payload = dict(req.payload, cache_salt=h.hexdigest())
         return replace(req, payload=payload), json.dumps(payload).encode()
 
-    def route_info(self, req: ParsedRequest, workers: list[WorkerState]) -> RequestInfo:
+    def route_info(self, req: ParsedRequest, workers: list[WorkerState]
+                   ) -> tuple[RequestInfo, Iterator[bytes]]:
         """The request's prompt as the policies see it: length, block keys, and how many
-        leading blocks each worker and the pool hold."""
+        leading blocks each worker and the pool hold; and the prompt's later block keys, not
+        read yet (nobody holds them), to be read off the request's critical path."""
         base = RequestInfo(model=req.model, endpoint=req.endpoint, stream=req.stream)
         if not self.policy.uses_prefixes:
-            return base
+            return base, iter(())
         keying = self.prefixes.keying([w.id for w in workers])
         if keying is None or not self.tokenizer.knows(req.model):
-            return base
-        tokens = self.tokenizer.tokens(req.model, req.endpoint, req.payload)
-        if tokens is None:
-            return base
+            return base, iter(())
+        prompt = self.tokenizer.prompt(req.model, req.endpoint, req.payload)
+        if prompt is None:
+            return base, iter(())
         salt = req.payload.get("cache_salt")
-        keys = self.prefixes.keys(keying, tokens, salt if isinstance(salt, str) else "")
+        # Tokenized and keyed only as far as some worker or the pool holds the prefix.
+        later = lazy_block_keys(prompt, keying, salt if isinstance(salt, str) else "")
+        keys, local, pooled = self.prefixes.match(keying, [w.id for w in workers], later)
         return RequestInfo(
             model=req.model, endpoint=req.endpoint, stream=req.stream,
-            prompt_tokens=len(tokens), block_tokens=keying.block_tokens, keys=tuple(keys),
-            local_blocks={w.id: self.prefixes.local_blocks(w.id, keys) for w in workers},
-            pool_blocks=self.prefixes.pool_blocks(keying, keys))
+            prompt_tokens=prompt.estimate_total(), block_tokens=keying.block_tokens,
+            keys=tuple(keys), local_blocks=local, pool_blocks=pooled), later
+
+    def remember(self, worker_id: str, info: RequestInfo,
+                 later: Iterator[bytes]) -> Callable[[], None]:
+        """Record that the worker will hold the whole prompt: the keys routing read now; the
+        returned callable records the rest, run after the answer has gone out (off the
+        latency path: those keys are only for the next request with this prompt)."""
+        self.prefixes.routed(worker_id, info.keys)
+
+        def rest() -> None:
+            more = list(later)
+            if more:
+                self.prefixes.routed(worker_id, [*info.keys, *more])
+
+        return rest
 
     async def refresh(self) -> None:
         await self.pool.refresh()
@@ -171,13 +190,14 @@ class Gateway:
         for _ in range(self.settings.max_attempts):
             candidates = self.candidates(req, tried)
             if info is None:
-                info = self.route_info(req, self.pool.for_model(req.model))
+                info, later = self.route_info(req, self.pool.for_model(req.model))
             choice = self.policy.select(candidates, info)
             if choice is None:
                 break
             worker = choice.worker
             tried.add(worker.id)
-            self.prefixes.routed(worker.id, info.keys)
+            record_rest = self.remember(worker.id, info, later)
+            later = iter(())  # read once; a retry elsewhere records what routing read
             self.metrics.routed(choice, info)
             headers = {"x-beluga-worker": worker.id, "x-beluga-route": choice.reason}
             upstream = self.client.build_request(
@@ -209,6 +229,8 @@ class Gateway:
                     await resp.aclose()
                 out = self.buffered_response(resp, content, headers)
                 if resp.status_code == 200:
+                    out.background = BackgroundTask(record_rest)
+                if resp.status_code == 200:
                     with contextlib.suppress(ValueError):
                         answer = json.loads(content)
                         if isinstance(answer, dict):
@@ -218,6 +240,7 @@ class Gateway:
                 return out
             return StreamingResponse(self.relay(resp, worker, choice, info, started,
                                                 UsageFilter(strip_usage)),
+                                     background=BackgroundTask(record_rest),
                                      status_code=200, media_type="text/event-stream",
                                      headers=headers)
         raise last_error or NoHealthyWorker(
@@ -269,6 +292,17 @@ class Gateway:
         finally:
             worker.done()
             await resp.aclose()
+
+
+def lazy_block_keys(prompt: Prompt, keying: Keying, cache_salt: str) -> Iterator[bytes]:
+    """The prompt's block keys (kvpool.block_keys), each tokenized only when asked for."""
+    bt = keying.block_tokens
+    prev = root_key(keying.fingerprint, cache_salt)
+    i = 0
+    while len(prompt.take((i + 1) * bt)) >= (i + 1) * bt:
+        prev = next_key(prev, prompt.ids[i * bt:(i + 1) * bt])
+        yield prev
+        i += 1
 
 
 def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:

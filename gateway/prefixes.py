@@ -135,6 +135,42 @@ class PrefixIndex:
             n += 1
         return n
 
+    def match(self, keying: Keying, worker_ids: Sequence[str],
+              keys: Iterable[bytes]) -> tuple[list[bytes], dict[str, int], int]:
+        """Read `keys` (lazily produced, in order) only as far as anyone holds them: returns
+        the keys read (the last one held by nobody, unless the prompt ran out), the leading
+        blocks each worker holds, and the leading blocks the pool holds. Block keys chain, so
+        once no worker and not the pool holds block i, nobody holds any block after it."""
+        held: dict[str, tuple[frozenset[str], OrderedDict[str, None]]] = {}
+        for wid in worker_ids:
+            hinted = self._hints.get(wid)
+            held[wid] = (hinted.keys if hinted is not None else frozenset(),
+                         self._own.get(wid, OrderedDict()))
+        local = dict.fromkeys(worker_ids, 0)
+        alive = list(worker_ids)
+        pool = self._pool if (self._pool is not None
+                              and keying.pool_uuid == self._pool_uuid) else None
+        in_pool = 0
+        read: list[bytes] = []
+        for k in keys:
+            read.append(k)
+            h = hint_key(k)
+            alive = [w for w in alive if h in held[w][0] or h in held[w][1]]
+            for w in alive:
+                local[w] += 1
+            if pool is not None:
+                try:
+                    found = pool.lookup_prefix([k]) == 1
+                except PoolError:
+                    found = False
+                if found:
+                    in_pool += 1
+                else:
+                    pool = None
+            if not alive and pool is None:
+                break
+        return read, local, in_pool
+
     def pool_blocks(self, keying: Keying, keys: Sequence[bytes]) -> int:
         if self._pool is None or not keys or keying.pool_uuid != self._pool_uuid:
             return 0

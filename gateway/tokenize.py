@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,41 +35,117 @@ SAMPLE = [{"role": "system", "content": "You are  a helper.\n"},
           {"role": "assistant", "content": "Hello!  "}, {"role": "user", "content": "ok"}]
 
 
+# A long piece between added tokens is tokenized in chunks of about this many characters,
+# cut just before a space that follows a non-space and precedes one: a boundary of the
+# tokenizer's pre-tokenization, so the chunks' ids are the whole piece's ids (checked per
+# tokenizer on SAMPLE_LONG). Routing needs only the leading blocks anyone holds, so most of
+# a new long prompt is never tokenized at all.
+CHUNK_CHARS = 1024
+SAMPLE_LONG = ("The  quick brown fox, 12345 jumps over 3.14 lazy dogs; don't stop!\n\n"
+               "ü ✓ 東京  tab\there  ") * 40
+
+
 class SegmentCache:
-    """Token ids of text pieces between added tokens, LRU-bounded."""
+    """Token ids of text pieces between added tokens, LRU-bounded, produced lazily."""
 
     def __init__(self, tok: Any, entries: int = 4096, max_chars: int = 65536) -> None:
         self._tok = tok
+        # The Rust tokenizer itself, without offsets: a third faster than tok(...) (whose
+        # Python wrapping adds nothing these ids need). Checked equal by PromptTokenizer.
+        backend = getattr(tok, "backend_tokenizer", None)
+        self._fast = getattr(backend, "encode_batch_fast", None)
         added = sorted(tok.added_tokens_encoder, key=len, reverse=True)
         self._ids = dict(tok.added_tokens_encoder)
         self._split = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
         self._entries, self._max_chars = entries, max_chars
+        self.chunk_chars = CHUNK_CHARS
         exact = all(not getattr(t, "lstrip", False) and not getattr(t, "rstrip", False)
                     for t in tok.added_tokens_decoder.values())
         self.enabled = exact and self._split is not None
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
+        if self._fast is not None:
+            ids: list[int] = self._fast([text], add_special_tokens=False)[0].ids
+            return ids
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def _chunks(self, piece: str) -> Iterator[tuple[list[int], int]]:
+        """(ids, characters) of `piece` in chunks cut at pre-tokenization boundaries."""
+        start = 0
+        while len(piece) - start > self.chunk_chars:
+            cut = piece.find(" ", start + self.chunk_chars)
+            while 0 < cut < len(piece) - 1 and (piece[cut - 1].isspace()
+                                                or piece[cut + 1].isspace()):
+                cut = piece.find(" ", cut + 1)
+            if cut <= 0 or cut >= len(piece) - 1:
+                break
+            yield self._encode(piece[start:cut]), cut - start
+            start = cut
+        yield self._encode(piece[start:]), len(piece) - start
+
+    def pieces(self, text: str) -> Iterator[tuple[list[int], int]]:
+        """(ids, characters) of `text` in order, tokenizing only as far as it is read."""
         assert self._split is not None
-        out: list[int] = []
         for piece in self._split.split(text):
             if not piece:
                 continue
             special = self._ids.get(piece)
             if special is not None:
-                out.append(special)
+                yield [special], len(piece)
                 continue
             ids = self._cache.get(piece)
-            if ids is None:
-                ids = self._tok(piece, add_special_tokens=False)["input_ids"]
-                if len(piece) <= self._max_chars:
-                    self._cache[piece] = ids
-                    if len(self._cache) > self._entries:
-                        self._cache.popitem(last=False)
-            else:
+            if ids is not None:
                 self._cache.move_to_end(piece)
-            out.extend(ids)
-        return out
+                yield ids, len(piece)
+                continue
+            whole: list[int] = []
+            for chunk, chars in self._chunks(piece):
+                whole.extend(chunk)
+                yield chunk, chars
+            if len(piece) <= self._max_chars:  # read to its end: remember it
+                self._cache[piece] = whole
+                if len(self._cache) > self._entries:
+                    self._cache.popitem(last=False)
+
+    def encode(self, text: str) -> list[int]:
+        return [t for ids, _ in self.pieces(text) for t in ids]
+
+
+class Prompt:
+    """A prompt's token ids, tokenized on demand: `take(n)` makes at least n ids available
+    (or all there are), `estimate_total()` extrapolates the length from what was read."""
+
+    def __init__(self, pieces: Iterator[tuple[list[int], int]] | None, total_chars: int,
+                 ids: list[int] | None = None) -> None:
+        self._pieces = pieces
+        self._total_chars = total_chars
+        self._chars = 0
+        self.ids: list[int] = ids if ids is not None else []
+
+    @property
+    def complete(self) -> bool:
+        return self._pieces is None
+
+    def take(self, n: int) -> list[int]:
+        while len(self.ids) < n and self._pieces is not None:
+            try:
+                ids, chars = next(self._pieces)
+            except StopIteration:
+                self._pieces = None
+                break
+            self.ids.extend(ids)
+            self._chars += chars
+        return self.ids
+
+    def all(self) -> list[int]:
+        return self.take(sys.maxsize)
+
+    def estimate_total(self) -> int:
+        if self._pieces is None or self._chars == 0:
+            return len(self.ids)
+        rest = max(0, self._total_chars - self._chars)
+        return len(self.ids) + round(rest * len(self.ids) / self._chars)
 
 
 class PromptTokenizer:
@@ -97,10 +175,25 @@ class PromptTokenizer:
                                                add_generation_prompt=True)
                 cache.enabled = isinstance(text, str) and cache.encode(text) == tok(
                     text, add_special_tokens=False)["input_ids"]
+            if cache.enabled:
+                whole = tok(SAMPLE_LONG, add_special_tokens=False)["input_ids"]
+                cache.chunk_chars = 16   # many cuts, on the tokenizer's own hard cases
+                chunked = [t for ids, _ in cache._chunks(SAMPLE_LONG) for t in ids]
+                cache.chunk_chars = CHUNK_CHARS if chunked == whole else sys.maxsize
+                if chunked != whole:
+                    logger.info("%s: chunked tokenizing differs from whole; tokenizing "
+                                "pieces whole", model)
             self._segments[model] = cache
         return tok
 
     def tokens(self, model: str, endpoint: str, payload: dict[str, Any]) -> list[int] | None:
+        """All token ids of the request's prompt (None: not computable here)."""
+        prompt = self.prompt(model, endpoint, payload)
+        return None if prompt is None else prompt.all()
+
+    def prompt(self, model: str, endpoint: str, payload: dict[str, Any]) -> Prompt | None:
+        """The request's prompt, tokenized as far as it is read (chat prompts; others are
+        tokenized at once). None: not computable here."""
         tok = self._tokenizer(model)
         if tok is None:
             return None
@@ -115,15 +208,25 @@ class PromptTokenizer:
                     return None
                 cache = self._segments.get(model)
                 if cache is not None and cache.enabled:
-                    return cache.encode(text)
-                return [int(t) for t in tok(text, add_special_tokens=False)["input_ids"]]
+                    return _checked(cache.pieces(text), len(text))
+                ids = [int(t) for t in tok(text, add_special_tokens=False)["input_ids"]]
+                return Prompt(None, len(text), ids)
             prompt = payload["prompt"]
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):
                 prompt = prompt[0]  # a batch: route on its first prompt
             if isinstance(prompt, list):
-                return [int(t) for t in prompt]
-            add = payload.get("add_special_tokens", True)
-            return [int(t) for t in tok(prompt, add_special_tokens=add)["input_ids"]]
+                ids = [int(t) for t in prompt]
+            else:
+                add = payload.get("add_special_tokens", True)
+                ids = [int(t) for t in tok(prompt, add_special_tokens=add)["input_ids"]]
+            return Prompt(None, 0, ids)
         except Exception as exc:  # noqa: BLE001 - templates raise anything; never fail routing
             logger.debug("cannot tokenize a %s request for %s: %s", endpoint, model, exc)
             return None
+
+
+def _checked(pieces: Iterator[tuple[list[int], int]], chars: int) -> Prompt | None:
+    """A lazy prompt whose first piece is already read (a tokenizer error shows here)."""
+    prompt = Prompt(pieces, chars)
+    prompt.take(1)
+    return prompt

@@ -133,3 +133,37 @@ def test_the_pool_is_found_where_the_workers_map_it(server: RedisServer,
         asyncio.run(go())
     finally:
         pool.close()
+
+
+def test_match_reads_keys_only_as_far_as_anyone_holds_them(server: RedisServer,
+                                                            shm_pool: KVPool) -> None:
+    keys = block_keys(TOKENS, 16, FP)
+    assert len(keys) >= 6
+    publish(server, "w1", keys[:2], str(shm_pool.uuid))   # w1: blocks 0-1
+    publish(server, "w2", keys[:1], str(shm_pool.uuid))   # w2: block 0
+    shm_pool.put(keys[:3], [b"x" * 100] * 3)              # the pool: blocks 0-2
+    handed: list[bytes] = []
+
+    def lazily() -> Iterator[bytes]:
+        for k in keys:
+            handed.append(k)
+            yield k
+
+    async def go() -> None:
+        client = aioredis.Redis.from_url(server.url)
+        index = PrefixIndex(client, PREFIX)
+        try:
+            assert await index.refresh(["w1", "w2"])
+            keying = index.keying(["w1"])
+            assert keying is not None
+            read, local, pooled = index.match(keying, ["w1", "w2", "w3"], lazily())
+            assert (local, pooled) == ({"w1": 2, "w2": 1, "w3": 0}, 3)
+            assert read == keys[:4] and handed == keys[:4]  # block 3: held by nobody, last
+            index.routed("w3", read)                          # routed there: now w3 has 4
+            read, local, pooled = index.match(keying, ["w1", "w3"], iter(keys))
+            assert local == {"w1": 2, "w3": 4} and read == keys[:5]
+        finally:
+            index.close()
+            await client.aclose()
+
+    asyncio.run(go())

@@ -58,3 +58,33 @@ def test_segment_cache_equals_tokenizing_the_whole_prompt(tok: PromptTokenizer,
     assert tok._segments["m"].enabled
     assert tok.tokens("m", "chat", {"messages": messages}) == whole
     assert tok.tokens("m", "chat", {"messages": messages}) == whole  # from the cache
+
+
+LONG = [{"role": "system", "content": "You answer.  Briefly!\n"},
+        {"role": "user", "content": " ".join(f"w{i % 97}ord, {i}.5  ü東京\tx" for i in range(900))}]
+
+
+def test_long_pieces_tokenize_in_chunks_exactly(tok: PromptTokenizer) -> None:
+    hf = tok._tokenizer("m")
+    cache = tok._segments["m"]
+    assert cache.chunk_chars < 10_000   # chunking passed its self-check on this tokenizer
+    text = hf.apply_chat_template(LONG, tokenize=False, add_generation_prompt=True)
+    whole = hf(text, add_special_tokens=False)["input_ids"]
+    assert len(text) > 10 * cache.chunk_chars
+    prompt = tok.prompt("m", "chat", {"messages": LONG + [{"role": "user", "content": "1"}]})
+    assert prompt is not None
+    assert tok.tokens("m", "chat", {"messages": LONG}) == whole
+
+
+def test_a_prompt_is_tokenized_only_as_far_as_it_is_read(tok: PromptTokenizer) -> None:
+    messages = [{"role": "user", "content": " ".join(f"fresh{i:05d}" for i in range(5000))}]
+    prompt = tok.prompt("m", "chat", {"messages": messages})
+    assert prompt is not None and not prompt.complete
+    first = prompt.take(128)[:128]
+    read = len(prompt.ids)
+    assert 128 <= read < 1500          # a chunk or two of a ~15,000-token prompt
+    estimate = prompt.estimate_total()
+    everything = prompt.all()
+    assert prompt.complete and everything[:128] == first
+    assert abs(estimate - len(everything)) < 0.1 * len(everything)
+    assert everything == tok.tokens("m", "chat", {"messages": messages})
