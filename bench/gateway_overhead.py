@@ -12,7 +12,8 @@ two workloads: `unique` (every request a new 1,000-token prompt: no cache can he
   added_p50_ms / added_p99_ms  gateway latency minus direct latency, same client, requests
                                alternating between the two paths, non-streaming
   rps                          non-streaming requests per second through one gateway
-                               process under `--concurrency` concurrent clients
+                               process under `--concurrency` concurrent connections, driven
+                               by wrk (C) when installed, else by a Python client
 No prompt is sent twice in either workload.
 """
 
@@ -120,6 +121,49 @@ async def latencies(gw: str, direct: str, bodies: list[dict[str, Any]]) -> list[
     return added
 
 
+WRK_SCRIPT = """
+local next_tid = 0
+function setup(thread)
+  thread:set("tid", next_tid)
+  next_tid = next_tid + 1
+end
+function init(args)
+  bodies = {}
+  for line in io.lines(args[1]) do bodies[#bodies + 1] = line end
+  step = tonumber(args[2])
+  i = tid + 1
+end
+function request()
+  local body = bodies[i]
+  i = i + step
+  if i > #bodies then i = tid + 1 end
+  return wrk.format("POST", "/v1/chat/completions",
+                    {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+
+def throughput_wrk(gw: str, bodies: list[dict[str, Any]], concurrency: int,
+                   seconds: float, tmp: Path) -> tuple[float, int]:
+    """wrk (C, one thread per core) posting every body once, in order across threads."""
+    threads = max(1, min(2, os.cpu_count() or 1))
+    (tmp / "bodies.jsonl").write_text("\n".join(json.dumps(b) for b in bodies) + "\n")
+    (tmp / "post.lua").write_text(WRK_SCRIPT)
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{int(seconds)}s", "--timeout", "30s",
+         "-s", str(tmp / "post.lua"), gw, "--", str(tmp / "bodies.jsonl"), str(threads)],
+        capture_output=True, text=True, check=True).stdout
+    rps = float(out.split("Requests/sec:")[1].split()[0])
+    total = int(out.split(" requests in ")[0].split()[-1])
+    if total > len(bodies):
+        raise SystemExit(f"wrk sent {total} requests but only {len(bodies)} bodies exist: "
+                         "prompts repeated; raise the body count")
+    errors = 0
+    if "Non-2xx or 3xx responses:" in out:
+        errors = int(out.split("Non-2xx or 3xx responses:")[1].split()[0])
+    return rps - errors / seconds, errors
+
+
 async def throughput(gw: str, bodies: list[dict[str, Any]], concurrency: int,
                      seconds: float) -> tuple[float, int]:
     done = errors = 0
@@ -149,8 +193,13 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--policy", default="pool_aware")
+    ap.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
+                    help="load generator of the rps run (auto: wrk when installed)")
     args = ap.parse_args()
 
+    client = args.client
+    if client == "auto":
+        client = "wrk" if shutil.which("wrk") else "python"
     settings = Settings()
     tmp = Path(tempfile.mkdtemp(prefix="beluga-gwbench-"))
     redis_port, up_port, gw_port = free_port(), free_port(), free_port()
@@ -193,13 +242,17 @@ def main() -> int:
             warm = bodies_for(scenario, 20, args.tokens, settings.served_model_name, 100 + k)
             pairs = bodies_for(scenario, args.requests, args.tokens, settings.served_model_name,
                                200 + k)
-            load = bodies_for(scenario, int(args.seconds * 800), args.tokens,
-                              settings.served_model_name, 300 + k)
+            load = bodies_for(scenario, int(args.seconds * (3000 if client == "wrk" else 800)),
+                              args.tokens, settings.served_model_name, 300 + k)
             n_tokens = statistics.median(
                 len(tok.tokens(settings.served_model_name, "chat", b) or []) for b in pairs[:20])
             asyncio.run(latencies(gw, direct, warm))  # tokenizer load, connections
             added = sorted(asyncio.run(latencies(gw, direct, pairs)))
-            rps, errors = asyncio.run(throughput(gw, load, args.concurrency, args.seconds))
+            if client == "wrk":
+                rps, errors = throughput_wrk(gw, load, args.concurrency, args.seconds, tmp)
+            else:
+                rps, errors = asyncio.run(throughput(gw, load, args.concurrency,
+                                                     args.seconds))
             results[scenario] = {
                 "prompt_tokens": n_tokens, "pairs": len(added),
                 "added_p50_ms": round(statistics.median(added), 3),
@@ -218,6 +271,7 @@ def main() -> int:
     u = results["unique"]
     summary: dict[str, Any] = {
         "policy": args.policy, "concurrency": args.concurrency, "cpus": os.cpu_count(),
+        "load_generator": client,
         "added_p50_ms": u["added_p50_ms"], "added_p99_ms": u["added_p99_ms"], "rps": u["rps"],
         "scenarios": results,
     }

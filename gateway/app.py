@@ -16,14 +16,13 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from beluga.settings import Settings
@@ -118,20 +117,6 @@ class Gateway:
             prompt_tokens=prompt.estimate_total(), block_tokens=keying.block_tokens,
             keys=tuple(keys), local_blocks=local, pool_blocks=pooled), later
 
-    def remember(self, worker_id: str, info: RequestInfo,
-                 later: Iterator[bytes]) -> Callable[[], None]:
-        """Record that the worker will hold the whole prompt: the keys routing read now; the
-        returned callable records the rest, run after the answer has gone out (off the
-        latency path: those keys are only for the next request with this prompt)."""
-        self.prefixes.routed(worker_id, info.keys)
-
-        def rest() -> None:
-            more = list(later)
-            if more:
-                self.prefixes.routed(worker_id, [*info.keys, *more])
-
-        return rest
-
     async def refresh(self) -> None:
         await self.pool.refresh()
         await self.prefixes.refresh(w.id for w in self.pool.snapshot())
@@ -196,8 +181,9 @@ class Gateway:
                 break
             worker = choice.worker
             tried.add(worker.id)
-            record_rest = self.remember(worker.id, info, later)
-            later = iter(())  # read once; a retry elsewhere records what routing read
+            # The rest of the prompt's keys stay unread unless the prompt comes back.
+            self.prefixes.routed(worker.id, info.keys, later)
+            later = iter(())  # one reader; a retry elsewhere records what routing read
             self.metrics.routed(choice, info)
             headers = {"x-beluga-worker": worker.id, "x-beluga-route": choice.reason}
             upstream = self.client.build_request(
@@ -229,8 +215,6 @@ class Gateway:
                     await resp.aclose()
                 out = self.buffered_response(resp, content, headers)
                 if resp.status_code == 200:
-                    out.background = BackgroundTask(record_rest)
-                if resp.status_code == 200:
                     with contextlib.suppress(ValueError):
                         answer = json.loads(content)
                         if isinstance(answer, dict):
@@ -240,7 +224,6 @@ class Gateway:
                 return out
             return StreamingResponse(self.relay(resp, worker, choice, info, started,
                                                 UsageFilter(strip_usage)),
-                                     background=BackgroundTask(record_rest),
                                      status_code=200, media_type="text/event-stream",
                                      headers=headers)
         raise last_error or NoHealthyWorker(
@@ -298,11 +281,23 @@ def lazy_block_keys(prompt: Prompt, keying: Keying, cache_salt: str) -> Iterator
     """The prompt's block keys (kvpool.block_keys), each tokenized only when asked for."""
     bt = keying.block_tokens
     prev = root_key(keying.fingerprint, cache_salt)
-    i = 0
-    while len(prompt.take((i + 1) * bt)) >= (i + 1) * bt:
-        prev = next_key(prev, prompt.ids[i * bt:(i + 1) * bt])
-        yield prev
-        i += 1
+    buf: list[int] = []
+    chunks = prompt.chunks()
+    while True:
+        try:
+            ids = next(chunks)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: route without it
+            logger.debug("cannot tokenize the rest of a prompt: %s", exc)
+            return
+        buf.extend(ids)
+        start = 0
+        while len(buf) - start >= bt:
+            prev = next_key(prev, buf[start:start + bt])
+            start += bt
+            yield prev
+        del buf[:start]
 
 
 def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:

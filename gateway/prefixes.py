@@ -17,7 +17,7 @@ import asyncio
 import glob
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -46,12 +46,17 @@ class Keying:
 
 
 class PrefixIndex:
-    def __init__(self, client: aioredis.Redis, prefix: str, own_capacity: int = 8192) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, own_capacity: int = 8192,
+                 pending_capacity: int = 1024) -> None:
         self._client = client
         self._prefix = prefix
         self._hints: dict[str, WorkerHints] = {}
         self._own: dict[str, OrderedDict[str, None]] = {}
         self._own_cap = own_capacity
+        # (worker, hint key of the last block routing read) -> the prompt's later block keys,
+        # not tokenized yet: read only if the prompt comes back (most never do).
+        self._pending: OrderedDict[tuple[str, str], Iterator[bytes]] = OrderedDict()
+        self._pending_cap = pending_capacity
         self._pool: KVPool | None = None
         self._pool_uuid: str | None = None
         self._pool_failed: set[str] = set()
@@ -79,6 +84,8 @@ class PrefixIndex:
         for wid in list(self._own):
             if wid not in ids:
                 del self._own[wid]
+        for key in [k for k in self._pending if k[0] not in ids]:
+            del self._pending[key]
         await self._maybe_attach_pool()
         return True
 
@@ -157,6 +164,11 @@ class PrefixIndex:
             h = hint_key(k)
             alive = [w for w in alive if h in held[w][0] or h in held[w][1]]
             for w in alive:
+                later = self._pending.pop((w, h), None)
+                if later is not None:  # w was sent this prompt before: key the rest now
+                    self.routed(w, list(later))
+                    held[w] = (held[w][0], self._own[w])
+            for w in alive:
                 local[w] += 1
             if pool is not None:
                 try:
@@ -179,8 +191,14 @@ class PrefixIndex:
         except PoolError:
             return 0
 
-    def routed(self, worker_id: str, keys: Sequence[bytes]) -> None:
-        """Remember that `keys` will be in this worker's cache once it has served them."""
+    def routed(self, worker_id: str, keys: Sequence[bytes],
+               later: Iterator[bytes] | None = None) -> None:
+        """Remember that `keys` will be in this worker's cache once it has served them, and
+        so will `later` (the prompt's remaining keys, read only if it comes back)."""
+        if later is not None and keys:
+            self._pending[(worker_id, hint_key(keys[-1]))] = later
+            while len(self._pending) > self._pending_cap:
+                self._pending.popitem(last=False)
         own = self._own.setdefault(worker_id, OrderedDict())
         for k in keys:
             h = hint_key(k)

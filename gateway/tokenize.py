@@ -113,39 +113,47 @@ class SegmentCache:
 
 
 class Prompt:
-    """A prompt's token ids, tokenized on demand: `take(n)` makes at least n ids available
-    (or all there are), `estimate_total()` extrapolates the length from what was read."""
+    """A prompt's token ids, tokenized on demand and not kept: `chunks()` yields them in
+    order (reading the text only as far as the caller goes), `estimate_total()` extrapolates
+    the length from what was read so far."""
 
-    def __init__(self, pieces: Iterator[tuple[list[int], int]] | None, total_chars: int,
-                 ids: list[int] | None = None) -> None:
-        self._pieces = pieces
+    def __init__(self, pieces: Iterator[tuple[list[int], int]], total_chars: int) -> None:
+        self._pieces: Iterator[tuple[list[int], int]] | None = pieces
         self._total_chars = total_chars
         self._chars = 0
-        self.ids: list[int] = ids if ids is not None else []
+        self._tokens = 0
+
+    @classmethod
+    def of(cls, ids: list[int]) -> Prompt:
+        return cls(iter([(ids, 0)]), 0)
 
     @property
     def complete(self) -> bool:
         return self._pieces is None
 
-    def take(self, n: int) -> list[int]:
-        while len(self.ids) < n and self._pieces is not None:
+    @property
+    def tokens_read(self) -> int:
+        return self._tokens
+
+    def chunks(self) -> Iterator[list[int]]:
+        while self._pieces is not None:
             try:
                 ids, chars = next(self._pieces)
             except StopIteration:
                 self._pieces = None
-                break
-            self.ids.extend(ids)
+                return
+            self._tokens += len(ids)
             self._chars += chars
-        return self.ids
+            yield ids
 
     def all(self) -> list[int]:
-        return self.take(sys.maxsize)
+        return [t for ids in self.chunks() for t in ids]
 
     def estimate_total(self) -> int:
         if self._pieces is None or self._chars == 0:
-            return len(self.ids)
+            return self._tokens
         rest = max(0, self._total_chars - self._chars)
-        return len(self.ids) + round(rest * len(self.ids) / self._chars)
+        return self._tokens + round(rest * self._tokens / self._chars)
 
 
 class PromptTokenizer:
@@ -189,7 +197,13 @@ class PromptTokenizer:
     def tokens(self, model: str, endpoint: str, payload: dict[str, Any]) -> list[int] | None:
         """All token ids of the request's prompt (None: not computable here)."""
         prompt = self.prompt(model, endpoint, payload)
-        return None if prompt is None else prompt.all()
+        if prompt is None:
+            return None
+        try:
+            return prompt.all()
+        except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate the tokenizer refuses
+            logger.debug("cannot tokenize a %s request for %s: %s", endpoint, model, exc)
+            return None
 
     def prompt(self, model: str, endpoint: str, payload: dict[str, Any]) -> Prompt | None:
         """The request's prompt, tokenized as far as it is read (chat prompts; others are
@@ -208,9 +222,9 @@ class PromptTokenizer:
                     return None
                 cache = self._segments.get(model)
                 if cache is not None and cache.enabled:
-                    return _checked(cache.pieces(text), len(text))
-                ids = [int(t) for t in tok(text, add_special_tokens=False)["input_ids"]]
-                return Prompt(None, len(text), ids)
+                    return Prompt(cache.pieces(text), len(text))
+                return Prompt.of([int(t) for t in tok(text, add_special_tokens=False)[
+                    "input_ids"]])
             prompt = payload["prompt"]
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):
                 prompt = prompt[0]  # a batch: route on its first prompt
@@ -219,14 +233,7 @@ class PromptTokenizer:
             else:
                 add = payload.get("add_special_tokens", True)
                 ids = [int(t) for t in tok(prompt, add_special_tokens=add)["input_ids"]]
-            return Prompt(None, 0, ids)
+            return Prompt.of(ids)
         except Exception as exc:  # noqa: BLE001 - templates raise anything; never fail routing
             logger.debug("cannot tokenize a %s request for %s: %s", endpoint, model, exc)
             return None
-
-
-def _checked(pieces: Iterator[tuple[list[int], int]], chars: int) -> Prompt | None:
-    """A lazy prompt whose first piece is already read (a tokenizer error shows here)."""
-    prompt = Prompt(pieces, chars)
-    prompt.take(1)
-    return prompt

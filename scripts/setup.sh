@@ -76,5 +76,13 @@ if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
     || say "docker-compose could not be installed; its test will skip"
 fi
 
+# wrk drives bench/gateway_overhead.py's throughput run (a C load generator leaves the CPU to
+# the gateway; the bench falls back to a Python client without it).
+if ! command -v wrk >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing Debian's wrk (load generator of bench/gateway_overhead.py)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null \
+    || say "wrk could not be installed; the gateway bench will use its Python client"
+fi
+
 "$VENV/bin/beluga" model prepare
 say "ready"

@@ -167,3 +167,36 @@ def test_match_reads_keys_only_as_far_as_anyone_holds_them(server: RedisServer,
             await client.aclose()
 
     asyncio.run(go())
+
+
+def test_a_prompts_later_keys_are_read_only_when_it_comes_back(server: RedisServer) -> None:
+    keys = block_keys(TOKENS, 16, FP)
+    publish(server, "w8", [], None)
+    handed: list[bytes] = []
+
+    def lazily(ks: list[bytes]) -> Iterator[bytes]:
+        for k in ks:
+            handed.append(k)
+            yield k
+
+    async def go() -> None:
+        client = aioredis.Redis.from_url(server.url)
+        index = PrefixIndex(client, PREFIX)
+        try:
+            assert await index.refresh(["w8", "w9"])
+            keying = index.keying(["w8"])
+            assert keying is not None
+            first = lazily(keys)
+            read, local, _ = index.match(keying, ["w8", "w9"], first)
+            assert read == keys[:1] and local == {"w8": 0, "w9": 0}
+            index.routed("w9", read, first)       # sent to w2; the rest stays unread
+            assert handed == keys[:1]
+            # The same prompt again: w2 holds block 0, so its rest is keyed now, once.
+            read, local, _ = index.match(keying, ["w8", "w9"], iter(keys))
+            assert local == {"w8": 0, "w9": len(keys)} and read == keys
+            assert handed == keys
+        finally:
+            index.close()
+            await client.aclose()
+
+    asyncio.run(go())

@@ -80,11 +80,19 @@ def test_a_prompt_is_tokenized_only_as_far_as_it_is_read(tok: PromptTokenizer) -
     messages = [{"role": "user", "content": " ".join(f"fresh{i:05d}" for i in range(5000))}]
     prompt = tok.prompt("m", "chat", {"messages": messages})
     assert prompt is not None and not prompt.complete
-    first = prompt.take(128)[:128]
-    read = len(prompt.ids)
-    assert 128 <= read < 1500          # a chunk or two of a ~15,000-token prompt
+    chunks = prompt.chunks()
+    first: list[int] = []
+    while len(first) < 128:
+        first += next(chunks)
+    assert 128 <= prompt.tokens_read < 1500   # a chunk or two of a ~24,000-token prompt
     estimate = prompt.estimate_total()
-    everything = prompt.all()
-    assert prompt.complete and everything[:128] == first
+    everything = first + [t for ids in chunks for t in ids]
+    assert prompt.complete
     assert abs(estimate - len(everything)) < 0.1 * len(everything)
     assert everything == tok.tokens("m", "chat", {"messages": messages})
+
+
+def test_text_the_tokenizer_cannot_take_gives_no_tokens_not_an_error(
+        tok: PromptTokenizer) -> None:
+    messages = [{"role": "user", "content": "a lone surrogate \ud800 here"}]
+    assert tok.tokens("m", "chat", {"messages": messages}) is None
