@@ -12,7 +12,10 @@ space, the gateway) runs the same two workloads, with the same seeds:
 
 Configurations: `round_robin` without the pool, `prefix_affinity` without the pool, and
 `pool_aware` with the pool. Reported per configuration: TTFT p50/p99 (client-side, to the
-first streamed token), throughput (requests / makespan), and where prompt tokens came from,
+first streamed token) and where prompt tokens came from over those two workloads, then
+throughput from a third, closed-loop phase (`capacity`: --capacity-clients clients each
+sending the next shared-prefix request as soon as the last is answered; requests / its
+makespan), since open-loop arrivals only measure the arrival schedule. Token sources are
 summed over both workers from vLLM's own counters: `local_hit_rate` (its prefix cache) and
 `pool_hit_rate` (loaded through the connector), as fractions of all prompt tokens.
 
@@ -177,6 +180,26 @@ async def multi_round(url: str, model: str, args: argparse.Namespace) -> list[fl
     return ttfts
 
 
+async def capacity(url: str, model: str, args: argparse.Namespace) -> tuple[float, int]:
+    """Closed loop: --capacity-clients clients, each sending its next shared-prefix request
+    (the same groups' system prompts, new questions) as soon as the last one is answered,
+    --capacity-requests in all. Returns (requests per second, requests)."""
+    rng = random.Random(args.seed)
+    systems = [f"Group {g}. " + text(rng, args.prefix_words) for g in range(args.groups)]
+    jrng = random.Random(args.seed + 2)
+    jobs = [(jrng.randrange(args.groups), f"Task {i}: " + text(jrng, 12) + "?")
+            for i in range(args.capacity_requests)]
+    async with httpx.AsyncClient(timeout=900) as client:
+        async def worker() -> None:
+            while jobs:
+                g, question = jobs.pop()
+                await ttft(client, url, model, [{"role": "system", "content": systems[g]},
+                                                {"role": "user", "content": question}], 8)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(args.capacity_clients)))
+        return args.capacity_requests / (time.perf_counter() - t0), args.capacity_requests
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -196,6 +219,10 @@ def main() -> int:
                     help="KV blocks per worker (128 tokens each): 64 = 8,192 tokens")
     ap.add_argument("--pool-gib", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--capacity-clients", type=int, default=4,
+                    help="closed-loop clients of the throughput phase")
+    ap.add_argument("--capacity-requests", type=int, default=36,
+                    help="requests of the closed-loop throughput phase")
     args = ap.parse_args()
     if args.quick:
         args.groups, args.questions, args.conversations, args.rounds = 4, 3, 2, 3
@@ -213,6 +240,7 @@ def main() -> int:
             rounds = asyncio.run(multi_round(stack.url, model, args))
             makespan = time.perf_counter() - t0
             after = stack.counters()
+            rps, n_capacity = asyncio.run(capacity(stack.url, model, args))
         finally:
             stack.stop()
         d = {k: after[k] - before[k] for k in after}
@@ -223,7 +251,8 @@ def main() -> int:
             "shared_prefix_ttft_p50_s": round(statistics.median(shared), 4),
             "multi_round_ttft_p50_s": round(statistics.median(rounds), 4),
             "requests": len(all_ttft), "makespan_s": round(makespan, 1),
-            "throughput_rps": round(len(all_ttft) / makespan, 4),
+            "open_loop_rps": round(len(all_ttft) / makespan, 4),
+            "throughput_rps": round(rps, 4), "capacity_requests": n_capacity,
             "pool_hit_rate": round(d["pool"] / d["prompt"], 4) if d["prompt"] else 0.0,
             "local_hit_rate": round(d["local"] / d["prompt"], 4) if d["prompt"] else 0.0,
             "prompt_tokens": int(d["prompt"]),

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -94,7 +94,7 @@ class WorkerPool:
             logger.warning("worker %s at %s %s; taken out of routing", worker.id, worker.url,
                            why)
 
-    async def check_health(self, client: httpx.AsyncClient) -> None:
+    async def check_health(self, client: aiohttp.ClientSession) -> None:
         """GET every worker's /health at once: a failure takes (or keeps) it out, a pass puts
         it back at once, whatever the remaining cooldown."""
         workers = self._snapshot
@@ -107,14 +107,14 @@ class WorkerPool:
                 logger.info("worker %s at %s passed its health check; back in routing",
                             worker.id, worker.url)
 
-    async def _probe(self, client: httpx.AsyncClient, worker: WorkerState) -> str | None:
+    async def _probe(self, client: aiohttp.ClientSession, worker: WorkerState) -> str | None:
         """None when healthy, else what went wrong."""
         try:
-            resp = await client.get(f"{worker.url}/health",
-                                    timeout=self.settings.health_check_timeout_s)
-        except httpx.HTTPError as exc:
+            async with client.get(f"{worker.url}/health", timeout=aiohttp.ClientTimeout(
+                    total=self.settings.health_check_timeout_s)) as resp:
+                return None if resp.status == 200 else f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return type(exc).__name__
-        return None if resp.status_code == 200 else f"HTTP {resp.status_code}"
 
     async def refresh(self) -> None:
         try:

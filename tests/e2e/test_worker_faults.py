@@ -113,7 +113,8 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
         futures = [ex.submit(ask, i) for i in range(12)]
         started.wait(10)
         time.sleep(0.3)
-        assert not any(s.done.is_set() for s in streams), "a stream ended before the kill"
+        assert not any(s.done.is_set() for s in streams if s.worker == victim.id), \
+            "a stream on the victim ended before the kill"
         at_kill = {s.index: s.chunks for s in streams}
         os.killpg(victim.pid, signal.SIGKILL)  # the worker, its vLLM server and engine
         stop_saving.set()
@@ -122,7 +123,7 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
 
     assert all("Paris" in text for _, text in results), results
     # The victim's streams end with an error event the SDK raises, naming what happened;
-    # the survivor's go on streaming.
+    # the survivor's go on streaming (or have already finished, untouched).
     for s in streams:
         if s.worker == victim.id:
             assert s.done.wait(60), "a stream from the dead worker hangs"

@@ -44,6 +44,8 @@ def stand_in() -> FastAPI:
             async def events() -> AsyncIterator[bytes]:
                 for i in range(3):
                     yield f'data: {{"n": {i}}}\n\n'.encode()
+                    if model == "dies" and i == 1:
+                        raise RuntimeError("the worker died")  # connection cut mid-body
                 yield b"data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         if body.get("max_tokens") == 99999:
@@ -83,6 +85,7 @@ def gateway(redis_url: str, upstream_url: str) -> Iterator[TestClient]:
     register(client, "b-live", upstream_url, "m")
     register(client, "c-boom", upstream_url, "boom")
     register(client, "d-slow", upstream_url, "slow")
+    register(client, "e-dies", upstream_url, "dies")
     settings = Settings(redis_url=redis_url, redis_key_prefix=PREFIX, upstream_timeout_s=1.0,
                         connect_timeout_s=1.0, unhealthy_cooldown_s=30)
     with TestClient(create_app(settings)) as tc:
@@ -134,7 +137,7 @@ def test_streams_are_relayed_as_sse(gateway: TestClient) -> None:
 
 def test_models_lists_every_registered_model(gateway: TestClient) -> None:
     ids = [m["id"] for m in gateway.get("/v1/models").json()["data"]]
-    assert ids == ["boom", "m", "slow"]
+    assert ids == ["boom", "dies", "m", "slow"]
 
 
 def test_metrics_count_requests_routes_and_latencies(gateway: TestClient) -> None:
@@ -229,3 +232,14 @@ def test_health_checks_take_a_worker_out_and_put_it_back(redis_url: str) -> None
             assert 'beluga_gateway_worker_healthy{worker="h-flaky"} 1.0' in gw.get(
                 "/metrics").text
         client.delete(worker_key(PREFIX, "h-flaky"), worker_key(PREFIX, "h-steady"))
+
+
+def test_a_worker_dying_mid_stream_ends_the_stream_with_an_error_event(
+        gateway: TestClient) -> None:
+    with gateway.stream("POST", "/v1/chat/completions", json=chat("dies", stream=True)) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[:2] == ['{"n": 0}', '{"n": 1}']
+    error = json.loads(events[2])["error"]
+    assert error["type"] == "upstream_error" and "failed mid-stream" in error["message"]
+    assert len(events) == 3   # the error event ends the stream
