@@ -141,6 +141,10 @@ class Settings(BaseSettings):
         "failing worker is taken out of routing, a recovered one put back. 0: off (failed "
         "workers come back after the cooldown)."
     )
+    dashboard_interval_s: float = Field(
+        2.0, gt=0, description="How often /dashboard's time series take a sample "
+        "(it keeps the last 300)."
+    )
     health_check_timeout_s: float = Field(
         2.0, gt=0, description="How long one health check may take before it counts as failed."
     )

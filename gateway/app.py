@@ -22,10 +22,18 @@ from typing import Any
 
 import aiohttp
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from beluga.settings import Settings
+from gateway.dashboard import STATIC, UPLOT, Dashboard
 from gateway.errors import (
     APIError,
     NoHealthyWorker,
@@ -71,6 +79,9 @@ class Gateway:
         self.metrics = GatewayMetrics(policy.name)
         self.metrics.watch_workers(self.pool.snapshot)
         self.prefixes = PrefixIndex(pool.client, settings.redis_key_prefix)
+        self.dashboard = Dashboard(self.metrics.registry, self.pool.snapshot,
+                                   self.prefixes.pool_stats,
+                                   interval_s=settings.dashboard_interval_s)
         dirs = {settings.served_model_name: settings.model_path}
         self.tokenizer = PromptTokenizer({m: d for m, d in dirs.items() if d.is_dir()})
 
@@ -316,7 +327,8 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
                                          auto_decompress=False) as client:
             gw.client = client
             await gw.refresh()
-            tasks = [asyncio.create_task(gw.run_refresh())]
+            tasks = [asyncio.create_task(gw.run_refresh()),
+                     asyncio.create_task(gw.dashboard.run())]
             if settings.health_check_interval_s > 0:
                 tasks.append(asyncio.create_task(gw.run_health_checks()))
             try:
@@ -375,6 +387,24 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
         COMPLETION_REQUEST, "A completion, or its server-sent events when streaming."))
     async def completions(request: Request) -> Response:
         return await handle(request, "completions")
+
+    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard() -> Response:
+        if not (UPLOT / "uPlot.iife.min.js").is_file():
+            return PlainTextResponse(
+                f"The dashboard's chart library is not installed ({UPLOT}): run `make setup` "
+                "(it runs `npm ci` in gateway/static).", status_code=503)
+        return FileResponse(STATIC / "dashboard.html", media_type="text/html")
+
+    @app.get("/dashboard/assets/{name}", include_in_schema=False)
+    async def dashboard_asset(name: str) -> Response:
+        if name not in ("uPlot.iife.min.js", "uPlot.min.css") or not (UPLOT / name).is_file():
+            raise NotFound(f"no dashboard asset {name!r}")
+        return FileResponse(UPLOT / name)
+
+    @app.get("/dashboard/data", include_in_schema=False)
+    async def dashboard_data() -> dict[str, Any]:
+        return gw.dashboard.data()
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

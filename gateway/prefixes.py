@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from beluga.registry import HintsRecord, hint_blocks_key, hint_key, hints_key, parse_hints
-from kvpool import KVPool, PoolError, block_keys
+from kvpool import KVPool, PoolError, PoolStats, block_keys
 from kvpool.pool import DEFAULT_CANDIDATES
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,15 @@ class PrefixIndex:
             if not alive and pool is None:
                 break
         return read, local, in_pool
+
+    def pool_stats(self) -> PoolStats | None:
+        """The attached pool's statistics (None: no pool mapped on this host)."""
+        if self._pool is None:
+            return None
+        try:
+            return self._pool.stats()
+        except PoolError:
+            return None
 
     def pool_blocks(self, keying: Keying, keys: Sequence[bytes]) -> int:
         if self._pool is None or not keys or keying.pool_uuid != self._pool_uuid:

@@ -76,6 +76,25 @@ if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
     || say "docker-compose could not be installed; its test will skip"
 fi
 
+# The dashboard's chart library (uPlot), from npm, served by the gateway (no CDN at run time).
+if [ ! -f gateway/static/node_modules/uplot/dist/uPlot.iife.min.js ] \
+   || [ gateway/static/package-lock.json -nt gateway/static/node_modules/.package-lock.json ]; then
+  if command -v npm >/dev/null 2>&1; then
+    say "installing the dashboard's chart library (npm ci in gateway/static)"
+    (cd gateway/static && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  else
+    say "npm is missing: /dashboard will say so (Debian: apt-get install npm)"
+  fi
+fi
+
+# Debian's chromium runs the dashboard's browser test headless.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && command -v apt-get >/dev/null 2>&1; then
+  say "installing Debian's chromium (headless browser of the dashboard test)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+    || say "chromium could not be installed; the dashboard's browser test will fail"
+fi
+
 # wrk drives bench/gateway_overhead.py's throughput run (a C load generator leaves the CPU to
 # the gateway; the bench falls back to a Python client without it).
 if ! command -v wrk >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -1,0 +1,149 @@
+"""The built-in dashboard (/dashboard): time series sampled from the gateway's own metrics.
+
+Every `interval_s` the sampler reads the gateway's Prometheus registry (no second set of
+counters to drift from /metrics), the worker snapshot and, when the shared pool is mapped on
+this host, the pool's own statistics, and appends one point per series:
+
+    ttft_p50 / ttft_p95 / ttft_p99   seconds, over the interval (histogram bucket deltas,
+                                     interpolated as Prometheus' histogram_quantile does)
+    tokens_local / _pool / _computed prompt tokens per second by where their KV comes from
+    requests                         answered requests per second
+    pool_used                        fraction of pool slots holding a block
+    pool_evictions                   evictions per second
+    share[worker] / load[worker]     fraction of the interval's requests each worker answered,
+                                     and its occupancy as the router sees it
+
+The page (static/dashboard.html) draws them with uPlot, installed from npm by `make setup`
+and served from here: nothing is fetched from a CDN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from gateway.workers import WorkerState
+from kvpool import PoolStats
+
+STATIC = Path(__file__).resolve().parent / "static"
+UPLOT = STATIC / "node_modules" / "uplot" / "dist"
+SERIES = ("ttft_p50", "ttft_p95", "ttft_p99", "tokens_local", "tokens_pool", "tokens_computed",
+          "requests", "pool_used", "pool_evictions")
+
+
+def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """q-quantile from cumulative (upper bound, count) pairs, +Inf last; None if empty."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    prev_bound, prev_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return prev_bound
+            if count == prev_count:
+                return bound
+            return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
+        prev_bound, prev_count = bound, count
+    return prev_bound
+
+
+class Dashboard:
+    def __init__(self, registry: CollectorRegistry,
+                 workers: Callable[[], Sequence[WorkerState]],
+                 pool_stats: Callable[[], PoolStats | None],
+                 interval_s: float = 2.0, keep: int = 300) -> None:
+        self._registry = registry
+        self._workers = workers
+        self._pool_stats = pool_stats
+        self.interval_s = interval_s
+        self._t: deque[float] = deque(maxlen=keep)
+        self._series: dict[str, deque[float | None]] = {
+            name: deque(maxlen=keep) for name in SERIES}
+        self._share: dict[str, deque[float | None]] = {}
+        self._load: dict[str, deque[float | None]] = {}
+        self._keep = keep
+        self._last: dict[str, Any] | None = None
+
+    # -- sampling ------------------------------------------------------------------------
+    def _read(self) -> dict[str, Any]:
+        """Cumulative values now."""
+        ttft: dict[float, float] = {}
+        tokens: dict[str, float] = {}
+        answered: dict[str, float] = {}
+        requests = 0.0
+        for metric in self._registry.collect():
+            for s in metric.samples:
+                if s.name == "beluga_gateway_ttft_seconds_bucket":
+                    bound = float(s.labels["le"])
+                    ttft[bound] = ttft.get(bound, 0.0) + s.value
+                elif s.name == "beluga_gateway_prompt_tokens_total":
+                    tokens[s.labels["source"]] = s.value
+                elif s.name == "beluga_gateway_e2e_seconds_count":
+                    w = s.labels["worker"]
+                    answered[w] = answered.get(w, 0.0) + s.value
+                elif s.name == "beluga_gateway_requests_total":
+                    requests += s.value
+        stats = self._pool_stats()
+        return {"at": time.monotonic(), "ttft": ttft, "tokens": tokens,
+                "answered": answered, "requests": requests, "pool": stats}
+
+    def sample(self) -> None:
+        now = self._read()
+        last, self._last = self._last, now
+        if last is None:
+            return
+        dt = max(1e-6, now["at"] - last["at"])
+        buckets = sorted((b, c - last["ttft"].get(b, 0.0)) for b, c in now["ttft"].items())
+        point: dict[str, float | None] = {
+            "ttft_p50": histogram_quantile(0.50, buckets),
+            "ttft_p95": histogram_quantile(0.95, buckets),
+            "ttft_p99": histogram_quantile(0.99, buckets),
+            "requests": (now["requests"] - last["requests"]) / dt,
+        }
+        for source in ("local", "pool", "computed"):
+            point[f"tokens_{source}"] = (now["tokens"].get(source, 0.0)
+                                         - last["tokens"].get(source, 0.0)) / dt
+        pool: PoolStats | None = now["pool"]
+        old: PoolStats | None = last["pool"]
+        point["pool_used"] = pool.used_slots / pool.slot_count if pool else None
+        point["pool_evictions"] = ((pool.evictions - old.evictions) / dt
+                                   if pool and old else None)
+        self._t.append(time.time())
+        for name in SERIES:
+            self._series[name].append(point[name])
+        done = {w: now["answered"].get(w, 0.0) - last["answered"].get(w, 0.0)
+                for w in now["answered"]}
+        total = sum(done.values())
+        workers = {w.id: w for w in self._workers()}
+        for wid in set(workers) | set(self._share):
+            for table, value in (
+                    (self._share, done.get(wid, 0.0) / total if total else None),
+                    (self._load, workers[wid].load() if wid in workers else None)):
+                column = table.get(wid)
+                if column is None:  # a new worker: no history before now
+                    column = table[wid] = deque([None] * (len(self._t) - 1),
+                                                maxlen=self._keep)
+                column.append(value)
+
+    async def run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.interval_s)
+
+    # -- reading ---------------------------------------------------------------------------
+    def data(self) -> dict[str, Any]:
+        return {
+            "interval_s": self.interval_s,
+            "t": list(self._t),
+            "series": {name: list(values) for name, values in self._series.items()},
+            "share": {w: list(v) for w, v in sorted(self._share.items())},
+            "load": {w: list(v) for w, v in sorted(self._load.items())},
+        }

@@ -1,0 +1,70 @@
+"""The dashboard's sampler: quantiles from histogram deltas, rates, per-worker share/load."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from beluga.registry import WorkerRecord
+from gateway.dashboard import Dashboard, histogram_quantile
+from gateway.metrics import GatewayMetrics
+from gateway.workers import WorkerState
+from kvpool import PoolStats
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    buckets = [(0.1, 0.0), (0.5, 50.0), (1.0, 100.0), (math.inf, 100.0)]
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.5)
+    assert histogram_quantile(0.25, buckets) == pytest.approx(0.3)
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.99)
+    assert histogram_quantile(0.5, [(1.0, 0.0), (math.inf, 0.0)]) is None
+    assert histogram_quantile(0.9, [(1.0, 1.0), (math.inf, 10.0)]) == 1.0  # beyond: last bound
+
+
+def worker(wid: str, running: int) -> WorkerState:
+    now = time.time()
+    return WorkerState(WorkerRecord.model_validate({
+        "schema": 1, "id": wid, "url": f"http://{wid}", "model": "m", "capacity": 4,
+        "pid": 1, "started_at": now, "heartbeat_at": now, "running": running, "waiting": 0}))
+
+
+def stats(used: int, evictions: int) -> PoolStats:
+    return PoolStats(slot_count=100, slot_size=4096, used_slots=used, pinned_slots=0,
+                     writing_slots=0, clients=1, hits=0, misses=0, inserts=0,
+                     evictions=evictions, bytes_in=0, bytes_out=0, duplicates=0, full=0,
+                     recoveries=0, reclaimed=0, generation=0)
+
+
+def test_samples_are_interval_rates_and_quantiles() -> None:
+    m = GatewayMetrics("pool_aware")
+    workers = [worker("a", 2), worker("b", 0)]
+    pool = [stats(10, 0)]
+    d = Dashboard(m.registry, lambda: workers, lambda: pool[0], interval_s=1.0)
+    d.sample()                                  # the baseline: no point yet
+    assert d.data()["t"] == []
+    for _ in range(3):
+        m.ttft.labels("a", "pool_aware").observe(0.3)
+        m.e2e.labels("a", "pool_aware").observe(0.5)
+    m.e2e.labels("b", "pool_aware").observe(0.5)
+    m.prompt_tokens.labels("pool").inc(3000)
+    m.prompt_tokens.labels("computed").inc(1000)
+    pool[0] = stats(40, 5)
+    time.sleep(0.2)
+    d.sample()
+    data = d.data()
+    s = data["series"]
+    assert len(data["t"]) == 1
+    assert 0.25 <= s["ttft_p50"][0] <= 0.5            # inside the 0.25-0.5 bucket
+    assert s["tokens_pool"][0] == pytest.approx(3 * s["tokens_computed"][0])
+    assert s["tokens_local"][0] == 0
+    assert s["pool_used"][0] == pytest.approx(0.4) and s["pool_evictions"][0] > 0
+    assert data["share"] == {"a": [0.75], "b": [0.25]}
+    assert data["load"] == {"a": [0.5], "b": [0.0]}
+    # A quiet interval: no TTFT to show (null), zero rates; a new worker starts its history.
+    workers.append(worker("c", 1))
+    d.sample()
+    data = d.data()
+    assert data["series"]["ttft_p50"][1] is None and data["series"]["tokens_pool"][1] == 0
+    assert data["share"]["c"] == [None, None] and data["load"]["c"] == [None, 0.25]
