@@ -79,6 +79,7 @@ class Gateway:
         self.metrics = GatewayMetrics(policy.name)
         self.metrics.watch_workers(self.pool.snapshot)
         self.prefixes = PrefixIndex(pool.client, settings.redis_key_prefix)
+        self.metrics.watch_pool(self.prefixes.pool_stats)
         self.dashboard = Dashboard(self.metrics.registry, self.pool.snapshot,
                                    self.prefixes.pool_stats,
                                    interval_s=settings.dashboard_interval_s)

@@ -10,6 +10,9 @@
     beluga_gateway_worker_healthy{worker}                    1 in routing, 0 taken out
     beluga_gateway_worker_in_flight{worker}                  this gateway's open requests
     beluga_gateway_worker_load{worker}                       occupancy the router sees
+    beluga_pool_slots, beluga_pool_used_slots, beluga_pool_pinned_slots,
+    beluga_pool_evictions_total, beluga_pool_inserts_total   the shared pool, when this
+                                                             gateway maps it (same host)
 Each gateway process has its own registry (several apps in one test process never clash).
 """
 
@@ -19,11 +22,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.policies import Choice, RequestInfo
 from gateway.workers import WorkerState
+from kvpool import PoolStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)
@@ -59,6 +63,10 @@ class GatewayMetrics:
     def watch_workers(self, snapshot: Callable[[], Sequence[WorkerState]]) -> None:
         """Per-worker gauges, read from the registry snapshot at scrape time."""
         self.registry.register(_WorkerGauges(snapshot))
+
+    def watch_pool(self, stats: Callable[[], PoolStats | None]) -> None:
+        """The shared pool's own statistics, read at scrape time (absent without a pool)."""
+        self.registry.register(_PoolGauges(stats))
 
     def usage(self, usage: object) -> None:
         if not isinstance(usage, dict):
@@ -111,3 +119,23 @@ class _WorkerGauges(Collector):
         yield healthy
         yield in_flight
         yield load
+
+
+class _PoolGauges(Collector):
+    def __init__(self, stats: Callable[[], PoolStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._stats()
+        if st is None:
+            return
+        yield GaugeMetricFamily("beluga_pool_slots", "Slots in the shared pool.",
+                                value=st.slot_count)
+        yield GaugeMetricFamily("beluga_pool_used_slots", "Pool slots holding a block.",
+                                value=st.used_slots)
+        yield GaugeMetricFamily("beluga_pool_pinned_slots",
+                                "Pool slots pinned by a pending load.", value=st.pinned_slots)
+        yield CounterMetricFamily("beluga_pool_evictions", "Blocks evicted from the pool.",
+                                  value=st.evictions)
+        yield CounterMetricFamily("beluga_pool_inserts", "Blocks stored in the pool.",
+                                  value=st.inserts)

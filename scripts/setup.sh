@@ -91,15 +91,30 @@ fi
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
    && command -v apt-get >/dev/null 2>&1; then
   say "installing Debian's chromium (headless browser of the dashboard test)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
     || say "chromium could not be installed; the dashboard's browser test will fail"
+fi
+
+# promtool (Debian's prometheus) checks dashboards/prometheus.yml in the tests. The package's
+# daemon is not wanted here: policy-rc.d keeps it from starting during the install.
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && command -v apt-get >/dev/null 2>&1; then
+  say "installing Debian's prometheus (promtool checks dashboards/prometheus.yml)"
+  apt-get update -q >/dev/null
+  policy=/usr/sbin/policy-rc.d
+  [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; added_policy=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
+    >/dev/null 2>&1 || say "prometheus could not be installed; the promtool test will skip"
+  if [ -n "${added_policy:-}" ]; then rm -f "$policy"; fi
 fi
 
 # wrk drives bench/gateway_overhead.py's throughput run (a C load generator leaves the CPU to
 # the gateway; the bench falls back to a Python client without it).
 if ! command -v wrk >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   say "installing Debian's wrk (load generator of bench/gateway_overhead.py)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null \
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null 2>&1 \
     || say "wrk could not be installed; the gateway bench will use its Python client"
 fi
 

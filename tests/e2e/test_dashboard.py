@@ -68,3 +68,16 @@ def test_the_dashboard_serves_its_chart_library_locally(stack: Stack) -> None:
     assert lib.status_code == 200 and "uPlot" in lib.text
     assert httpx.get(f"{stack.base_url}/dashboard/assets/..%2F..%2Fapp.py",
                      timeout=10).status_code == 404
+
+
+def test_every_metric_the_grafana_board_queries_is_exported(stack: Stack) -> None:
+    import httpx
+
+    from tests.test_dashboards import queried_metrics
+    exported: set[str] = set()
+    for url in (stack.base_url, *stack.worker_urls):
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+            if line and not line.startswith("#"):
+                exported.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    missing = queried_metrics() - exported
+    assert not missing, sorted(missing)

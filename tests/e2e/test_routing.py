@@ -82,4 +82,14 @@ def test_two_gateways_send_one_prefix_to_one_worker(stack: Stack, second_gateway
             r = httpx.post(f"{g}/v1/chat/completions", json=body, timeout=120)
             assert r.status_code == 200, r.text
             picked.append(r.headers["x-beluga-worker"])
+            # The other gateway knows load only from the workers' heartbeats: let them
+            # report the finished request (else a stale "running: 1" is a fair reason to
+            # balance to the idle worker, which is not what this test is about).
+            done = time.time()
+            deadline = time.monotonic() + 10
+            while not all(w.heartbeat_at > done and w.running + w.waiting == 0
+                          for w in stack.workers()):
+                assert time.monotonic() < deadline, stack.workers()
+                time.sleep(0.1)
+            time.sleep(1.2)  # one registry refresh of the gateways
         assert picked[0] == picked[1], (i, picked)
