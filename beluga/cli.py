@@ -36,7 +36,7 @@ GATEWAY_FIELDS = (
     "gateway_host", "gateway_port", "api_keys",
     "routing_policy", "registry_refresh_s", "connect_timeout_s", "upstream_timeout_s",
     "max_request_bytes", "unhealthy_cooldown_s", "health_check_interval_s",
-    "health_check_timeout_s", "dashboard_interval_s", "max_attempts",
+    "health_check_timeout_s", "health_check_failures", "dashboard_interval_s", "max_attempts",
 )
 UP_FIELDS = tuple(dict.fromkeys(
     WORKER_FIELDS + GATEWAY_FIELDS + ("num_workers", "start_redis")))

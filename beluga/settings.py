@@ -146,7 +146,10 @@ class Settings(BaseSettings):
         "(it keeps the last 300)."
     )
     health_check_timeout_s: float = Field(
-        2.0, gt=0, description="How long one health check may take before it counts as failed."
+        5.0, gt=0, description="How long one health check may take before it counts as failed."
+    )
+    health_check_failures: int = Field(
+        3, ge=1, description="Failed health checks in a row that take a worker out of routing."
     )
     max_attempts: int = Field(
         3, ge=1, description="Workers tried for one request when connecting fails."

@@ -30,6 +30,7 @@ class WorkerState:
     record: WorkerRecord
     in_flight: int = 0
     unhealthy_until: float = 0.0
+    failed_checks: int = 0    # consecutive failed health checks
     last_done_at: float = 0.0  # wall clock of the last request this gateway finished here
 
     @property
@@ -95,14 +96,20 @@ class WorkerPool:
                            why)
 
     async def check_health(self, client: aiohttp.ClientSession) -> None:
-        """GET every worker's /health at once: a failure takes (or keeps) it out, a pass puts
-        it back at once, whatever the remaining cooldown."""
+        """GET every worker's /health at once: `health_check_failures` failures in a row take
+        (or keep) it out (one slow answer from a loaded worker does not), a pass puts it back
+        at once, whatever the remaining cooldown."""
         workers = self._snapshot
         results = await asyncio.gather(*(self._probe(client, w) for w in workers))
         for worker, problem in zip(workers, results, strict=True):
             if problem is not None:
-                self.mark_unhealthy(worker, f"failed its health check ({problem})")
-            elif not worker.healthy(time.monotonic()):
+                worker.failed_checks += 1
+                if worker.failed_checks >= self.settings.health_check_failures:
+                    self.mark_unhealthy(worker, f"failed {worker.failed_checks} health "
+                                                f"checks in a row ({problem})")
+                continue
+            worker.failed_checks = 0
+            if not worker.healthy(time.monotonic()):
                 worker.unhealthy_until = 0.0
                 logger.info("worker %s at %s passed its health check; back in routing",
                             worker.id, worker.url)

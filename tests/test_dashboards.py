@@ -26,7 +26,7 @@ def queried_metrics() -> set[str]:
     """Metric names the Grafana dashboard queries (beluga_* and vllm:*)."""
     names: set[str] = set()
     for expr in grafana_exprs():
-        names |= set(re.findall(r"\b(?:beluga_[a-z_]+|vllm:[a-z_]+)", expr))
+        names |= set(re.findall(r"\b(?:beluga_[a-z0-9_]+|vllm:[a-z0-9_]+)", expr))
     return names
 
 

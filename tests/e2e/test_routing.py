@@ -79,17 +79,17 @@ def test_two_gateways_send_one_prefix_to_one_worker(stack: Stack, second_gateway
                 "messages": [{"role": "user", "content": text}]}
         picked = []
         for g in (gateways if i % 2 == 0 else gateways[::-1]):
-            r = httpx.post(f"{g}/v1/chat/completions", json=body, timeout=120)
-            assert r.status_code == 200, r.text
-            picked.append(r.headers["x-beluga-worker"])
-            # The other gateway knows load only from the workers' heartbeats: let them
-            # report the finished request (else a stale "running: 1" is a fair reason to
-            # balance to the idle worker, which is not what this test is about).
-            done = time.time()
+            # A gateway knows other traffic's load only from the workers' heartbeats: let
+            # them report idle first (a stale "running: 1" is a fair reason to balance to
+            # the other worker, which is not what this test is about).
+            idle_since = time.time()
             deadline = time.monotonic() + 10
-            while not all(w.heartbeat_at > done and w.running + w.waiting == 0
+            while not all(w.heartbeat_at > idle_since and w.running + w.waiting == 0
                           for w in stack.workers()):
                 assert time.monotonic() < deadline, stack.workers()
                 time.sleep(0.1)
             time.sleep(1.2)  # one registry refresh of the gateways
+            r = httpx.post(f"{g}/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            picked.append(r.headers["x-beluga-worker"])
         assert picked[0] == picked[1], (i, picked)

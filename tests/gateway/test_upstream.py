@@ -204,7 +204,7 @@ def test_health_checks_take_a_worker_out_and_put_it_back(redis_url: str) -> None
         register(client, "h-steady", url.replace("127.0.0.1", "localhost"), "hm")
         settings = Settings(redis_url=redis_url, redis_key_prefix=PREFIX,
                             unhealthy_cooldown_s=60, health_check_interval_s=0.1,
-                            health_check_timeout_s=1.0)
+                            health_check_timeout_s=1.0, health_check_failures=2)
         with TestClient(create_app(settings)) as gw:
 
             def healthy() -> dict[str, bool]:
