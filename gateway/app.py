@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
@@ -212,6 +213,9 @@ class Gateway:
             except TimeoutError:
                 worker.done()
                 raise UpstreamTimeout(f"worker {worker.id} did not answer in time") from None
+            except BaseException:  # e.g. the client went away (cancelled) before the answer
+                worker.done()
+                raise
             if resp.status != 200 or not req.stream:
                 try:
                     content = await resp.read()
@@ -234,8 +238,11 @@ class Gateway:
                 self.metrics.answered(req.endpoint, out.status_code, worker.id,
                                       time.perf_counter() - started)
                 return out
-            return StreamingResponse(self.relay(resp, worker, choice, info, started,
-                                                UsageFilter(strip_usage)),
+            stream = self.relay(resp, worker, choice, info, started, UsageFilter(strip_usage))
+            # A client gone before the stream starts leaves the generator never run (its
+            # finally too): release the worker and the connection when it is collected.
+            weakref.finalize(stream, _release_unstarted, worker, resp)
+            return StreamingResponse(stream,
                                      status_code=200, media_type="text/event-stream",
                                      headers=headers)
         raise last_error or NoHealthyWorker(
@@ -259,6 +266,7 @@ class Gateway:
         """Pass SSE bytes through; a worker failure mid-stream ends with an error event.
         The first chunk's arrival is the request's TTFT, which the policy learns from."""
         last: float | None = None
+        resp._beluga_relayed = True  # type: ignore[attr-defined]  # see _release_unstarted
         try:
             async for chunk in resp.content.iter_any():
                 now = time.perf_counter()
@@ -287,6 +295,13 @@ class Gateway:
         finally:
             worker.done()
             resp.release()
+
+
+def _release_unstarted(worker: WorkerState, resp: aiohttp.ClientResponse) -> None:
+    """Finalizer of a relay generator: if it never ran, nobody released its worker."""
+    if not getattr(resp, "_beluga_relayed", False):
+        worker.done()
+        resp.release()
 
 
 def lazy_block_keys(prompt: Prompt, keying: Keying, cache_salt: str) -> Iterator[bytes]:

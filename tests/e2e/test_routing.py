@@ -77,7 +77,8 @@ def test_two_gateways_send_one_prefix_to_one_worker(stack: Stack, second_gateway
                         for j in range(50))
         body = {"model": MODEL_NAME, "max_tokens": 1,
                 "messages": [{"role": "user", "content": text}]}
-        picked = []
+        picked: list[str] = []
+        reasons: list[str] = []
         for g in (gateways if i % 2 == 0 else gateways[::-1]):
             # A gateway knows other traffic's load only from the workers' heartbeats: let
             # them report idle first (a stale "running: 1" is a fair reason to balance to
@@ -92,4 +93,5 @@ def test_two_gateways_send_one_prefix_to_one_worker(stack: Stack, second_gateway
             r = httpx.post(f"{g}/v1/chat/completions", json=body, timeout=120)
             assert r.status_code == 200, r.text
             picked.append(r.headers["x-beluga-worker"])
-        assert picked[0] == picked[1], (i, picked)
+            reasons.append(r.headers["x-beluga-route"])
+        assert picked[0] == picked[1], (i, picked, reasons)

@@ -5,6 +5,7 @@ worker echoes what it received; the same SDK against real vLLM is tests/e2e/test
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +36,8 @@ def echo_worker() -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body: dict[str, Any] = await request.json()
+        if body.get("user") == "slow":
+            await asyncio.sleep(1.5)
         if body.get("stream"):
             async def events() -> AsyncIterator[bytes]:
                 chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0,
@@ -130,3 +133,23 @@ def test_a_stream_cut_by_the_worker_raises_in_the_sdk(base_url: str) -> None:
         for chunk in cut:
             got.append(chunk.choices[0].delta.content)
     assert got == ["hi"]
+
+
+def test_clients_that_leave_early_leave_no_request_counted_open(base_url: str) -> None:
+    """A client gone before the worker answered (streaming or not): the gateway's count of
+    open requests on the worker (its load) returns to zero."""
+    import httpx
+    health = base_url.removesuffix("/v1") + "/health"
+    deadline = time.monotonic() + 10
+    while not httpx.get(health).json()["workers"][0]["healthy"]:  # back after the test above
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    client = openai.OpenAI(base_url=base_url, api_key="key-a", max_retries=0, timeout=0.3)
+    for stream in (False, True):
+        with pytest.raises(openai.APITimeoutError):
+            client.chat.completions.create(model=MODEL, messages=HI, stream=stream,
+                                           user="slow")
+    deadline = time.monotonic() + 10
+    while httpx.get(health).json()["workers"][0]["in_flight"] != 0:
+        assert time.monotonic() < deadline, httpx.get(health).json()
+        time.sleep(0.1)
