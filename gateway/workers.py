@@ -32,6 +32,7 @@ class WorkerState:
     unhealthy_until: float = 0.0
     failed_checks: int = 0    # consecutive failed health checks
     last_done_at: float = 0.0  # wall clock of the last request this gateway finished here
+    last_begin_at: float = 0.0  # wall clock of the last request this gateway sent here
 
     @property
     def id(self) -> str:
@@ -46,6 +47,7 @@ class WorkerState:
 
     def begin(self) -> None:
         self.in_flight += 1
+        self.last_begin_at = time.time()
 
     def done(self) -> None:
         self.in_flight -= 1
@@ -58,6 +60,11 @@ class WorkerState:
         reported = self.record.running + self.record.waiting
         if self.record.heartbeat_at < self.last_done_at:
             reported = 0
+        if self.record.heartbeat_at > self.last_begin_at:
+            # Everything this gateway has open here began before the worker's report, so
+            # the report counts it (or it is over): a count this gateway failed to close
+            # cannot skew routing for longer than one heartbeat.
+            return reported / self.record.capacity
         return max(self.in_flight, reported) / self.record.capacity
 
 
