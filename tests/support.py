@@ -73,3 +73,28 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=2)
+
+
+def gateway_in_front_of(worker: Any, worker_id: str, model: str, prefix: str,
+                        **settings: Any) -> Iterator[str]:
+    """A real Redis, `worker` (an ASGI stand-in) served and registered as `worker_id` for
+    `model`, and the gateway in front of it over real HTTP; yields the gateway's base URL."""
+    import json
+
+    from beluga.registry import SCHEMA_VERSION, worker_key
+    from beluga.settings import Settings
+    from gateway.app import create_app
+
+    server = RedisServer().start()
+    try:
+        for worker_url in serve(worker):
+            rec = {"schema": SCHEMA_VERSION, "id": worker_id, "url": worker_url,
+                   "model": model, "capacity": 4, "pid": 1, "started_at": 0.0,
+                   "heartbeat_at": time.time(), "running": 0, "waiting": 0}
+            redis.Redis.from_url(server.url).set(worker_key(prefix, worker_id),
+                                                 json.dumps(rec), ex=600)
+            gw = create_app(Settings(redis_url=server.url, redis_key_prefix=prefix,
+                                     served_model_name=model, **settings))
+            yield from serve(gw)
+    finally:
+        server.stop()

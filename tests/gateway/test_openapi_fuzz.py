@@ -9,20 +9,14 @@ real vLLM workers is tests/e2e/test_openapi_fuzz.py.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from beluga.registry import SCHEMA_VERSION, worker_key
-from beluga.settings import Settings
-from gateway.app import create_app
 from tests.fuzz import aim_at, fuzz
-from tests.support import RedisServer, serve
+from tests.support import gateway_in_front_of
 
 PREFIX = "beluga:fuzz"
 MODEL = "fuzz-model"
@@ -59,19 +53,8 @@ def worker_stand_in() -> FastAPI:
 
 @pytest.fixture(scope="module")
 def gateway_url() -> Iterator[str]:
-    server = RedisServer().start()
-    try:
-        for worker_url in serve(worker_stand_in()):
-            rec = {"schema": SCHEMA_VERSION, "id": "w-fuzz", "url": worker_url, "model": MODEL,
-                   "capacity": 4, "pid": 1, "started_at": 0.0, "heartbeat_at": time.time(),
-                   "running": 0, "waiting": 0}
-            redis.Redis.from_url(server.url).set(worker_key(PREFIX, "w-fuzz"),
-                                                 json.dumps(rec), ex=600)
-            gw = create_app(Settings(redis_url=server.url, redis_key_prefix=PREFIX,
-                                     served_model_name=MODEL, max_request_bytes=64 * 1024))
-            yield from serve(gw)
-    finally:
-        server.stop()
+    yield from gateway_in_front_of(worker_stand_in(), "w-fuzz", MODEL, PREFIX,
+                                   max_request_bytes=64 * 1024)
 
 
 def test_no_5xx_no_hang_and_answers_as_documented(gateway_url: str) -> None:

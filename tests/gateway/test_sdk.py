@@ -13,14 +13,10 @@ from typing import Any
 
 import openai
 import pytest
-import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from beluga.registry import SCHEMA_VERSION, worker_key
-from beluga.settings import Settings
-from gateway.app import create_app
-from tests.support import RedisServer, serve
+from tests.support import gateway_in_front_of
 
 PREFIX = "beluga:sdk"
 MODEL = "sdk-model"
@@ -60,21 +56,10 @@ def echo_worker() -> FastAPI:
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    server = RedisServer().start()
-    try:
-        for worker_url in serve(echo_worker()):
-            rec = {"schema": SCHEMA_VERSION, "id": "w-echo", "url": worker_url, "model": MODEL,
-                   "capacity": 4, "pid": 1, "started_at": 0.0, "heartbeat_at": time.time(),
-                   "running": 0, "waiting": 0}
-            redis.Redis.from_url(server.url).set(worker_key(PREFIX, "w-echo"),
-                                                 json.dumps(rec), ex=600)
-            gw = create_app(Settings(redis_url=server.url, redis_key_prefix=PREFIX,
-                                     served_model_name=MODEL, max_request_bytes=4096,
-                                     api_keys="key-a:alice,key-b:bob"))
-            for url in serve(gw):
-                yield url + "/v1"
-    finally:
-        server.stop()
+    for url in gateway_in_front_of(echo_worker(), "w-echo", MODEL, PREFIX,
+                                   max_request_bytes=4096,
+                                   api_keys="key-a:alice,key-b:bob"):
+        yield url + "/v1"
 
 
 def sdk(base_url: str, key: str) -> openai.OpenAI:
