@@ -302,6 +302,7 @@ class _SchedulerSide:
         self._in_flight: dict[int, list[_Promise]] = {}  # step -> its loads (pinned)
         self._step = 0
         self._next_hints = 0.0
+        self._hints_behind = False  # the cache changed since the last offer (rate-limited)
         # our key -> vLLM's block hash, for "is it still in the local cache" (bounded)
         self._local: OrderedDict[bytes, Any] = OrderedDict()
         self._local_cap = max(64, 4 * kv_cache_config.num_blocks)
@@ -471,6 +472,10 @@ class _SchedulerSide:
         self._release(self._promised.pop(req_id, None))
         self._release(self._planned.pop(req_id, None))
         self._tracked.pop(req_id, None)
+        if self._hints_behind and not self._tracked:
+            # The worker goes idle: no step will offer what its last requests left in the
+            # cache, so offer it now (otherwise it stays unadvertised until the next request).
+            self._maybe_publish_hints(force=True)
 
     # -- routing hints -------------------------------------------------------------------
     def _remember_local(self, t: _Tracked) -> None:
@@ -487,10 +492,14 @@ class _SchedulerSide:
         while len(self._local) > self._local_cap:
             self._local.popitem(last=False)
 
-    def _maybe_publish_hints(self) -> None:
+    def _maybe_publish_hints(self, force: bool = False) -> None:
         now = time.monotonic()
-        if self.hints is None or self.block_pool is None or now < self._next_hints:
+        if self.hints is None or self.block_pool is None:
             return
+        if now < self._next_hints and not force:
+            self._hints_behind = True
+            return
+        self._hints_behind = False
         self._next_hints = now + self.cfg.hints_interval_s
         present = [k for k, h in self._local.items()
                    if self.block_pool.get_cached_block(h, [0]) is not None]

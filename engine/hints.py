@@ -71,6 +71,7 @@ class HintPublisher:
                     logger.info("routing hints: Redis is back, publishing again")
                 healthy = True
             except redis.RedisError as exc:
+                published = None  # whatever Redis held may be gone when it is back
                 if healthy:
                     logger.warning("routing hints: Redis unreachable (%s); retrying", exc)
                 healthy = False
@@ -87,4 +88,8 @@ class HintPublisher:
                 pipe.sadd(blocks, *keys)
         pipe.expire(blocks, self._ttl)
         pipe.set(hints_key(self._prefix, self._worker), record.to_json(), ex=self._ttl)
-        pipe.execute()
+        refreshed = pipe.execute()[-2]
+        if keys and not changed and not refreshed:
+            # The set is gone although nothing changed here (Redis restarted between two
+            # refreshes, or evicted it): write it again.
+            self._publish(keys, changed=True)

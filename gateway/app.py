@@ -196,6 +196,11 @@ class Gateway:
                 break
             worker = choice.worker
             tried.add(worker.id)
+            logger.debug("routed to %s (%s, estimate %s): %d tokens, first key %s, local %s, "
+                         "pool %d, candidates %s", worker.id, choice.reason, choice.estimate_s,
+                         info.prompt_tokens, info.keys[0].hex()[:12] if info.keys else None,
+                         dict(info.local_blocks), info.pool_blocks,
+                         [w.id for w in candidates])
             # The rest of the prompt's keys stay unread unless the prompt comes back.
             self.prefixes.routed(worker.id, info.keys, later)
             later = iter(())  # one reader; a retry elsewhere records what routing read
@@ -203,11 +208,10 @@ class Gateway:
             headers = {"x-beluga-worker": worker.id, "x-beluga-route": choice.reason}
             worker.begin()
             try:
-                resp = await self.client.post(worker.url + UPSTREAM_PATHS[req.endpoint],
-                                              data=body, headers=UPSTREAM_HEADERS)
+                resp = await self.post(worker, req.endpoint, body)
             except RETRYABLE as exc:
                 worker.done()
-                self.pool.mark_unhealthy(worker)
+                self.pool.mark_unhealthy(worker, f"failed ({exc!r})")
                 last_error = UpstreamFailure(f"worker {worker.id} failed: {exc!r}")
                 continue
             except TimeoutError:
@@ -220,7 +224,7 @@ class Gateway:
                 try:
                     content = await resp.read()
                 except RETRYABLE as exc:
-                    self.pool.mark_unhealthy(worker)
+                    self.pool.mark_unhealthy(worker, f"failed ({exc!r})")
                     last_error = UpstreamFailure(f"worker {worker.id} failed: {exc!r}")
                     continue
                 except TimeoutError:
@@ -247,6 +251,23 @@ class Gateway:
                                      headers=headers)
         raise last_error or NoHealthyWorker(
             f"no healthy worker can serve '{req.model}' right now", code="no_healthy_worker")
+
+    async def post(self, worker: WorkerState, endpoint: Endpoint,
+                   body: bytes) -> aiohttp.ClientResponse:
+        """POST to a worker. Workers close idle kept-alive connections (vLLM after 5 s), and
+        one can close just as it is reused: the worker never got that request, so it is
+        sent again once, to the same worker (another would lose the prefix it was routed
+        for). A worker that cannot be connected to at all is not retried here."""
+        assert self.client is not None
+        url = worker.url + UPSTREAM_PATHS[endpoint]
+        try:
+            return await self.client.post(url, data=body, headers=UPSTREAM_HEADERS)
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            logger.info("worker %s closed a kept-alive connection (%r); sending again",
+                        worker.id, exc)
+            return await self.client.post(url, data=body, headers=UPSTREAM_HEADERS)
 
     @staticmethod
     def buffered_response(resp: aiohttp.ClientResponse, content: bytes,
@@ -289,7 +310,7 @@ class Gateway:
             self.metrics.answered(info.endpoint, UpstreamTimeout.status_code, worker.id, None)
             yield UpstreamTimeout(f"worker {worker.id} went silent mid-stream").sse_event()
         except aiohttp.ClientError as exc:
-            self.pool.mark_unhealthy(worker)
+            self.pool.mark_unhealthy(worker, f"failed mid-stream ({exc!r})")
             self.metrics.answered(info.endpoint, UpstreamFailure.status_code, worker.id, None)
             yield UpstreamFailure(f"worker {worker.id} failed mid-stream: {exc!r}").sse_event()
         finally:
@@ -337,7 +358,8 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
         # connect: a free connection and the TCP handshake; sock_read: silence on the wire.
         timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout_s,
                                         sock_read=settings.upstream_timeout_s)
-        connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=30)
+        # Idle connections are dropped before vLLM's keep-alive (5 s) would drop them.
+        connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=4)
         # Bytes pass through untouched (workers are asked for identity encoding).
         async with aiohttp.ClientSession(timeout=timeout, connector=connector,
                                          auto_decompress=False) as client:

@@ -77,8 +77,9 @@ class RedisServer:
 
 def gateway_in_front_of(worker: Any, worker_id: str, model: str, prefix: str,
                         **settings: Any) -> Iterator[str]:
-    """A real Redis, `worker` (an ASGI stand-in) served and registered as `worker_id` for
-    `model`, and the gateway in front of it over real HTTP; yields the gateway's base URL."""
+    """A real Redis, `worker` (an ASGI stand-in, served here, or the URL of a server already
+    running) registered as `worker_id` for `model`, and the gateway in front of it over real
+    HTTP; yields the gateway's base URL."""
     import json
 
     from beluga.registry import SCHEMA_VERSION, worker_key
@@ -87,7 +88,7 @@ def gateway_in_front_of(worker: Any, worker_id: str, model: str, prefix: str,
 
     server = RedisServer().start()
     try:
-        for worker_url in serve(worker):
+        for worker_url in ([worker] if isinstance(worker, str) else serve(worker)):
             rec = {"schema": SCHEMA_VERSION, "id": worker_id, "url": worker_url,
                    "model": model, "capacity": 4, "pid": 1, "started_at": 0.0,
                    "heartbeat_at": time.time(), "running": 0, "waiting": 0}

@@ -1,5 +1,5 @@
-"""Pool-aware routing end to end: the gateway tokenizes as vLLM does, and two gateways on
-one Redis send one prefix to one worker."""
+"""Pool-aware routing end to end: the gateway tokenizes as vLLM does, a worker advertises
+what its cache holds, and two gateways on one Redis send one prefix to one worker."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from beluga.registry import hint_blocks_key, hint_key, hints_key, parse_hints
 from gateway.tokenize import PromptTokenizer
+from kvpool import block_keys
 from tests.e2e.conftest import MODEL, MODEL_NAME, ROOT, Stack, free_port
+from tests.e2e.pool_helpers import BLOCK, complete, prompt
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -35,10 +38,10 @@ def test_the_gateway_tokenizes_exactly_as_vllm(stack: Stack) -> None:
         assert vllm.status_code == 200, vllm.text
         ours = tok.tokens(MODEL_NAME, "chat", {"messages": messages})
         assert ours == vllm.json()["tokens"]
-    for prompt in ("Once upon a time", "  spaces\tand\nnewlines  ", "x" * 2000):
-        vllm = httpx.post(f"{worker}/tokenize", json={"model": MODEL_NAME, "prompt": prompt},
+    for text in ("Once upon a time", "  spaces\tand\nnewlines  ", "x" * 2000):
+        vllm = httpx.post(f"{worker}/tokenize", json={"model": MODEL_NAME, "prompt": text},
                           timeout=30)
-        assert tok.tokens(MODEL_NAME, "completions", {"prompt": prompt}) == \
+        assert tok.tokens(MODEL_NAME, "completions", {"prompt": text}) == \
             vllm.json()["tokens"]
 
 
@@ -94,4 +97,33 @@ def test_two_gateways_send_one_prefix_to_one_worker(stack: Stack, second_gateway
             assert r.status_code == 200, r.text
             picked.append(r.headers["x-beluga-worker"])
             reasons.append(r.headers["x-beluga-route"])
-        assert picked[0] == picked[1], (i, picked, reasons)
+        assert picked[0] == picked[1], (i, picked, reasons, worker_views(gateways))
+
+
+def worker_views(gateways: list[str]) -> dict[str, list[str]]:
+    """Each gateway's view of the workers (health, open requests, load), for a failure."""
+    return {g: [line for line in httpx.get(f"{g}/metrics", timeout=10).text.splitlines()
+                if line.startswith("beluga_gateway_worker_")] for g in gateways}
+
+
+def test_a_worker_advertises_what_it_served_last_when_it_goes_idle(stack: Stack) -> None:
+    """Hints are offered at most once per interval from the scheduler's steps; the blocks of
+    requests that ran since the last offer are offered when the worker goes idle, not at
+    its next request (a gateway would not see them until then)."""
+    worker = stack.workers()[0]
+    client = stack.redis()
+    raw = client.get(hints_key("beluga:v1", worker.id))
+    assert raw is not None and (rec := parse_hints(raw)) is not None
+    first, last = prompt(2777, 2 * BLOCK + 5), prompt(3901, 3 * BLOCK + 5)
+    complete(worker.url, first, max_tokens=1)
+    complete(worker.url, last, max_tokens=1)  # within one hint interval of `first`
+    want = {hint_key(k) for k in block_keys(last, rec.block_tokens,
+                                             bytes.fromhex(rec.fingerprint))}
+    assert len(want) == 3
+    deadline = time.monotonic() + 5
+    while True:
+        held = {m.decode() for m in client.smembers(hint_blocks_key("beluga:v1", worker.id))}
+        if want <= held:
+            break
+        assert time.monotonic() < deadline, f"{len(want - held)} of 3 blocks not advertised"
+        time.sleep(0.2)

@@ -79,3 +79,23 @@ def test_malformed_hint_records_are_skipped() -> None:
     assert parse_hints(b"{") is None
     assert parse_hints(b'{"schema": 2}') is None
     assert parse_hints(b'{"schema": 1, "worker_id": "w", "fingerprint": "xyz"}') is None
+
+
+def test_hints_come_back_after_redis_loses_them(server: RedisServer) -> None:
+    """Nothing new is offered (the worker is idle), yet what Redis lost (a restart, an
+    eviction) is written again at the next refresh."""
+    pub = publisher(server)
+    client = server.client()
+    try:
+        pub.offer(keys(4))
+        eventually(lambda: client.scard(hint_blocks_key(PREFIX, "w1")) == 4)
+        client.delete(hint_blocks_key(PREFIX, "w1"))  # evicted, the record left alone
+        eventually(lambda: client.scard(hint_blocks_key(PREFIX, "w1")) == 4)
+        server.stop()
+        time.sleep(0.3)
+        server.start()
+        client = server.client()
+        eventually(lambda: client.scard(hint_blocks_key(PREFIX, "w1")) == 4)
+        assert client.exists(hints_key(PREFIX, "w1")) == 1
+    finally:
+        pub.close()

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 import redis
 from fastapi import FastAPI, Request
@@ -19,7 +21,7 @@ from fastapi.testclient import TestClient
 from beluga.registry import SCHEMA_VERSION, worker_key
 from beluga.settings import Settings
 from gateway.app import create_app
-from tests.support import RedisServer, free_port, serve
+from tests.support import RedisServer, free_port, gateway_in_front_of, serve
 
 PREFIX = "beluga:test"
 
@@ -243,3 +245,82 @@ def test_a_worker_dying_mid_stream_ends_the_stream_with_an_error_event(
     error = json.loads(events[2])["error"]
     assert error["type"] == "upstream_error" and "failed mid-stream" in error["message"]
     assert len(events) == 3   # the error event ends the stream
+
+
+class DropsReusedConnections:
+    """An HTTP/1.1 worker (raw asyncio server, in a thread) that answers the first request
+    on each connection and keeps it open, then closes it when the next request arrives,
+    unanswered: what a worker timing out an idle kept-alive connection does at the moment
+    the gateway reuses it. Health checks are answered with `Connection: close`."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dropped = 0
+        self.answered = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),),
+                                        daemon=True)
+        self._stop: asyncio.Event | None = None
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._ready.set()
+        async with server:
+            await self._stop.wait()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                length = next((int(v) for k, _, v in (h.partition(":") for h in lines[1:])
+                               if k.lower() == "content-length"), 0)
+                if lines[0].startswith("GET /health"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+                    await writer.drain()
+                    return
+                await reader.readexactly(length)
+                if served:
+                    self.dropped += 1
+                    return
+                body = b'{"object": "chat.completion", "choices": []}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+                served += 1
+                self.answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def test_a_kept_alive_connection_the_worker_closed_is_retried_on_that_worker() -> None:
+    """Workers time idle connections out (vLLM after 5 s); one closed just as the gateway
+    reuses it never got the request. The gateway sends it again to the same worker, which
+    stays in routing: before, the worker was taken out and the request went elsewhere,
+    losing the prefix it was routed for."""
+    worker = DropsReusedConnections()
+    try:
+        for gw in gateway_in_front_of(f"http://127.0.0.1:{worker.port}", "k-1", "km", PREFIX):
+            with httpx.Client(base_url=gw, timeout=10) as client:
+                for i in range(3):
+                    r = client.post("/v1/chat/completions", json=chat("km"))
+                    assert r.status_code == 200, (i, r.text)
+                    assert r.headers["x-beluga-worker"] == "k-1"
+                metrics = client.get("/metrics").text
+            assert worker.dropped >= 2 and worker.answered == 3
+            assert 'beluga_gateway_worker_healthy{worker="k-1"} 1.0' in metrics
+    finally:
+        worker.stop()
