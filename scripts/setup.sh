@@ -87,12 +87,12 @@ if [ ! -f gateway/static/node_modules/uplot/dist/uPlot.iife.min.js ] \
   fi
 fi
 
-# Debian's chromium runs the dashboard's browser test headless.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
-   && command -v apt-get >/dev/null 2>&1; then
-  say "installing Debian's chromium (headless browser of the dashboard test)"
+# Debian's chromium, driven through chromium-driver, runs the dashboard's browser test.
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing Debian's chromium and chromium-driver (the dashboard's browser test)"
   apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
     || say "chromium could not be installed; the dashboard's browser test will fail"
 fi
 
