@@ -9,6 +9,7 @@ module reads ``os.environ`` for Beluga's own configuration.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,10 @@ DEFAULT_STATE_DIR = Path(".beluga")
 BUILD_ONLY_ENV = frozenset({"BELUGA_BUILD_CUDA"})
 
 
+# A Hugging Face Hub model id: `org/name` (what vLLM downloads when --model is not a folder).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 class Settings(BaseSettings):
     """Typed configuration shared by the gateway, the workers and `beluga up`."""
 
@@ -32,10 +37,11 @@ class Settings(BaseSettings):
         DEFAULT_STATE_DIR,
         description="Directory for logs, the prepared model and run state.",
     )
-    model: Path | None = Field(
+    model: str | None = Field(
         None,
-        description="Local Hugging Face model folder to serve. Default: the prepared "
-        "SmolLM2-135M-Instruct under <state_dir>/models/.",
+        description="Model to serve: a local Hugging Face folder, or else a Hugging Face Hub "
+        "id (org/name) that vLLM downloads into the Hugging Face cache (HF_HOME) at start. "
+        "Default: the prepared SmolLM2-135M-Instruct under <state_dir>/models/.",
     )
     served_model_name: str = Field(
         "smollm2-135m-instruct",
@@ -208,6 +214,11 @@ class Settings(BaseSettings):
                 raise ValueError("api_keys must be comma-separated `key:tenant` pairs")
         return value
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_as_text(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
@@ -225,11 +236,25 @@ class Settings(BaseSettings):
         return self.state_dir / "models"
 
     @property
+    def model_hub_id(self) -> str | None:
+        """The Hugging Face Hub id `model` names, when it is not a folder here."""
+        if (self.model is None or Path(self.model).expanduser().exists()
+                or HUB_ID.fullmatch(self.model) is None):
+            return None
+        return self.model
+
+    @property
     def model_path(self) -> Path:
-        """The model folder to serve (the prepared default when `model` is unset)."""
+        """The model folder to serve (the prepared default when `model` is unset); for a Hub
+        id, the folder it would be if it were one (it is not: see `model_hub_id`)."""
         if self.model is not None:
-            return self.model
+            return Path(self.model).expanduser()
         return self.models_dir / "SmolLM2-135M-Instruct"
+
+    @property
+    def model_ref(self) -> str:
+        """What vLLM's --model and the gateway's tokenizer load: the Hub id or the folder."""
+        return self.model_hub_id or str(self.model_path)
 
     @property
     def api_key_tenants(self) -> dict[str, str]:

@@ -109,11 +109,12 @@ class Stack:
         s = self.settings
         if s.model is None:
             prepare_default_model(s.model_path)
-        check_model_folder(s.model_path)
+        if s.model_hub_id is None:
+            check_model_folder(s.model_path)
         self.start_redis()
         env = dict(os.environ)
         env.update(settings_env(s))
-        env["BELUGA_MODEL"] = str(s.model_path.resolve())
+        env["BELUGA_MODEL"] = s.model_hub_id or str(s.model_path.resolve())
         env["BELUGA_STATE_DIR"] = str(s.state_dir.resolve())
         py = [sys.executable, "-m", "beluga.cli"]
         for i in range(s.num_workers):

@@ -48,7 +48,7 @@ def vllm_command(settings: Settings, python: str = sys.executable) -> list[str]:
     """The vLLM server command line for this worker."""
     cmd = [
         python, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(settings.model_path),
+        "--model", settings.model_ref,
         "--served-model-name", settings.served_model_name,
         "--host", settings.worker_host,
         "--port", str(settings.worker_port),
@@ -96,8 +96,9 @@ def vllm_env(settings: Settings) -> dict[str, str]:
     # KV space of a CPU worker, in GiB: capped on purpose so several workers fit.
     env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_space_gib:g}"
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.cpu_reserved_cores)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if settings.model_hub_id is None:  # a folder: nothing to fetch from the Hub
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     return env
 
@@ -140,7 +141,8 @@ class Worker:
 
     # -- process ---------------------------------------------------------------------
     def start_vllm(self) -> None:
-        check_model_folder(self.settings.model_path)
+        if self.settings.model_hub_id is None:  # a Hub id is vLLM's to download
+            check_model_folder(self.settings.model_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = vllm_command(self.settings)
         logger.info("starting vLLM on port %s; its log: %s", self.settings.worker_port,

@@ -84,8 +84,11 @@ class Gateway:
         self.dashboard = Dashboard(self.metrics.registry, self.pool.snapshot,
                                    self.prefixes.pool_stats,
                                    interval_s=settings.dashboard_interval_s)
-        dirs = {settings.served_model_name: settings.model_path}
-        self.tokenizer = PromptTokenizer({m: d for m, d in dirs.items() if d.is_dir()})
+        # The served model's tokenizer, from its folder or (a Hub id) the Hugging Face cache.
+        local = settings.model_hub_id is None
+        self.tokenizer = PromptTokenizer(
+            {settings.served_model_name: settings.model_ref}
+            if not local or settings.model_path.is_dir() else {})
 
     def authorize(self, request: Request) -> str | None:
         """The caller's tenant, or None when no keys are configured; 401 otherwise."""

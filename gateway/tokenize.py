@@ -157,7 +157,8 @@ class Prompt:
 
 
 class PromptTokenizer:
-    def __init__(self, model_dirs: dict[str, Path]) -> None:
+    def __init__(self, model_dirs: dict[str, str | Path]) -> None:
+        """`model_dirs`: served model name -> its tokenizer's folder or Hub id."""
         self._dirs = dict(model_dirs)
         self._loaded: dict[str, Any] = {}
         self._segments: dict[str, SegmentCache] = {}

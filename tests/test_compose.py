@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(shutil.which("docker-compose") is None,
                                 reason="Debian's docker-compose is not installed")
 
 
-def compose_config(profiles: str) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
-    env["COMPOSE_PROFILES"] = profiles
+def compose_config(profiles: str, **variables: str) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BELUGA_", "HF_"))}
+    env.update(variables, COMPOSE_PROFILES=profiles)
     out = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     data = yaml.safe_load(out)
@@ -88,6 +88,26 @@ def test_the_pool_is_shared_and_the_monitoring_is_wired() -> None:
                    ROOT / "dashboards" / "grafana" / "provisioning",
                    ROOT / "dashboards" / "grafana" / "beluga.json"):
         assert source.exists(), source
+
+
+def test_the_model_is_a_mounted_folder_or_a_name_the_same_for_gateway_and_workers() -> None:
+    model_users = ("gateway", "worker-0", "worker-1", "cpu-worker-0", "cpu-worker-1")
+    folder = compose_config("gpu")["services"]
+    for name in model_users:
+        env = folder[name]["environment"]
+        assert (env["BELUGA_MODEL"], env["BELUGA_SERVED_MODEL_NAME"]) == \
+            ("/model", "smollm2-135m-instruct"), name
+        assert {"/model", "/var/lib/beluga/hf"} <= {t for _, t in mounts(folder[name])}, name
+        assert env["HF_HOME"] == "/var/lib/beluga/hf"
+    by_name = compose_config("gpu", BELUGA_MODEL="Qwen/Qwen2.5-7B-Instruct",
+                             BELUGA_SERVED_MODEL_NAME="qwen", HF_TOKEN="hf_x")["services"]
+    for name in model_users:
+        env = by_name[name]["environment"]
+        assert (env["BELUGA_MODEL"], env["BELUGA_SERVED_MODEL_NAME"], env["HF_TOKEN"],
+                env["HF_HUB_OFFLINE"]) == ("Qwen/Qwen2.5-7B-Instruct", "qwen", "hf_x", "0")
+        assert ("hf-cache", "/var/lib/beluga/hf") in mounts(by_name[name])
+    from beluga.settings import Settings
+    assert Settings(model="Qwen/Qwen2.5-7B-Instruct").model_hub_id is not None
 
 
 def test_devdax_override_passes_the_device_and_points_the_pool_at_it() -> None:

@@ -48,6 +48,20 @@ def test_bad_values_are_rejected(monkeypatch: pytest.MonkeyPatch, name: str, val
         Settings()
 
 
+def test_the_model_is_a_folder_here_or_else_a_hub_id(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = Settings(model=tmp_path)
+    assert folder.model_hub_id is None and folder.model_ref == str(tmp_path)
+    hub = Settings(model="HuggingFaceTB/SmolLM2-1.7B-Instruct")
+    assert hub.model_hub_id == hub.model_ref == "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert Settings(model="org/name").model_hub_id is None   # a folder here wins, as in vLLM
+    for missing in ("./org/other", "/models/m", "a/b/c", "name"):
+        s = Settings(model=missing)
+        assert s.model_hub_id is None and s.model_ref == str(Path(missing))
+
+
 def test_settings_survive_the_trip_to_child_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     original = Settings(gateway_port=9200, model=Path("/m"), enforce_eager=False,
                         vllm_extra_args="--seed 3", kv_cache_space_gib=3)

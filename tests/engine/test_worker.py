@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from beluga.settings import Settings
 from engine.connector import ConnectorConfig
 from engine.worker import parse_load, vllm_command, vllm_env
@@ -29,6 +31,11 @@ def test_command_runs_the_openai_server_module_with_the_settings() -> None:
         assert part in args
 
 
+def test_a_hub_id_is_passed_to_vllm_to_download() -> None:
+    cmd = vllm_command(Settings(model="HuggingFaceTB/SmolLM2-1.7B-Instruct"))
+    assert cmd[cmd.index("--model") + 1] == "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+
+
 def test_eager_can_be_switched_off() -> None:
     assert "--enforce-eager" not in vllm_command(Settings(enforce_eager=False))
 
@@ -46,6 +53,13 @@ def test_cpu_kv_space_is_capped_and_the_hub_is_never_called() -> None:
     # the same thread layout with and without the connector (same arithmetic)
     assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
     assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_model_by_name_may_be_downloaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    env = vllm_env(Settings(model="HuggingFaceTB/SmolLM2-1.7B-Instruct"))
+    assert "HF_HUB_OFFLINE" not in env and "TRANSFORMERS_OFFLINE" not in env
 
 
 def test_load_is_read_from_vllm_metrics() -> None:
