@@ -4,11 +4,13 @@ routing record, and the shared pool attached by UUID."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -53,6 +55,25 @@ def publish(server: RedisServer, wid: str, keys: list[bytes], pool_uuid: str | N
     pub._wake.set()
 
 
+@contextlib.asynccontextmanager
+async def index_on(server: RedisServer, **client_args: Any) -> AsyncIterator[PrefixIndex]:
+    """A PrefixIndex reading `server`, closed (pool and Redis client) afterwards."""
+    client = aioredis.Redis.from_url(server.url, **client_args)
+    index = PrefixIndex(client, PREFIX)
+    try:
+        yield index
+    finally:
+        index.close()
+        await client.aclose()
+
+
+def recording(keys: list[bytes], handed: list[bytes]) -> Iterator[bytes]:
+    """`keys`, one at a time, each noted in `handed` as it is read."""
+    for k in keys:
+        handed.append(k)
+        yield k
+
+
 def test_local_and_pool_prefixes(server: RedisServer, shm_pool: KVPool) -> None:
     keys = block_keys(TOKENS, 16, FP)
     publish(server, "w1", keys[:4], str(shm_pool.uuid))   # w1 holds 4 leading blocks
@@ -60,9 +81,7 @@ def test_local_and_pool_prefixes(server: RedisServer, shm_pool: KVPool) -> None:
     shm_pool.put(keys[:5], [b"x" * 100] * 5)              # the pool holds 5
 
     async def go() -> None:
-        client = aioredis.Redis.from_url(server.url)
-        index = PrefixIndex(client, PREFIX)
-        try:
+        async with index_on(server) as index:
             assert await index.refresh(["w1", "w2", "w3"])
             keying = index.keying(["w3", "w1"])
             assert keying is not None and keying.fingerprint == FP
@@ -77,9 +96,6 @@ def test_local_and_pool_prefixes(server: RedisServer, shm_pool: KVPool) -> None:
             assert index.local_blocks("w3", ks) == 6
             salted = index.keys(keying, TOKENS, "tenant-b")
             assert index.local_blocks("w1", salted) == 0  # tenants never share prefixes
-        finally:
-            index.close()
-            await client.aclose()
 
     asyncio.run(go())
 
@@ -89,19 +105,16 @@ def test_redis_down_keeps_the_last_hints(server: RedisServer) -> None:
     publish(server, "w1", keys[:3], None)
 
     async def go() -> None:
-        client = aioredis.Redis.from_url(server.url, socket_timeout=0.5,
-                                         socket_connect_timeout=0.5)
-        index = PrefixIndex(client, PREFIX)
-        try:
-            assert await index.refresh(["w1"])
-            server.stop()
-            assert not await index.refresh(["w1"])
-            assert index.local_blocks("w1", keys) == 3  # routing on what it knew
-            assert index.pool_blocks(index.keying(["w1"]), keys) == 0  # type: ignore[arg-type]
-        finally:
-            server.start()
-            index.close()
-            await client.aclose()
+        async with index_on(server, socket_timeout=0.5, socket_connect_timeout=0.5) as index:
+            try:
+                assert await index.refresh(["w1"])
+                server.stop()
+                assert not await index.refresh(["w1"])
+                assert index.local_blocks("w1", keys) == 3  # routing on what it knew
+                keying = index.keying(["w1"])
+                assert keying is not None and index.pool_blocks(keying, keys) == 0
+            finally:
+                server.start()
 
     asyncio.run(go())
 
@@ -119,16 +132,11 @@ def test_the_pool_is_found_where_the_workers_map_it(server: RedisServer,
         publish(server, "w1", keys[:1], str(pool.uuid), str(path))
 
         async def go() -> None:
-            client = aioredis.Redis.from_url(server.url)
-            index = PrefixIndex(client, PREFIX)
-            try:
+            async with index_on(server) as index:
                 assert await index.refresh(["w1"])
                 keying = index.keying(["w1"])
                 assert keying is not None
                 assert index.pool_blocks(keying, index.keys(keying, TOKENS, "")) == 3
-            finally:
-                index.close()
-                await client.aclose()
 
         asyncio.run(go())
     finally:
@@ -144,27 +152,18 @@ def test_match_reads_keys_only_as_far_as_anyone_holds_them(server: RedisServer,
     shm_pool.put(keys[:3], [b"x" * 100] * 3)              # the pool: blocks 0-2
     handed: list[bytes] = []
 
-    def lazily() -> Iterator[bytes]:
-        for k in keys:
-            handed.append(k)
-            yield k
-
     async def go() -> None:
-        client = aioredis.Redis.from_url(server.url)
-        index = PrefixIndex(client, PREFIX)
-        try:
+        async with index_on(server) as index:
             assert await index.refresh(["w1", "w2"])
             keying = index.keying(["w1"])
             assert keying is not None
-            read, local, pooled = index.match(keying, ["w1", "w2", "w3"], lazily())
+            read, local, pooled = index.match(keying, ["w1", "w2", "w3"],
+                                              recording(keys, handed))
             assert (local, pooled) == ({"w1": 2, "w2": 1, "w3": 0}, 3)
             assert read == keys[:4] and handed == keys[:4]  # block 3: held by nobody, last
             index.routed("w3", read)                          # routed there: now w3 has 4
             read, local, pooled = index.match(keying, ["w1", "w3"], iter(keys))
             assert local == {"w1": 2, "w3": 4} and read == keys[:5]
-        finally:
-            index.close()
-            await client.aclose()
 
     asyncio.run(go())
 
@@ -174,19 +173,12 @@ def test_a_prompts_later_keys_are_read_only_when_it_comes_back(server: RedisServ
     publish(server, "w8", [], None)
     handed: list[bytes] = []
 
-    def lazily(ks: list[bytes]) -> Iterator[bytes]:
-        for k in ks:
-            handed.append(k)
-            yield k
-
     async def go() -> None:
-        client = aioredis.Redis.from_url(server.url)
-        index = PrefixIndex(client, PREFIX)
-        try:
+        async with index_on(server) as index:
             assert await index.refresh(["w8", "w9"])
             keying = index.keying(["w8"])
             assert keying is not None
-            first = lazily(keys)
+            first = recording(keys, handed)
             read, local, _ = index.match(keying, ["w8", "w9"], first)
             assert read == keys[:1] and local == {"w8": 0, "w9": 0}
             index.routed("w9", read, first)       # sent to w2; the rest stays unread
@@ -195,8 +187,5 @@ def test_a_prompts_later_keys_are_read_only_when_it_comes_back(server: RedisServ
             read, local, _ = index.match(keying, ["w8", "w9"], iter(keys))
             assert local == {"w8": 0, "w9": len(keys)} and read == keys
             assert handed == keys
-        finally:
-            index.close()
-            await client.aclose()
 
     asyncio.run(go())
