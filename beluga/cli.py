@@ -25,7 +25,8 @@ logger = logging.getLogger("beluga")
 WORKER_FIELDS = (
     "state_dir", "model", "served_model_name", "redis_url", "redis_key_prefix",
     "worker_host", "worker_port", "worker_id", "worker_advertise_url", "dtype",
-    "enforce_eager", "kv_cache_space_gib", "cpu_reserved_cores", "gpu_memory_utilization",
+    "enforce_eager", "kv_cache_space_gib", "cpu_reserved_cores", "cpu_threads_bind",
+    "gpu_memory_utilization",
     "max_model_len",
     "max_num_seqs", "tool_call_parser", "vllm_extra_args", "heartbeat_interval_s", "worker_ttl_s",
     "worker_start_timeout_s", "pool", "pool_path", "pool_size_gib", "pool_coherence",

@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         "the same threads, hence the same arithmetic, as one without (vLLM reserves one "
         "more core when a connector is configured).",
     )
+    cpu_threads_bind: str = Field(
+        "auto", pattern=r"^(auto|nobind|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$",
+        description="Cores of a CPU worker's compute threads (VLLM_CPU_OMP_THREADS_BIND): "
+        "'auto' (vLLM's choice), 'nobind', or a list such as '0-3,8'. `beluga up` gives each "
+        "of its workers its own share of the cores when this is 'auto' (vLLM alone would bind "
+        "every worker to the same ones).",
+    )
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Fraction of GPU memory a CUDA worker may use."
     )

@@ -32,6 +32,20 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 30.0
 
 
+
+def core_shares(cores: list[int], workers: int) -> list[str]:
+    """Each worker's own cores (VLLM_CPU_OMP_THREADS_BIND lists): contiguous, disjoint,
+    as even as the count allows; with fewer cores than workers, workers share round-robin.
+    vLLM's 'auto' binds every worker on a host to the same cores, so two workers' prefills
+    would take turns on one core while the others idle."""
+    if len(cores) < workers:
+        return [str(cores[i % len(cores)]) for i in range(workers)]
+    out = []
+    for i in range(workers):
+        mine = cores[i * len(cores) // workers:(i + 1) * len(cores) // workers]
+        out.append(",".join(str(c) for c in mine))
+    return out
+
 class UpError(RuntimeError):
     """The stack could not be started."""
 
@@ -117,10 +131,14 @@ class Stack:
         env["BELUGA_MODEL"] = s.model_hub_id or str(s.model_path.resolve())
         env["BELUGA_STATE_DIR"] = str(s.state_dir.resolve())
         py = [sys.executable, "-m", "beluga.cli"]
+        shares = core_shares(sorted(os.sched_getaffinity(0)), s.num_workers)
         for i in range(s.num_workers):
             port = s.worker_port + i
+            extra = []
+            if s.cpu_threads_bind == "auto" and s.num_workers > 1:
+                extra = ["--cpu-threads-bind", shares[i]]
             self.children.append(self.spawn(f"worker-{port}", py + [
-                "worker", "--worker-port", str(port)], env))
+                "worker", "--worker-port", str(port), *extra], env))
         self.children.append(self.spawn("gateway", py + ["gateway"], env))
 
     def wait_ready(self) -> None:

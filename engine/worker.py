@@ -96,6 +96,7 @@ def vllm_env(settings: Settings) -> dict[str, str]:
     # KV space of a CPU worker, in GiB: capped on purpose so several workers fit.
     env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_space_gib:g}"
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.cpu_reserved_cores)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
     if settings.model_hub_id is None:  # a folder: nothing to fetch from the Hub
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")

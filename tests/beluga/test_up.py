@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from beluga.settings import Settings
+from beluga.up import core_shares
+from engine.worker import vllm_env
+
+
+def test_each_worker_gets_its_own_cores() -> None:
+    assert core_shares([0, 1], 2) == ["0", "1"]
+    assert core_shares(list(range(8)), 2) == ["0,1,2,3", "4,5,6,7"]
+    assert core_shares([0, 2, 4, 6, 8], 2) == ["0,2", "4,6,8"]
+    assert core_shares([3], 1) == ["3"]
+    assert core_shares([0, 1], 3) == ["0", "1", "0"]   # fewer cores than workers: shared
+
+
+def test_the_binding_reaches_vllm_and_bad_lists_are_refused() -> None:
+    assert vllm_env(Settings())["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+    assert vllm_env(Settings(cpu_threads_bind="0-3,8"))["VLLM_CPU_OMP_THREADS_BIND"] == "0-3,8"
+    for bad in ("0-", "a", "1;rm", ""):
+        with pytest.raises(ValidationError):
+            Settings(cpu_threads_bind=bad)
