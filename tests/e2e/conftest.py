@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from beluga.registry import WorkerRecord, parse_record, worker_pattern
+from beluga.up import core_shares
 from kvpool import KVPool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,7 +152,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                                 cwd=ROOT)
     # Started alongside the stack: a cold reference without the connector, and a worker
     # whose pool file is another model's (it must serve, without sharing).
-    ref = start_worker(env, ref_port, "beluga:ref", state / "reference.log", "--no-pool")
+    # The reference computes with as many threads as a stack worker (the output equality
+    # test compares them bit for bit): the cores `beluga up` gives its first worker.
+    same_cores = core_shares(sorted(os.sched_getaffinity(0)), 2)[0]
+    ref = start_worker(env, ref_port, "beluga:ref", state / "reference.log", "--no-pool",
+                       "--cpu-threads-bind", same_cores)
     mm_log = state / "mismatch.log"
     mm = start_worker(dict(env, BELUGA_POOL_PATH=str(mismatch_pool)), mm_port, "beluga:mm",
                       mm_log)
