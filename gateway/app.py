@@ -65,6 +65,7 @@ UPSTREAM_PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions",
 # (aiohttp: a third of httpx's client cost per request, measured in bench/README.md.)
 RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
              aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)
+SHUTDOWN_STEP_S = 5.0  # the most each shutdown step may take
 UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 
 
@@ -364,24 +365,35 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
         # Idle connections are dropped before vLLM's keep-alive (5 s) would drop them.
         connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=4)
         # Bytes pass through untouched (workers are asked for identity encoding).
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector,
-                                         auto_decompress=False) as client:
-            gw.client = client
+        client = aiohttp.ClientSession(timeout=timeout, connector=connector,
+                                       auto_decompress=False)
+        gw.client = client
+        tasks: list[asyncio.Task[None]] = []
+        try:
             await gw.refresh()
             tasks = [asyncio.create_task(gw.run_refresh()),
                      asyncio.create_task(gw.dashboard.run())]
             if settings.health_check_interval_s > 0:
                 tasks.append(asyncio.create_task(gw.run_health_checks()))
-            try:
-                yield
-            finally:
-                for task in tasks:
-                    task.cancel()
-                for task in tasks:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                gw.prefixes.close()
-                await gw.pool.close()
+            yield
+        finally:
+            # Shutting down never hangs: each step gets a bounded time (a Redis or worker
+            # connection stuck mid-close must not keep the process from exiting).
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                _done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_STEP_S)
+                if pending:
+                    logger.warning("%d background tasks did not stop in %s s", len(pending),
+                                   SHUTDOWN_STEP_S)
+            gw.prefixes.close()
+            for what, closing in (("worker connections", client.close),
+                                  ("Redis connection", gw.pool.close)):
+                try:
+                    await asyncio.wait_for(closing(), SHUTDOWN_STEP_S)
+                except TimeoutError:
+                    logger.warning("closing the %s took over %s s; left behind", what,
+                                   SHUTDOWN_STEP_S)
 
     app = FastAPI(title="Beluga gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gw
