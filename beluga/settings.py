@@ -91,9 +91,9 @@ class Settings(BaseSettings):
     cpu_threads_bind: str = Field(
         "auto", pattern=r"^(auto|nobind|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$",
         description="Cores of a CPU worker's compute threads (VLLM_CPU_OMP_THREADS_BIND): "
-        "'auto' (vLLM's choice), 'nobind', or a list such as '0-3,8'. `beluga up` gives each "
-        "of its workers its own share of the cores when this is 'auto' (vLLM alone would bind "
-        "every worker to the same ones).",
+        "'auto' (vLLM's choice), 'nobind', or a list such as '0-3,8'. With 'auto', `beluga up` "
+        "gives each of its workers its own share of the cores beyond cpu_reserved_cores when "
+        "there is at least one per worker (vLLM alone binds every worker to the same ones).",
     )
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Fraction of GPU memory a CUDA worker may use."

@@ -33,6 +33,17 @@ STOP_GRACE_S = 30.0
 
 
 
+def worker_cores(cores: list[int], workers: int, reserved: int) -> list[str] | None:
+    """The cores `beluga up` gives each of its workers: `reserved` cores are left to the
+    front ends (API servers, schedulers, the gateway, Redis), the rest split among the
+    workers. None (vLLM's own layout) for one worker, or when there are not enough cores
+    to give every worker at least one after the reserve: on 2 cores, splitting them between
+    2 workers left the front ends no core, and the test suite ran twice as long."""
+    if workers < 2 or len(cores) - reserved < workers:
+        return None
+    return core_shares(cores[reserved:], workers)
+
+
 def core_shares(cores: list[int], workers: int) -> list[str]:
     """Each worker's own cores (VLLM_CPU_OMP_THREADS_BIND lists): contiguous, disjoint,
     as even as the count allows; with fewer cores than workers, workers share round-robin.
@@ -131,11 +142,12 @@ class Stack:
         env["BELUGA_MODEL"] = s.model_hub_id or str(s.model_path.resolve())
         env["BELUGA_STATE_DIR"] = str(s.state_dir.resolve())
         py = [sys.executable, "-m", "beluga.cli"]
-        shares = core_shares(sorted(os.sched_getaffinity(0)), s.num_workers)
+        shares = worker_cores(sorted(os.sched_getaffinity(0)), s.num_workers,
+                              s.cpu_reserved_cores)
         for i in range(s.num_workers):
             port = s.worker_port + i
             extra = []
-            if s.cpu_threads_bind == "auto" and s.num_workers > 1:
+            if s.cpu_threads_bind == "auto" and shares is not None:
                 extra = ["--cpu-threads-bind", shares[i]]
             self.children.append(self.spawn(f"worker-{port}", py + [
                 "worker", "--worker-port", str(port), *extra], env))

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from beluga.settings import Settings
-from beluga.up import core_shares
+from beluga.up import core_shares, worker_cores
 from engine.worker import vllm_env
 
 
@@ -14,6 +14,13 @@ def test_each_worker_gets_its_own_cores() -> None:
     assert core_shares([0, 2, 4, 6, 8], 2) == ["0,2", "4,6,8"]
     assert core_shares([3], 1) == ["3"]
     assert core_shares([0, 1], 3) == ["0", "1", "0"]   # fewer cores than workers: shared
+
+
+def test_beluga_up_splits_only_the_cores_beyond_the_reserve() -> None:
+    assert worker_cores(list(range(9)), 2, 1) == ["1,2,3,4", "5,6,7,8"]
+    assert worker_cores([0, 1, 2], 2, 1) == ["1", "2"]
+    assert worker_cores([0, 1], 2, 1) is None   # the front ends would get no core
+    assert worker_cores(list(range(8)), 1, 1) is None
 
 
 def test_the_binding_reaches_vllm_and_bad_lists_are_refused() -> None:

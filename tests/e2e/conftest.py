@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from beluga.registry import WorkerRecord, parse_record, worker_pattern
-from beluga.up import core_shares
+from beluga.up import worker_cores
 from kvpool import KVPool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,7 +154,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # whose pool file is another model's (it must serve, without sharing).
     # The reference computes with as many threads as a stack worker (the output equality
     # test compares them bit for bit): the cores `beluga up` gives its first worker.
-    same_cores = core_shares(sorted(os.sched_getaffinity(0)), 2)[0]
+    shares = worker_cores(sorted(os.sched_getaffinity(0)), 2, 1)
+    same_cores = shares[0] if shares is not None else "auto"
     ref = start_worker(env, ref_port, "beluga:ref", state / "reference.log", "--no-pool",
                        "--cpu-threads-bind", same_cores)
     mm_log = state / "mismatch.log"
