@@ -210,19 +210,20 @@ class Gateway:
             later = iter(())  # one reader; a retry elsewhere records what routing read
             self.metrics.routed(choice, info)
             headers = {"x-beluga-worker": worker.id, "x-beluga-route": choice.reason}
-            worker.begin()
+            prefill = choice.prefill_tokens
+            worker.begin(prefill)
             try:
                 resp = await self.post(worker, req.endpoint, body)
             except RETRYABLE as exc:
-                worker.done()
+                worker.done(prefill)
                 self.pool.mark_unhealthy(worker, f"failed ({exc!r})")
                 last_error = UpstreamFailure(f"worker {worker.id} failed: {exc!r}")
                 continue
             except TimeoutError:
-                worker.done()
+                worker.done(prefill)
                 raise UpstreamTimeout(f"worker {worker.id} did not answer in time") from None
             except BaseException:  # e.g. the client went away (cancelled) before the answer
-                worker.done()
+                worker.done(prefill)
                 raise
             if resp.status != 200 or not req.stream:
                 try:
@@ -235,7 +236,7 @@ class Gateway:
                     raise UpstreamTimeout(
                         f"worker {worker.id} did not answer in time") from None
                 finally:
-                    worker.done()
+                    worker.done(prefill)
                     resp.release()
                 out = self.buffered_response(resp, content, headers)
                 if resp.status == 200:
@@ -249,7 +250,7 @@ class Gateway:
             stream = self.relay(resp, worker, choice, info, started, UsageFilter(strip_usage))
             # A client gone before the stream starts leaves the generator never run (its
             # finally too): release the worker and the connection when it is collected.
-            weakref.finalize(stream, _release_unstarted, worker, resp)
+            weakref.finalize(stream, _release_unstarted, worker, resp, prefill)
             return StreamingResponse(stream,
                                      status_code=200, media_type="text/event-stream",
                                      headers=headers)
@@ -291,11 +292,14 @@ class Gateway:
         """Pass SSE bytes through; a worker failure mid-stream ends with an error event.
         The first chunk's arrival is the request's TTFT, which the policy learns from."""
         last: float | None = None
+        unprefilled = choice.prefill_tokens
         resp._beluga_relayed = True  # type: ignore[attr-defined]  # see _release_unstarted
         try:
             async for chunk in resp.content.iter_any():
                 now = time.perf_counter()
                 if last is None:
+                    worker.prefilled(unprefilled)
+                    unprefilled = 0
                     ttft = now - started
                     self.policy.observe(choice, info, ttft)
                     self.metrics.ttft.labels(worker.id, self.metrics.policy).observe(ttft)
@@ -318,14 +322,15 @@ class Gateway:
             self.metrics.answered(info.endpoint, UpstreamFailure.status_code, worker.id, None)
             yield UpstreamFailure(f"worker {worker.id} failed mid-stream: {exc!r}").sse_event()
         finally:
-            worker.done()
+            worker.done(unprefilled)
             resp.release()
 
 
-def _release_unstarted(worker: WorkerState, resp: aiohttp.ClientResponse) -> None:
+def _release_unstarted(worker: WorkerState, resp: aiohttp.ClientResponse,
+                       prefill: int) -> None:
     """Finalizer of a relay generator: if it never ran, nobody released its worker."""
     if not getattr(resp, "_beluga_relayed", False):
-        worker.done()
+        worker.done(prefill)
         resp.release()
 
 
@@ -475,6 +480,7 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
             "redis": gw.pool.redis_ok,
             "workers": [{"id": w.id, "url": w.url, "model": w.record.model,
                          "healthy": w.healthy(now), "in_flight": w.in_flight,
+                         "pending_prefill_tokens": w.pending_prefill,
                          "running": w.record.running, "waiting": w.record.waiting}
                         for w in workers],
         }

@@ -10,6 +10,8 @@
     beluga_gateway_worker_healthy{worker}                    1 in routing, 0 taken out
     beluga_gateway_worker_in_flight{worker}                  this gateway's open requests
     beluga_gateway_worker_load{worker}                       occupancy the router sees
+    beluga_gateway_worker_pending_prefill_tokens{worker}     prompt tokens sent, first
+                                                             token not yet back
     beluga_pool_slots, beluga_pool_used_slots, beluga_pool_pinned_slots,
     beluga_pool_evictions_total, beluga_pool_inserts_total   the shared pool, when this
                                                              gateway maps it (same host)
@@ -111,14 +113,20 @@ class _WorkerGauges(Collector):
         load = GaugeMetricFamily("beluga_gateway_worker_load",
                                  "Occupancy per slot the router sees (reported or own).",
                                  labels=["worker"])
+        pending = GaugeMetricFamily("beluga_gateway_worker_pending_prefill_tokens",
+                                    "Prompt tokens this gateway sent to the worker for it to "
+                                    "compute whose first token has not come back.",
+                                    labels=["worker"])
         now = time.monotonic()
         for w in self._snapshot():
             healthy.add_metric([w.id], 1.0 if w.healthy(now) else 0.0)
             in_flight.add_metric([w.id], float(w.in_flight))
             load.add_metric([w.id], w.load())
+            pending.add_metric([w.id], float(w.pending_prefill))
         yield healthy
         yield in_flight
         yield load
+        yield pending
 
 
 class _PoolGauges(Collector):

@@ -29,6 +29,7 @@ class WorkerState:
 
     record: WorkerRecord
     in_flight: int = 0
+    pending_prefill: int = 0  # prompt tokens of those requests the worker has yet to compute
     unhealthy_until: float = 0.0
     failed_checks: int = 0    # consecutive failed health checks
     last_done_at: float = 0.0  # wall clock of the last request this gateway finished here
@@ -45,12 +46,22 @@ class WorkerState:
     def healthy(self, now: float) -> bool:
         return now >= self.unhealthy_until
 
-    def begin(self) -> None:
+    def begin(self, prefill: int = 0) -> None:
+        """A request sent here, which the router expects to compute `prefill` tokens."""
         self.in_flight += 1
+        self.pending_prefill += prefill
         self.last_begin_at = time.time()
 
-    def done(self) -> None:
+    def prefilled(self, tokens: int) -> None:
+        """A request's first token came back: its prompt is computed."""
+        self.pending_prefill = max(0, self.pending_prefill - tokens)
+
+    def done(self, unprefilled: int = 0) -> None:
+        """A request ended; `unprefilled`: its tokens not yet released by `prefilled`."""
         self.in_flight -= 1
+        self.prefilled(unprefilled)
+        if self.in_flight <= 0:
+            self.pending_prefill = 0  # nothing open here, nothing pending: no drift
         self.last_done_at = time.time()
 
     def load(self) -> float:

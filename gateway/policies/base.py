@@ -40,6 +40,7 @@ class Choice:
     reason: str
     estimate_s: float | None = None  # the policy's predicted TTFT, when it has one
     features: tuple[float, ...] = ()  # what the estimate was made of (for observe)
+    prefill_tokens: int = 0  # prompt tokens the policy expects the worker to compute
 
 
 class Policy(Protocol):

@@ -5,9 +5,14 @@ whose first S tokens the shared pool holds:
 
     pool_w     = max(0, S - L_w)            tokens w would load from the pool
     computed_w = P - L_w - pool_w           tokens w must prefill
-    TTFT_w     = base + q_w x queue_cost + computed_w x prefill_cost + pool_w x load_cost
+    TTFT_w     = base + q_w x queue_cost + (ahead_w + computed_w) x prefill_cost
+                 + pool_w x load_cost
 
-q_w is the number of requests ahead of this one on w (its occupancy). The four costs are
+q_w is the number of requests ahead of this one on w (its occupancy); ahead_w the prompt
+tokens this gateway sent to w that w has not yet computed (their first token has not come
+back). A worker scheduling first come, first served computes those before this prompt, so a
+cold prompt queued behind another cold prompt waits for its whole prefill, while one behind
+a pool hit hardly waits: a count of requests cannot tell the two apart. The four costs are
 learned online from measured TTFTs (normalised least mean squares on the same features,
 clamped at zero, starting from priors measured on the CPU machine), so the same policy fits
 a GPU cluster after a few hundred requests. Ties go to the worker the prompt's first block
@@ -81,6 +86,7 @@ class Split:
     local: int
     pool: int
     computed: int
+    ahead: int  # prompt tokens ahead of this one on the worker, not yet computed
 
 
 class PoolAware:
@@ -97,13 +103,13 @@ class PoolAware:
         local = min(request.local_blocks.get(w.id, 0) * bt, request.prompt_tokens)
         pool = max(0, min(request.pool_blocks * bt, request.prompt_tokens) - local)
         computed = max(0, request.prompt_tokens - local - pool)
-        return Split(w.load() * w.record.capacity, local, pool, computed)
+        return Split(w.load() * w.record.capacity, local, pool, computed, w.pending_prefill)
 
     def select(self, workers: Sequence[WorkerState], request: RequestInfo) -> Choice | None:
         if not workers:
             return None
         splits = {w.id: self.split(w, request) for w in workers}
-        est = {w.id: self.model.predict(s.queue, s.computed, s.pool)
+        est = {w.id: self.model.predict(s.queue, s.ahead + s.computed, s.pool)
                for w in workers for s in [splits[w.id]]}
         best = min(est.values())
         tied = [w for w in workers if est[w.id] <= best + 1e-9]
@@ -118,7 +124,8 @@ class PoolAware:
             reason = "pool"
         else:
             reason = "cold"
-        return Choice(chosen, reason, est[chosen.id], (s.queue, s.computed, s.pool))
+        return Choice(chosen, reason, est[chosen.id], (s.queue, s.ahead + s.computed, s.pool),
+                      prefill_tokens=s.computed)
 
     def observe(self, choice: Choice, request: RequestInfo, ttft_s: float) -> None:
         if len(choice.features) == 3:

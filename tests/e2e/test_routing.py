@@ -98,6 +98,9 @@ def test_two_gateways_send_one_prefix_to_one_worker(stack: Stack, second_gateway
             picked.append(r.headers["x-beluga-worker"])
             reasons.append(r.headers["x-beluga-route"])
         assert picked[0] == picked[1], (i, picked, reasons, worker_views(gateways))
+    for g in gateways:  # nothing open, nothing counted as waiting to be computed
+        for w in httpx.get(f"{g}/health", timeout=10).json()["workers"]:
+            assert (w["in_flight"], w["pending_prefill_tokens"]) == (0, 0), (g, w)
 
 
 def worker_views(gateways: list[str]) -> dict[str, list[str]]:

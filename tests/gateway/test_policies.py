@@ -158,3 +158,45 @@ def test_the_cost_model_stays_finite_when_a_feature_never_varies() -> None:
         m.learn(0, 1000, 0, 2.65)
     assert abs(m.predict(0, 1000, 0) - 2.65) < 0.01
     assert all(abs(v) < 1e6 for row in m.p for v in row)
+
+
+def test_pool_aware_counts_the_prefill_work_queued_ahead() -> None:
+    """One request open on each worker: on a, a cold 3,000-token prompt still prefilling; on
+    b, one whose first token is back (decoding). Request counts tie; the work does not."""
+    policy = make_policy("pool_aware")
+    a, b = make_worker("a"), make_worker("b")
+    a.begin(prefill=3000)
+    b.begin(prefill=2000)
+    b.prefilled(2000)
+    c = policy.select([a, b], keyed({}, tokens=1000))
+    assert c is not None and (c.worker.id, c.reason) == ("b", "cold")
+    assert c.prefill_tokens == 1000
+    # a holds this prompt locally, but its queue is 3,000 tokens of someone else's prefill;
+    # b computes 1,000: b, passed over for balance.
+    c = policy.select([a, b], keyed({"a": 7}, tokens=1000))
+    assert c is not None and (c.worker.id, c.reason) == ("b", "balance")
+    assert c.features[1] == 1000   # what it learns from: the tokens it waited for
+    # Once a's first token is back, a's local copy wins again.
+    a.prefilled(3000)
+    c = policy.select([a, b], keyed({"a": 7}, tokens=1000))
+    assert c is not None and (c.worker.id, c.reason) == ("a", "local")
+    assert c.prefill_tokens == 104   # 1000 - 7 x 128
+
+
+def test_pending_prefill_is_released_by_the_first_token_or_the_end() -> None:
+    w = make_worker("a")
+    w.begin(prefill=500)
+    w.begin(prefill=300)
+    assert w.pending_prefill == 800
+    w.prefilled(500)            # the first request's first token
+    assert w.pending_prefill == 300
+    w.done(0)                   # ... and its end
+    w.done(300)                 # the second ended before its first token (error, timeout)
+    assert (w.in_flight, w.pending_prefill) == (0, 0)
+    w.begin(prefill=100)
+    w.prefilled(400)            # never below zero
+    assert w.pending_prefill == 0
+    w.begin(prefill=50)
+    w.done(0)                   # a missed release cannot outlive the last open request
+    w.done(0)
+    assert (w.in_flight, w.pending_prefill) == (0, 0)
