@@ -86,7 +86,8 @@ class Stack:
             "BELUGA_MAX_MODEL_LEN": "4096",
             "BELUGA_ROUTING_POLICY": policy, "BELUGA_POOL": "true" if pool else "false",
             "BELUGA_POOL_PATH": str(self.pool_path), "BELUGA_POOL_SIZE_GIB": str(args.pool_gib),
-            "BELUGA_UPSTREAM_TIMEOUT_S": "600"})
+            "BELUGA_UPSTREAM_TIMEOUT_S": "600",
+            "BELUGA_CPU_RESERVED_CORES": str(args.reserved_cores)})
         env["BELUGA_MODEL"] = str(ROOT / ".beluga" / "models" / "SmolLM2-135M-Instruct")
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "up"], stdout=fh,
@@ -225,6 +226,10 @@ def main() -> int:
                                                   for p, pool in CONFIGS],
                     help="run only these configurations (no ratios unless all ran)")
     ap.add_argument("--pool-gib", type=float, default=2.0)
+    ap.add_argument("--reserved-cores", type=int, default=0,
+                    help="cores `beluga up` keeps for the front ends (--cpu-reserved-cores); "
+                    "0 gives each worker its own share of every core (on 2 cores: one each), "
+                    "the layout the numbers in bench/README.md were taken with")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--capacity-clients", type=int, default=4,
                     help="closed-loop clients of the throughput phase")
