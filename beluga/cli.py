@@ -28,7 +28,8 @@ WORKER_FIELDS = (
     "enforce_eager", "kv_cache_space_gib", "cpu_reserved_cores", "cpu_threads_bind",
     "gpu_memory_utilization",
     "max_model_len",
-    "max_num_seqs", "tool_call_parser", "vllm_extra_args", "heartbeat_interval_s", "worker_ttl_s",
+    "max_num_seqs", "block_size", "tool_call_parser", "vllm_extra_args", "heartbeat_interval_s",
+    "worker_ttl_s",
     "worker_start_timeout_s", "pool", "pool_path", "pool_size_gib", "pool_coherence",
     "hints_interval_s", "hints_ttl_s", "max_hint_keys",
 )

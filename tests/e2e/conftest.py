@@ -23,12 +23,14 @@ import redis
 
 from beluga.registry import WorkerRecord, parse_record, worker_pattern
 from beluga.up import worker_cores
+from engine.worker import CPU_BLOCK_SIZE
 from kvpool import KVPool
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / ".beluga" / "models" / "SmolLM2-135M-Instruct"
 MODEL_NAME = "smollm2-135m-instruct"
 START_TIMEOUT_S = 600
+BLOCK = CPU_BLOCK_SIZE  # the stack runs the CPU default, set explicitly on any machine
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -143,7 +145,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "BELUGA_MAX_MODEL_LEN": "2048", "BELUGA_HEARTBEAT_INTERVAL_S": "1",
         "BELUGA_WORKER_TTL_S": "5", "BELUGA_UNHEALTHY_COOLDOWN_S": "60",
         "BELUGA_UPSTREAM_TIMEOUT_S": "120", "BELUGA_POOL_PATH": str(pool_path),
-        "BELUGA_POOL_SIZE_GIB": "1",
+        "BELUGA_POOL_SIZE_GIB": "1", "BELUGA_BLOCK_SIZE": str(BLOCK),
     })
     log = state / "up.log"
     with open(log, "wb") as fh:

@@ -10,9 +10,9 @@ import httpx
 from transformers import AutoTokenizer
 
 from kvpool import KVPool
-from tests.e2e.conftest import MODEL, MODEL_NAME, Stack
+from tests.e2e.conftest import BLOCK, MODEL, MODEL_NAME, Stack
 
-BLOCK = 128
+__all__ = ["BLOCK", "complete", "corpus", "delta", "metrics", "pool_of", "prompt"]
 WORDS = ("river mountain quiet engine silver market garden letter winter doctor window "
          "signal harbor orange paper castle forest bridge camera pocket rabbit thunder "
          "violin ladder marble planet candle desert island jacket lemon mirror needle "

@@ -142,7 +142,7 @@ def test_requests_spread_over_both_workers(client: openai.OpenAI, stack: Stack) 
 def test_a_long_prompt_sticks_to_the_worker_that_has_it(client: openai.OpenAI) -> None:
     """pool_aware: the second time, the worker holding the prompt in its own cache wins."""
     long_text = " ".join(f"Fact {i}: the code word number {i} is {i * 37 % 1000}."
-                         for i in range(60))  # > 2 blocks of 128 tokens
+                         for i in range(60))  # ~1,000 tokens: several full blocks
     messages = [{"role": "user", "content": long_text + " What is code word 7?"}]
     first = client.chat.completions.with_raw_response.create(
         model=MODEL_NAME, messages=messages, max_tokens=2)  # type: ignore[arg-type]

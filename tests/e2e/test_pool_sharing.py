@@ -1,8 +1,8 @@
 """BelugaConnector end to end: the stack's two workers (A, B) share KV blocks through one
 pool, checked against a cold worker without the connector (the reference).
 
-Prompts are token ids (the completions API accepts them), so block boundaries are exact:
-vLLM's CPU block is 128 tokens.
+Prompts are token ids (the completions API accepts them), so block boundaries are exact
+(BLOCK tokens, the stack's block size).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from tests.e2e.conftest import Stack
 from tests.e2e.pool_helpers import BLOCK, complete, delta, metrics, pool_of, prompt
 
 # Lengths around block boundaries: shorter than a block, exactly aligned, just past, long.
-LENGTHS = [20, 100, 127, 128, 129, 200, 255, 256, 257, 383, 384, 385, 500, 640, 777, 1024,
-           1100, 1280, 1500, 1900]
+LENGTHS = [BLOCK // 2, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK - 1, 2 * BLOCK, 2 * BLOCK + 1,
+           3 * BLOCK, 200, 255, 256, 257, 383, 500, 640, 777, 1024, 1100, 1500, 1900]
 
 
 def test_outputs_from_the_pool_equal_a_worker_without_the_connector(stack: Stack) -> None:
@@ -61,30 +61,32 @@ def test_outputs_from_the_pool_equal_a_worker_without_the_connector(stack: Stack
 
 def test_b_loads_the_full_blocks_and_computes_only_the_rest(stack: Stack) -> None:
     a, b = stack.worker_urls
-    ids = prompt(3031, 1000)  # 7 full blocks (896 tokens) + 104
+    ids = prompt(3031, 1000)  # full blocks and a partial one
+    full = 1000 // BLOCK
     before_a, before_b = metrics(a), metrics(b)
     complete(a, ids)
     mid_b = metrics(b)
     complete(b, ids)
     after_a, after_b = metrics(a), metrics(b)
-    assert delta(after_a, before_a, "beluga_worker_pool_blocks_saved_total") == 7
+    assert delta(after_a, before_a, "beluga_worker_pool_blocks_saved_total") == full
     assert delta(after_a, before_a, "beluga_worker_pool_save_bytes_total") > 0
     assert delta(mid_b, before_b, "beluga_worker_prompt_tokens_total:pool") == 0
-    assert delta(after_b, mid_b, "beluga_worker_prompt_tokens_total:pool") == 7 * BLOCK
-    assert delta(after_b, mid_b, "beluga_worker_prompt_tokens_total:computed") == 1000 - 896
+    assert delta(after_b, mid_b, "beluga_worker_prompt_tokens_total:pool") == full * BLOCK
+    assert delta(after_b, mid_b, "beluga_worker_prompt_tokens_total:computed") == (
+        1000 - full * BLOCK)
     assert delta(after_b, mid_b, "beluga_worker_prompt_tokens_total:local") == 0
-    assert delta(after_b, mid_b, "beluga_worker_pool_blocks_loaded_total") == 7
+    assert delta(after_b, mid_b, "beluga_worker_pool_blocks_loaded_total") == full
     assert after_b["beluga_worker_pool_enabled"] == 1
     # The bytes B loaded are in the pool under DESIGN.md's keys, intact.
     with pool_of(stack) as pool:
         keys = block_keys(ids, BLOCK, pool.fingerprint)
-        assert len(keys) == 7 and pool.lookup_prefix(keys) == 7
-        assert len(pool.get(keys)) == 7  # get() checks every block's checksum
+        assert len(keys) == full and pool.lookup_prefix(keys) == full
+        assert len(pool.get(keys)) == full  # get() checks every block's checksum
 
 
 def test_a_scribbled_block_is_recomputed_not_used(stack: Stack) -> None:
     a, b = stack.worker_urls
-    ids = prompt(4107, 600)  # 4 full blocks
+    ids = prompt(4107, 4 * BLOCK + BLOCK // 2)  # 4 full blocks
     ref = complete(stack.reference_url, ids)
     assert complete(a, ids) == ref
     with pool_of(stack) as pool:
@@ -110,7 +112,7 @@ def test_a_scribbled_block_is_recomputed_not_used(stack: Stack) -> None:
 
 def test_workers_publish_which_blocks_their_local_cache_holds(stack: Stack) -> None:
     a, _ = stack.worker_urls
-    ids = prompt(1513, 700)  # 5 full blocks
+    ids = prompt(1513, 5 * BLOCK + 60 % BLOCK)  # 5 full blocks
     complete(a, ids)
     with pool_of(stack) as pool:
         want = {hint_key(k).encode() for k in block_keys(ids, BLOCK, pool.fingerprint)}

@@ -84,3 +84,20 @@ def test_the_connector_is_configured_by_default_and_can_be_switched_off() -> Non
     assert extra["pool_size_gib"] == 2 and extra["worker_id"] == s.resolved_worker_id
     ConnectorConfig.model_validate(extra)  # what the connector will accept
     assert "--kv-transfer-config" not in vllm_command(Settings(pool=False))
+
+
+def test_block_size_is_32_on_cpu_vllms_own_on_cuda_or_as_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.worker as worker
+
+    def block(cmd: list[str]) -> str | None:
+        return cmd[cmd.index("--block-size") + 1] if "--block-size" in cmd else None
+
+    monkeypatch.setattr(worker, "cuda_available", lambda: False)
+    assert block(vllm_command(Settings())) == "32"
+    assert block(vllm_command(Settings(block_size=128))) == "128"
+    monkeypatch.setattr(worker, "cuda_available", lambda: True)
+    assert block(vllm_command(Settings())) is None
+    assert block(vllm_command(Settings(block_size=64))) == "64"
+    with pytest.raises(ValueError):
+        Settings(block_size=0)
