@@ -57,6 +57,13 @@ def core_shares(cores: list[int], workers: int) -> list[str]:
         out.append(",".join(str(c) for c in mine))
     return out
 
+def beluga_command() -> list[str]:
+    """`beluga` for a child process, logging at this process's level (so `beluga --log-level
+    DEBUG up` reaches the workers and the gateway)."""
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    return [sys.executable, "-m", "beluga.cli", "--log-level", level]
+
+
 class UpError(RuntimeError):
     """The stack could not be started."""
 
@@ -141,7 +148,7 @@ class Stack:
         env.update(settings_env(s))
         env["BELUGA_MODEL"] = s.model_hub_id or str(s.model_path.resolve())
         env["BELUGA_STATE_DIR"] = str(s.state_dir.resolve())
-        py = [sys.executable, "-m", "beluga.cli"]
+        py = beluga_command()
         shares = worker_cores(sorted(os.sched_getaffinity(0)), s.num_workers,
                               s.cpu_reserved_cores)
         for i in range(s.num_workers):

@@ -94,7 +94,8 @@ class Stack:
             "BELUGA_CPU_RESERVED_CORES": str(args.reserved_cores)})
         env["BELUGA_MODEL"] = str(ROOT / ".beluga" / "models" / "SmolLM2-135M-Instruct")
         with open(self.log, "wb") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "up"], stdout=fh,
+            self.proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "--log-level",
+                                          args.log_level, "up"], stdout=fh,
                                          stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         deadline = time.monotonic() + 900
         while b"Press Ctrl-C" not in self.log.read_bytes():
@@ -235,6 +236,8 @@ def main() -> int:
                     "0 gives each worker its own share of every core (on 2 cores: one each), "
                     "the layout the numbers in bench/README.md were taken with")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO"],
+                    help="of the stacks (DEBUG: the gateway logs every routing decision)")
     ap.add_argument("--capacity-clients", type=int, default=4,
                     help="closed-loop clients of the throughput phase")
     ap.add_argument("--capacity-requests", type=int, default=36,

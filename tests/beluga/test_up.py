@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import logging
+import subprocess
+
 import pytest
 from pydantic import ValidationError
 
 from beluga.settings import Settings
-from beluga.up import core_shares, worker_cores
+from beluga.up import beluga_command, core_shares, worker_cores
 from engine.worker import vllm_env
 
 
@@ -29,3 +32,18 @@ def test_the_binding_reaches_vllm_and_bad_lists_are_refused() -> None:
     for bad in ("0-", "a", "1;rm", ""):
         with pytest.raises(ValidationError):
             Settings(cpu_threads_bind=bad)
+
+
+def test_children_log_at_the_level_beluga_up_was_given() -> None:
+    root = logging.getLogger()
+    old = root.level
+    try:
+        root.setLevel(logging.DEBUG)
+        cmd = beluga_command()
+    finally:
+        root.setLevel(old)
+    assert cmd[-2:] == ["--log-level", "DEBUG"]
+    # ... and the child accepts it
+    out = subprocess.run([*cmd, "gateway", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
