@@ -48,6 +48,7 @@ from beluga.registry import (  # noqa: E402
     worker_key,
 )
 from beluga.settings import Settings  # noqa: E402
+from engine.worker import CPU_BLOCK_SIZE  # noqa: E402
 
 STAND_IN = '''
 import json
@@ -202,6 +203,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--policy", default="pool_aware")
+    ap.add_argument("--block-tokens", type=int, default=CPU_BLOCK_SIZE,
+                    help="the stand-in worker's block size (default: a CPU worker's)")
     ap.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
                     help="load generator of the rps run (auto: wrk when installed)")
     args = ap.parse_args()
@@ -232,7 +235,8 @@ def main() -> int:
             "schema": 1, "id": "standin", "url": direct, "model": settings.served_model_name,
             "capacity": 10_000, "pid": procs[-1].pid, "started_at": now, "heartbeat_at": now})
         r.set(worker_key(prefix, "standin"), rec.to_json(), ex=3600)
-        hints = HintsRecord(worker_id="standin", fingerprint="ab" * 32, block_tokens=128,
+        hints = HintsRecord(worker_id="standin", fingerprint="ab" * 32,
+                            block_tokens=args.block_tokens,
                             pool_uuid=None, keys=0, updated_at=now)
         r.set(hints_key(prefix, "standin"), hints.to_json(), ex=3600)
         env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
@@ -279,7 +283,8 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     u = results["unique"]
     summary: dict[str, Any] = {
-        "policy": args.policy, "concurrency": args.concurrency, "cpus": os.cpu_count(),
+        "policy": args.policy, "block_tokens": args.block_tokens,
+        "concurrency": args.concurrency, "cpus": os.cpu_count(),
         "load_generator": client,
         "added_p50_ms": u["added_p50_ms"], "added_p99_ms": u["added_p99_ms"], "rps": u["rps"],
         "scenarios": results,

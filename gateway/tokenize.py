@@ -41,6 +41,9 @@ SAMPLE = [{"role": "system", "content": "You are  a helper.\n"},
 # tokenizer on SAMPLE_LONG). Routing needs only the leading blocks anyone holds, so most of
 # a new long prompt is never tokenized at all.
 CHUNK_CHARS = 1024
+FIRST_CHUNK_CHARS = 256  # a piece's first chunk (~60 tokens: one 32-token block); the next
+                         # ones double up to CHUNK_CHARS. A new prompt nobody holds is read
+                         # only as far as its first block key, so most of it never is.
 SAMPLE_LONG = ("The  quick brown fox, 12345 jumps over 3.14 lazy dogs; don't stop!\n\n"
                "ü ✓ 東京  tab\there  ") * 40
 
@@ -60,6 +63,7 @@ class SegmentCache:
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
         self._entries, self._max_chars = entries, max_chars
         self.chunk_chars = CHUNK_CHARS
+        self.first_chunk_chars = FIRST_CHUNK_CHARS
         exact = all(not getattr(t, "lstrip", False) and not getattr(t, "rstrip", False)
                     for t in tok.added_tokens_decoder.values())
         self.enabled = exact and self._split is not None
@@ -73,8 +77,9 @@ class SegmentCache:
     def _chunks(self, piece: str) -> Iterator[tuple[list[int], int]]:
         """(ids, characters) of `piece` in chunks cut at pre-tokenization boundaries."""
         start = 0
-        while len(piece) - start > self.chunk_chars:
-            cut = piece.find(" ", start + self.chunk_chars)
+        size = min(self.first_chunk_chars, self.chunk_chars)
+        while len(piece) - start > size:
+            cut = piece.find(" ", start + size)
             while 0 < cut < len(piece) - 1 and (piece[cut - 1].isspace()
                                                 or piece[cut + 1].isspace()):
                 cut = piece.find(" ", cut + 1)
@@ -82,6 +87,7 @@ class SegmentCache:
                 break
             yield self._encode(piece[start:cut]), cut - start
             start = cut
+            size = min(2 * size, self.chunk_chars)
         yield self._encode(piece[start:]), len(piece) - start
 
     def pieces(self, text: str) -> Iterator[tuple[list[int], int]]:
@@ -122,6 +128,7 @@ class Prompt:
         self._total_chars = total_chars
         self._chars = 0
         self._tokens = 0
+        self._last = (0, 0)  # tokens and characters of the last chunk read
 
     @classmethod
     def of(cls, ids: list[int]) -> Prompt:
@@ -144,6 +151,7 @@ class Prompt:
                 return
             self._tokens += len(ids)
             self._chars += chars
+            self._last = (len(ids), chars)
             yield ids
 
     def all(self) -> list[int]:
@@ -153,7 +161,10 @@ class Prompt:
         if self._pieces is None or self._chars == 0:
             return self._tokens
         rest = max(0, self._total_chars - self._chars)
-        return self._tokens + round(rest * self._tokens / self._chars)
+        # The unread text most likely goes on like the last chunk (the template and the
+        # system prompt read first may tokenize quite differently from it).
+        tokens, chars = self._last if self._last[1] >= 64 else (self._tokens, self._chars)
+        return self._tokens + round(rest * tokens / chars)
 
 
 class PromptTokenizer:
@@ -186,9 +197,13 @@ class PromptTokenizer:
                     text, add_special_tokens=False)["input_ids"]
             if cache.enabled:
                 whole = tok(SAMPLE_LONG, add_special_tokens=False)["input_ids"]
-                cache.chunk_chars = 16   # many cuts, on the tokenizer's own hard cases
+                # many cuts, on the tokenizer's own hard cases
+                cache.chunk_chars = cache.first_chunk_chars = 16
                 chunked = [t for ids, _ in cache._chunks(SAMPLE_LONG) for t in ids]
-                cache.chunk_chars = CHUNK_CHARS if chunked == whole else sys.maxsize
+                if chunked == whole:
+                    cache.chunk_chars, cache.first_chunk_chars = CHUNK_CHARS, FIRST_CHUNK_CHARS
+                else:
+                    cache.chunk_chars = cache.first_chunk_chars = sys.maxsize
                 if chunked != whole:
                     logger.info("%s: chunked tokenizing differs from whole; tokenizing "
                                 "pieces whole", model)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.tokenize import PromptTokenizer
+from gateway.tokenize import CHUNK_CHARS, FIRST_CHUNK_CHARS, PromptTokenizer
 
 MODEL = Path(__file__).resolve().parents[2] / ".beluga" / "models" / "SmolLM2-135M-Instruct"
 
@@ -96,3 +96,21 @@ def test_text_the_tokenizer_cannot_take_gives_no_tokens_not_an_error(
         tok: PromptTokenizer) -> None:
     messages = [{"role": "user", "content": "a lone surrogate \ud800 here"}]
     assert tok.tokens("m", "chat", {"messages": messages}) is None
+
+
+def test_chunks_start_small_and_grow(tok: PromptTokenizer) -> None:
+    """A new prompt is usually read only to its first block key: the first chunk is small
+    (one 32-token block and the template), the later ones double up to the cap."""
+    cache = tok._segments["m"]
+    piece = " ".join(f"fresh{i:05d}" for i in range(3000))
+    sizes = [chars for _, chars in cache._chunks(piece)]
+    assert FIRST_CHUNK_CHARS <= sizes[0] < 2 * FIRST_CHUNK_CHARS
+    assert sizes[1] > sizes[0] and max(sizes) < CHUNK_CHARS + 16
+    assert sum(sizes) == len(piece)
+    messages = [{"role": "user", "content": piece}]
+    prompt = tok.prompt("m", "chat", {"messages": messages})
+    assert prompt is not None
+    chunks, first = prompt.chunks(), []
+    while len(first) < 32:
+        first += next(chunks)
+    assert prompt.tokens_read < 200   # the template, then one small chunk of ~9,000 tokens
