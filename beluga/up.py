@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 30.0
 
 
-
 def worker_cores(cores: list[int], workers: int, reserved: int) -> list[str] | None:
     """The cores `beluga up` gives each of its workers: `reserved` cores are left to the
     front ends (API servers, schedulers, the gateway, Redis), the rest split among the
@@ -56,6 +55,7 @@ def core_shares(cores: list[int], workers: int) -> list[str]:
         mine = cores[i * len(cores) // workers:(i + 1) * len(cores) // workers]
         out.append(",".join(str(c) for c in mine))
     return out
+
 
 def beluga_command() -> list[str]:
     """`beluga` for a child process, logging at this process's level (so `beluga --log-level

@@ -204,7 +204,6 @@ class PromptTokenizer:
                     cache.chunk_chars, cache.first_chunk_chars = CHUNK_CHARS, FIRST_CHUNK_CHARS
                 else:
                     cache.chunk_chars = cache.first_chunk_chars = sys.maxsize
-                if chunked != whole:
                     logger.info("%s: chunked tokenizing differs from whole; tokenizing "
                                 "pieces whole", model)
             self._segments[model] = cache
