@@ -14,7 +14,7 @@ def test_defaults_are_the_documented_stack() -> None:
     s = Settings()
     assert s.gateway_port == 8000
     assert s.num_workers == 2
-    assert s.dtype == "bfloat16" and s.enforce_eager
+    assert s.dtype == "auto" and s.enforce_eager
     assert s.model_path == Path(".beluga/models/SmolLM2-135M-Instruct")
     assert s.worker_url == "http://127.0.0.1:8100"
     assert s.resolved_worker_id == "127.0.0.1:8100"

@@ -25,10 +25,35 @@ def test_command_runs_the_openai_server_module_with_the_settings() -> None:
     cmd = vllm_command(s, python="/py")
     assert cmd[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
     args = " ".join(cmd)
-    for part in ("--model /models/m", "--port 8123", "--max-num-seqs 7", "--dtype bfloat16",
+    for part in ("--model /models/m", "--port 8123", "--max-num-seqs 7", "--dtype ",
                  "--enforce-eager", "--served-model-name smollm2-135m-instruct",
                  "--seed 5 --block-size 16"):
         assert part in args
+
+
+ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx fma avx2 bmi2\n"
+ZEN4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+GRAVITON3 = "processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize(("cpuinfo", "expected"), [
+    (ZEN3, "float32"), (ZEN4, "bfloat16"), (GRAVITON3, "bfloat16"), ("", "float32"),
+])
+def test_auto_dtype_on_a_cpu_is_bf16_only_where_the_cores_compute_it(
+        tmp_path: Path, cpuinfo: str, expected: str) -> None:
+    from engine.worker import resolve_dtype
+    info = tmp_path / "cpuinfo"
+    info.write_text(cpuinfo)
+    assert resolve_dtype("auto", cuda=False, cpuinfo_path=str(info)) == expected
+
+
+def test_an_explicit_dtype_and_cuda_auto_are_passed_as_they_are(tmp_path: Path) -> None:
+    from engine.worker import resolve_dtype
+    missing = str(tmp_path / "none")
+    assert resolve_dtype("bfloat16", cuda=False, cpuinfo_path=missing) == "bfloat16"
+    assert resolve_dtype("float16", cuda=True) == "float16"
+    assert resolve_dtype("auto", cuda=True) == "auto"
+    assert resolve_dtype("auto", cuda=False, cpuinfo_path=missing) == "float32"
 
 
 def test_a_hub_id_is_passed_to_vllm_to_download() -> None:

@@ -1,0 +1,140 @@
+"""Which dtype a CPU worker should run: one vLLM server per dtype, the same chat prompts.
+
+    python bench/cpu_dtype.py --json OUT.json [--dtypes bfloat16 float32] [--prompts 4]
+
+Each server is started exactly as `beluga worker` starts it (`engine.worker.vllm_command` and
+`vllm_env`: eager, the CPU block of 32, 1 GiB of KV space, no connector), one after the
+other, so they never share the cores. Per dtype, for each of --prompts distinct ~2,000-token
+system prompts: TTFT (client-side, streaming, to the first token) of the prompt cold, then of
+three new ~60-token questions on the same system prompt (prefix-cache hits: only the tail is
+computed), then of a short "Hi" prompt. Every request waits 1 s first, so the previous
+request's spinning OpenMP threads are not charged to it. Reports medians and, per kind of
+prompt, each dtype's time over the fastest dtype's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from beluga.settings import Settings  # noqa: E402
+from engine.worker import cpu_flags, resolve_dtype, vllm_command, vllm_env  # noqa: E402
+
+WORDS = ["river", "mountain", "quiet", "engine", "silver", "market", "garden", "letter",
+         "winter", "doctor", "window", "signal", "harbor", "orange", "paper", "castle",
+         "forest", "bridge", "camera", "pocket", "rabbit", "thunder"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ttft(url: str, messages: list[dict[str, str]]) -> float:
+    body = {"model": "m", "messages": messages, "max_tokens": 8, "temperature": 0,
+            "stream": True}
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:]).get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    return time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def run_dtype(dtype: str, args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+    port = free_port()
+    settings = Settings(model=str(ROOT / ".beluga" / "models" / "SmolLM2-135M-Instruct"),
+                        served_model_name="m", worker_port=port, dtype=dtype, pool=False,
+                        block_size=32, state_dir=tmp)
+    log = tmp / f"vllm-{dtype}.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(vllm_command(settings), env=vllm_env(settings), stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM ({dtype}) did not start:\n{log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        rng = random.Random(args.seed)
+        out: dict[str, list[float]] = {"cold_s": [], "hit_s": [], "short_s": []}
+        for i in range(args.prompts):
+            system = f"Group {i}. " + " ".join(rng.choice(WORDS) for _ in range(1500))
+            out["cold_s"].append(ttft(url, [{"role": "system", "content": system},
+                                            {"role": "user", "content": "Hello there."}]))
+            for q in range(3):
+                question = f"Question {q}: " + " ".join(rng.choice(WORDS) for _ in range(40))
+                out["hit_s"].append(ttft(url, [{"role": "system", "content": system},
+                                               {"role": "user", "content": question}]))
+            out["short_s"].append(ttft(url, [{"role": "user", "content": f"Hi {i}, how are you?"}]))
+        return out
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        flags = cpu_flags(f.read())
+    started = time.monotonic()
+    results: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in args.dtypes:
+            raw = run_dtype(dtype, args, Path(tmp))
+            results[dtype] = {k: round(statistics.median(v), 4) for k, v in raw.items()}
+            results[dtype]["samples"] = {k: [round(x, 3) for x in v] for k, v in raw.items()}
+    for kind in ("cold_s", "hit_s", "short_s"):
+        best = min(float(r[kind]) for r in results.values())  # type: ignore[arg-type]
+        for r in results.values():
+            r[kind.replace("_s", "_vs_fastest")] = round(float(r[kind]) / best, 2)  # type: ignore[arg-type]
+    report = {
+        "auto_resolves_to": resolve_dtype("auto", cuda=False),
+        "native_bf16": sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"}),
+        "results": results,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: {m: v for m, v in r.items() if m != "samples"}
+                      for k, r in results.items()}, indent=2))
+    print(f"auto -> {report['auto_resolves_to']}; wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
