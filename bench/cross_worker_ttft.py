@@ -206,6 +206,9 @@ def main() -> int:
             row["beluga_pool_tokens"] = (after.get("beluga_worker_prompt_tokens_total:pool", 0)
                                          - before.get("beluga_worker_prompt_tokens_total:pool",
                                                       0))
+            # B's own time copying the blocks out of the pool (checksums included)
+            row["beluga_copy_s"] = (after.get("beluga_worker_pool_load_seconds_total", 0)
+                                    - before.get("beluga_worker_pool_load_seconds_total", 0))
             row["local_hit_s"] = ttft(by["beluga_a"].url, model_name, ids)
             rows.append(row)
             print(f"prompt {i}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()),
