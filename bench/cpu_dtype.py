@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,17 +30,12 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from beluga.settings import Settings  # noqa: E402
-from engine.worker import cpu_flags, resolve_dtype, vllm_command, vllm_env  # noqa: E402
+from bench.cross_worker_ttft import free_port, start, stop, wait_ready  # noqa: E402
+from engine.worker import BF16_CPU_FLAGS, cpu_flags, resolve_dtype  # noqa: E402
 
 WORDS = ["river", "mountain", "quiet", "engine", "silver", "market", "garden", "letter",
          "winter", "doctor", "window", "signal", "harbor", "orange", "paper", "castle",
          "forest", "bridge", "camera", "pocket", "rabbit", "thunder"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ttft(url: str, messages: list[dict[str, str]]) -> float:
@@ -74,44 +65,27 @@ def answer(url: str) -> str:
 
 def run_dtype(dtype: str, args: argparse.Namespace,
               tmp: Path) -> tuple[dict[str, list[float]], str]:
-    port = free_port()
     settings = Settings(model=str(ROOT / ".beluga" / "models" / "SmolLM2-135M-Instruct"),
-                        served_model_name="m", worker_port=port, dtype=dtype, pool=False,
+                        served_model_name="m", worker_port=free_port(), dtype=dtype, pool=False,
                         block_size=32, state_dir=tmp, enforce_eager=not args.compiled)
-    log = tmp / f"vllm-{dtype}.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(vllm_command(settings), env=vllm_env(settings), stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = start(f"vllm-{dtype}", settings, tmp)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM ({dtype}) did not start:\n{log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_ready([server], timeout=600)
         rng = random.Random(args.seed)
         out: dict[str, list[float]] = {"cold_s": [], "hit_s": [], "short_s": []}
         for i in range(args.prompts):
             system = f"Group {i}. " + " ".join(rng.choice(WORDS) for _ in range(1500))
-            out["cold_s"].append(ttft(url, [{"role": "system", "content": system},
-                                            {"role": "user", "content": "Hello there."}]))
+            out["cold_s"].append(ttft(server.url, [{"role": "system", "content": system},
+                                                   {"role": "user", "content": "Hello there."}]))
             for q in range(3):
                 question = f"Question {q}: " + " ".join(rng.choice(WORDS) for _ in range(40))
-                out["hit_s"].append(ttft(url, [{"role": "system", "content": system},
-                                               {"role": "user", "content": question}]))
-            out["short_s"].append(ttft(url, [{"role": "user", "content": f"Hi {i}, how are you?"}]))
-        return out, answer(url)
+                out["hit_s"].append(ttft(server.url, [{"role": "system", "content": system},
+                                                      {"role": "user", "content": question}]))
+            out["short_s"].append(ttft(server.url, [{"role": "user",
+                                                     "content": f"Hi {i}, how are you?"}]))
+        return out, answer(server.url)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop([server])
 
 
 def main() -> int:
@@ -126,21 +100,23 @@ def main() -> int:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         flags = cpu_flags(f.read())
     started = time.monotonic()
-    results: dict[str, dict[str, object]] = {}
+    raw: dict[str, dict[str, list[float]]] = {}
+    said: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes:
-            raw, said = run_dtype(dtype, args, Path(tmp))
-            results[dtype] = {k: round(statistics.median(v), 4) for k, v in raw.items()}
-            results[dtype]["capital_of_france"] = said
-            results[dtype]["samples"] = {k: [round(x, 3) for x in v] for k, v in raw.items()}
-    for kind in ("cold_s", "hit_s", "short_s"):
-        best = min(float(r[kind]) for r in results.values())  # type: ignore[arg-type]
-        for r in results.values():
-            r[kind.replace("_s", "_vs_fastest")] = round(float(r[kind]) / best, 2)  # type: ignore[arg-type]
+            raw[dtype], said[dtype] = run_dtype(dtype, args, Path(tmp))
+    kinds = ("cold_s", "hit_s", "short_s")
+    med = {d: {k: statistics.median(v[k]) for k in kinds} for d, v in raw.items()}
+    best = {k: min(m[k] for m in med.values()) for k in kinds}
+    results = {d: {**{k: round(m[k], 4) for k in kinds},
+                   **{k.replace("_s", "_vs_fastest"): round(m[k] / best[k], 2) for k in kinds},
+                   "capital_of_france": said[d],
+                   "samples": {k: [round(x, 3) for x in raw[d][k]] for k in kinds}}
+               for d, m in med.items()}
     report = {
         "auto_resolves_to": resolve_dtype("auto", cuda=False),
         "graph": "compiled" if args.compiled else "eager",
-        "native_bf16": sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"}),
+        "native_bf16": sorted(flags & BF16_CPU_FLAGS),
         "results": results,
         "wall_s": round(time.monotonic() - started, 1),
     }

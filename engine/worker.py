@@ -63,9 +63,8 @@ def cpu_flags(cpuinfo: str) -> frozenset[str]:
 def cpu_dtype(flags: frozenset[str]) -> str:
     """What `--dtype auto` means on a CPU worker: bfloat16 where the cores compute it
     natively, float32 elsewhere. Without native bf16 (AVX2-only x86 such as AMD Zen 3) every
-    bf16 matmul is emulated: SmolLM2-135M prefilled a 2,000-token prompt in 42 s in bf16 and
-    9.4 s in float32 on one Zen 3 core, where a Zen 4 core (AVX512-BF16) did it in 4.3 s in
-    bf16 (README, "Why the chat answer was wrong")."""
+    bf16 matmul is emulated: SmolLM2-135M prefilled a 2,000-token prompt in 41.7 s in bf16 and
+    9.26 s in float32 on one Zen 3 core (README, "Which dtype on a CPU")."""
     return "bfloat16" if flags & BF16_CPU_FLAGS else "float32"
 
 
@@ -188,11 +187,9 @@ class Worker:
             check_model_folder(self.settings.model_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = vllm_command(self.settings)
-        dtype = cmd[cmd.index("--dtype") + 1]
-        logger.info("starting vLLM on port %s (dtype %s%s); its log: %s",
-                    self.settings.worker_port, dtype,
-                    " from auto" if self.settings.dtype == "auto" and dtype != "auto" else "",
-                    self.log_path)
+        logger.info("starting vLLM on port %s (dtype %s, set %s); its log: %s",
+                    self.settings.worker_port, cmd[cmd.index("--dtype") + 1],
+                    self.settings.dtype, self.log_path)
         logger.debug("vLLM command: %s", shlex.join(cmd))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

@@ -7,7 +7,7 @@ import pytest
 
 from beluga.settings import Settings
 from engine.connector import ConnectorConfig
-from engine.worker import parse_load, vllm_command, vllm_env
+from engine.worker import parse_load, resolve_dtype, vllm_command, vllm_env
 
 VLLM_METRICS = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -41,14 +41,12 @@ GRAVITON3 = "processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve bf16 
 ])
 def test_auto_dtype_on_a_cpu_is_bf16_only_where_the_cores_compute_it(
         tmp_path: Path, cpuinfo: str, expected: str) -> None:
-    from engine.worker import resolve_dtype
     info = tmp_path / "cpuinfo"
     info.write_text(cpuinfo)
     assert resolve_dtype("auto", cuda=False, cpuinfo_path=str(info)) == expected
 
 
 def test_an_explicit_dtype_and_cuda_auto_are_passed_as_they_are(tmp_path: Path) -> None:
-    from engine.worker import resolve_dtype
     missing = str(tmp_path / "none")
     assert resolve_dtype("bfloat16", cuda=False, cpuinfo_path=missing) == "bfloat16"
     assert resolve_dtype("float16", cuda=True) == "float16"
