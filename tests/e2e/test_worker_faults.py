@@ -13,8 +13,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import httpx
 import openai
 import psutil
+import pytest
 
 from kvpool import block_keys
 from tests.e2e.conftest import MODEL_NAME, Stack
@@ -57,6 +59,22 @@ class LongStream:
             self.done.set()
 
 
+def victim_stuck(stack: Stack, url: str, waited_s: float, errors: list[BaseException],
+                 streams: list[LongStream]) -> str:
+    """Why the victim has not answered one long prompt: what it is running and its log."""
+    try:
+        running = [ln for ln in httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+                   if ln.startswith(("vllm:num_requests", "vllm:kv_cache_usage",
+                                     "beluga_worker_"))]
+    except httpx.HTTPError as exc:
+        running = [f"/metrics failed: {exc!r}"]
+    port = url.rsplit(":", 1)[1]
+    log = stack.state_dir / "logs" / f"worker-{port}.vllm.log"
+    tail = log.read_text(errors="replace").splitlines()[-40:] if log.is_file() else []
+    return "\n".join([f"the victim never answered a long prompt in {waited_s:.0f} s; "
+                      f"saver error: {errors!r}; streams: {streams}", *running, *tail])
+
+
 def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
     client = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="x", max_retries=0,
                            timeout=120)
@@ -86,6 +104,8 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
     sent: list[list[int]] = []
     stop_saving = threading.Event()
     answered = threading.Event()
+    saver_error: list[BaseException] = []
+    t_saving = time.monotonic()
 
     def keep_saving() -> None:
         i = 0
@@ -95,7 +115,8 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
             i += 1
             try:
                 complete(victim_url, ids, max_tokens=1)
-            except Exception:  # noqa: BLE001 - the victim dies under it
+            except Exception as exc:  # noqa: BLE001 - the victim dies under it
+                saver_error.append(exc)
                 return
             answered.set()  # its blocks were saved before the answer left (wait_for_save)
 
@@ -108,7 +129,9 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
     saver = threading.Thread(target=keep_saving, daemon=True)
     saver.start()
     # (Not the saved-blocks counter: the victim's streams fill and save blocks too.)
-    assert answered.wait(120), "the victim never answered a long prompt"
+    if not answered.wait(120):
+        pytest.fail(victim_stuck(stack, victim_url, time.monotonic() - t_saving, saver_error,
+                                 streams))
     with ThreadPoolExecutor(4) as ex:
         futures = [ex.submit(ask, i) for i in range(12)]
         started.wait(10)
