@@ -15,10 +15,18 @@ of segments: the tokenizer cuts its input at added tokens before anything else r
 pieces tokenize exactly as the whole does (checked once per tokenizer on a sample, and
 against vLLM's /tokenize in the e2e suite), and a repeated system prompt or an earlier turn
 costs a dictionary lookup instead of a second tokenization.
+
+Plain-ASCII text of a byte-level BPE tokenizer is split into its pre-tokens (a word with its
+leading space, a number, a run of punctuation or of spaces) with the tokenizer's own split
+pattern, and each pre-token's ids come from a bounded dictionary, filled by the tokenizer
+itself: BPE never merges across pre-tokens, so the ids are the same, at a quarter of the
+Rust tokenizer's per-call cost (its offsets and encoding objects, which routing never reads;
+bench/README.md). Also self-checked per tokenizer on a sample of hard cases.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -48,6 +56,93 @@ SAMPLE_LONG = ("The  quick brown fox, 12345 jumps over 3.14 lazy dogs; don't sto
                "ü ✓ 東京  tab\there  ") * 40
 
 
+# GPT-2's pre-tokenization (a ByteLevel pre-tokenizer with use_regex), as the tokenizers
+# library writes it.
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Text the word cache takes: printable ASCII, tab, newline, carriage return. On these the
+# pattern's classes (\p{L}, \p{N}, \s) mean the same in Python's `regex` as in the Rust
+# tokenizer's Oniguruma; anything else goes to the tokenizer whole.
+NOT_PLAIN = re.compile(r"[^\t\n\r\x20-\x7e]")
+SAMPLE_ASCII = ("The  quick brown fox, 12345 jumps over 3.14 lazy dogs; don't STOP!!\n\n"
+                "  I'M sure they'll've   it's \t\ttabs\r\n(x) [y]{z} a--b__c 1,000,000 "
+                "e.g. www.x.org/a?b=c&d=%20 #hash @at $5 ~`^|\\ 'quoted' \"dq\"   \n ") * 20
+
+
+class WordIds:
+    """Token ids of plain-ASCII text, pre-token by pre-token, from a bounded dictionary that
+    the tokenizer fills (the misses of one text in one batch call)."""
+
+    def __init__(self, encode_batch: Any, split: Any, entries: int = 65536) -> None:
+        self._encode_batch = encode_batch
+        self._findall = split.findall
+        self._ids: dict[str, list[int]] = {}
+        self._entries = entries
+
+    @classmethod
+    def of(cls, tok: Any) -> WordIds | None:
+        """For a byte-level BPE tokenizer without a normalizer whose split pattern is known
+        (GPT-2's, or a Split regex before a ByteLevel without one); None otherwise."""
+        backend = getattr(tok, "backend_tokenizer", None)
+        encode_batch = getattr(backend, "encode_batch_fast", None)
+        if backend is None or encode_batch is None:
+            return None
+        try:
+            import regex  # a dependency of transformers
+
+            spec = json.loads(backend.to_str())
+        except (ImportError, ValueError, AttributeError):
+            return None
+        pattern = _split_pattern(spec)
+        if pattern is None:
+            return None
+        try:
+            return cls(encode_batch, regex.compile(pattern))
+        except regex.error:
+            return None
+
+    def encode(self, text: str) -> list[int] | None:
+        """The ids of `text`, or None when it is not plain ASCII."""
+        if NOT_PLAIN.search(text):
+            return None
+        words = self._findall(text)
+        get = self._ids.get
+        missing = [w for w in words if get(w) is None]
+        if missing:
+            if len(self._ids) + len(missing) > self._entries:
+                self._ids.clear()
+                missing = words
+            new = list(dict.fromkeys(missing))
+            for w, enc in zip(new, self._encode_batch(new, add_special_tokens=False),
+                              strict=True):
+                self._ids[w] = enc.ids
+        out: list[int] = []
+        for w in words:
+            out += self._ids[w]
+        return out
+
+
+def _split_pattern(spec: dict[str, Any]) -> str | None:
+    """The regex a tokenizer (its tokenizer.json) splits text with before byte-level BPE."""
+    if spec.get("normalizer") is not None or (spec.get("model") or {}).get("type") != "BPE":
+        return None
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel":
+        if pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
+            return GPT2_SPLIT
+        return None
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    regex = (split.get("pattern") or {}).get("Regex")
+    if (split.get("type") == "Split" and isinstance(regex, str)
+            and split.get("behavior") == "Isolated" and not split.get("invert", False)
+            and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)
+            and not byte_level.get("add_prefix_space", False)):
+        return regex
+    return None
+
+
 class SegmentCache:
     """Token ids of text pieces between added tokens, LRU-bounded, produced lazily."""
 
@@ -67,8 +162,13 @@ class SegmentCache:
         exact = all(not getattr(t, "lstrip", False) and not getattr(t, "rstrip", False)
                     for t in tok.added_tokens_decoder.values())
         self.enabled = exact and self._split is not None
+        self.words: WordIds | None = None  # set once checked (PromptTokenizer)
 
     def _encode(self, text: str) -> list[int]:
+        if self.words is not None:
+            plain = self.words.encode(text)
+            if plain is not None:
+                return plain
         if self._fast is not None:
             ids: list[int] = self._fast([text], add_special_tokens=False)[0].ids
             return ids
@@ -206,6 +306,14 @@ class PromptTokenizer:
                     cache.chunk_chars = cache.first_chunk_chars = sys.maxsize
                     logger.info("%s: chunked tokenizing differs from whole; tokenizing "
                                 "pieces whole", model)
+                words = WordIds.of(tok)
+                if words is not None:
+                    want = tok(SAMPLE_ASCII, add_special_tokens=False)["input_ids"]
+                    if words.encode(SAMPLE_ASCII) == want == words.encode(SAMPLE_ASCII):
+                        cache.words = words
+                    else:
+                        logger.info("%s: its split pattern does not reproduce the tokenizer; "
+                                    "no word cache", model)
             self._segments[model] = cache
         return tok
 

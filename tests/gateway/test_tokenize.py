@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import random
+import string
 from pathlib import Path
+from typing import Any
 
 import pytest
+import regex
 
-from gateway.tokenize import CHUNK_CHARS, FIRST_CHUNK_CHARS, PromptTokenizer
+from gateway.tokenize import (
+    CHUNK_CHARS,
+    FIRST_CHUNK_CHARS,
+    GPT2_SPLIT,
+    PromptTokenizer,
+    WordIds,
+    _split_pattern,
+)
 
 MODEL = Path(__file__).resolve().parents[2] / ".beluga" / "models" / "SmolLM2-135M-Instruct"
 
@@ -114,3 +125,68 @@ def test_chunks_start_small_and_grow(tok: PromptTokenizer) -> None:
     while len(first) < 32:
         first += next(chunks)
     assert prompt.tokens_read < 200   # the template, then one small chunk of ~9,000 tokens
+
+
+def test_word_cache_is_on_for_the_default_model_and_equals_the_tokenizer(
+        tok: PromptTokenizer) -> None:
+    hf = tok._tokenizer("m")
+    words = tok._segments["m"].words
+    assert words is not None   # its self-check passed
+    rng = random.Random(7)
+    alphabet = string.ascii_letters + string.digits + string.punctuation + " " * 12 + "\t\n\r"
+    for n in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 300)))
+        if n % 3 == 0:  # words and contractions, as prose has them
+            text = " ".join(rng.choice(["it's", "they'll've", "I'M", "x", "  ", "3.14", "--",
+                                        "\n\n", "Hello", " world", "don't"])
+                            for _ in range(60))
+        assert words.encode(text) == hf(text, add_special_tokens=False)["input_ids"], repr(text)
+    assert words.encode("ü is not ASCII") is None
+    assert words.encode("a\x0bvertical tab") is None   # \v: classes differ between engines
+
+
+def test_word_cache_stays_bounded() -> None:
+    calls: list[list[str]] = []
+
+    class Enc:
+        def __init__(self, word: str) -> None:
+            self.ids = [len(word)]
+
+    def encode_batch(batch: list[str], add_special_tokens: bool) -> list[Enc]:
+        calls.append(batch)
+        return [Enc(w) for w in batch]
+
+    words = WordIds(encode_batch, regex.compile(GPT2_SPLIT), entries=8)
+    assert words.encode("one two one three") == [3, 4, 4, 6]
+    assert calls == [["one", " two", " one", " three"]]   # one call for a text's misses
+    assert words.encode(" one two") == [4, 4] and len(calls) == 1
+    for i in range(20):
+        words.encode(f"w{i} x{i} y{i}")
+        assert len(words._ids) <= 8
+
+
+@pytest.mark.parametrize(("spec", "want"), [
+    ({"normalizer": None, "model": {"type": "BPE"},
+      "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}},
+     GPT2_SPLIT),
+    ({"normalizer": None, "model": {"type": "BPE"},   # Llama 3, Qwen 2: their own pattern
+      "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+          {"type": "Split", "pattern": {"Regex": "(?i:'s)|\\p{L}+"}, "behavior": "Isolated",
+           "invert": False},
+          {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}},
+     "(?i:'s)|\\p{L}+"),
+    ({"normalizer": {"type": "NFC"}, "model": {"type": "BPE"},
+      "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}, None),
+    ({"normalizer": None, "model": {"type": "BPE"},
+      "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}},
+     None),
+    ({"normalizer": None, "model": {"type": "Unigram"},
+      "pre_tokenizer": {"type": "Metaspace"}}, None),
+    ({"normalizer": None, "model": {"type": "BPE"},
+      "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+          {"type": "Digits", "individual_digits": True},
+          {"type": "ByteLevel", "use_regex": True}]}}, None),
+])
+def test_split_pattern_only_for_byte_level_bpe_it_can_reproduce(
+        spec: dict[str, Any], want: str | None) -> None:
+    assert _split_pattern(spec) == want
