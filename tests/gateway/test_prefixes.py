@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from beluga.registry import hint_blocks_key, hints_key
 from engine.hints import HintPublisher
 from gateway.prefixes import PrefixIndex
 from kvpool import KVPool, block_keys
@@ -48,7 +49,9 @@ def publish(server: RedisServer, wid: str, keys: list[bytes], pool_uuid: str | N
     pub.offer(keys)
     client = server.client()
     deadline = time.monotonic() + 5
-    while client.scard(f"{PREFIX}:hints:{wid}:blocks") != len(keys):
+    # The record too: with no keys the set's size is right before anything was written.
+    while (client.scard(hint_blocks_key(PREFIX, wid)) != len(keys)
+           or not client.exists(hints_key(PREFIX, wid))):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     pub._stop.set()  # leave the hints in Redis (close() would delete them)
