@@ -3,6 +3,7 @@ except the documented 503, and every error is in the OpenAI shape."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 
@@ -69,3 +70,43 @@ def test_health_and_models_report_the_empty_state(client: TestClient) -> None:
     health = client.get("/health").json()
     assert health == {"status": "no_healthy_worker", "redis": False, "workers": []}
     assert client.get("/v1/models").json() == {"object": "list", "data": []}
+
+
+def test_a_body_streamed_without_a_length_is_cut_at_the_limit(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 1000
+
+    resp = client.post("/v1/chat/completions", content=chunks(),
+                       headers={"content-type": "application/json"})
+    assert resp.status_code == 413
+    assert assert_openai_error(resp.json())["type"] == "invalid_request_error"
+
+
+def test_an_unexpected_error_is_a_500_in_the_openai_shape(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*_args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(client.app.gateway, "forward", broken)  # type: ignore[attr-defined]
+    resp = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+    assert resp.status_code == 500
+    err = assert_openai_error(resp.json())
+    assert err["type"] == "internal_error" and "a bug" not in str(err["message"])
+
+
+def test_a_client_gone_before_its_body_arrived_gets_nothing_sent(client: TestClient) -> None:
+    sent: list[dict[str, object]] = []
+    messages = [{"type": "http.request", "body": b'{"model": "m"', "more_body": True},
+                {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, object]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "headers": [(b"content-type", b"application/json")]}
+    asyncio.run(client.app(scope, receive, send))
+    assert sent == [] and messages == []
