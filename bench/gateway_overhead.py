@@ -14,6 +14,9 @@ two workloads: `unique` (every request a new 1,000-token prompt: no cache can he
   rps                          non-streaming requests per second through one gateway
                                process under `--concurrency` concurrent connections, driven
                                by wrk (C) when installed, else by a Python client
+  cpu_ms_per_request           the gateway process's CPU time (user + system, all threads)
+                               per request of the rps run: what a request costs it, much
+                               steadier than the two above on a shared machine
 No prompt is sent twice in either workload.
 """
 
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +154,7 @@ end
 
 
 def throughput_wrk(gw: str, bodies: list[dict[str, Any]], concurrency: int,
-                   seconds: float, tmp: Path) -> tuple[float, int]:
+                   seconds: float, tmp: Path) -> tuple[float, int, int]:
     """wrk (C, one thread per core) posting the bodies with a unique tag each time."""
     threads = max(1, min(2, os.cpu_count() or 1))
     lines = []
@@ -168,14 +172,15 @@ def throughput_wrk(gw: str, bodies: list[dict[str, Any]], concurrency: int,
     if "Socket errors:" in out:
         raise SystemExit(f"wrk saw socket errors; the run is not valid:\n{out}")
     rps = float(out.split("Requests/sec:")[1].split()[0])
+    total = int(out.split(" requests in ")[0].split()[-1])
     errors = 0
     if "Non-2xx or 3xx responses:" in out:
         errors = int(out.split("Non-2xx or 3xx responses:")[1].split()[0])
-    return rps - errors / seconds, errors
+    return rps - errors / seconds, errors, total
 
 
 async def throughput(gw: str, bodies: list[dict[str, Any]], concurrency: int,
-                     seconds: float) -> tuple[float, int]:
+                     seconds: float) -> tuple[float, int, int]:
     done = errors = 0
     stop = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -192,7 +197,7 @@ async def throughput(gw: str, bodies: list[dict[str, Any]], concurrency: int,
                     errors += 1
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(concurrency)))
-        return done / (time.perf_counter() - t0), errors
+        return done / (time.perf_counter() - t0), errors, done + errors
 
 
 def main() -> int:
@@ -248,6 +253,7 @@ def main() -> int:
                                       stderr=subprocess.DEVNULL))
         gw = f"http://127.0.0.1:{gw_port}"
         wait_http(f"{gw}/health")
+        gateway = psutil.Process(procs[-1].pid)
         from gateway.tokenize import PromptTokenizer
         tok = PromptTokenizer({settings.served_model_name: settings.model_path})
         results: dict[str, dict[str, Any]] = {}
@@ -261,16 +267,21 @@ def main() -> int:
                 len(tok.tokens(settings.served_model_name, "chat", b) or []) for b in pairs[:20])
             asyncio.run(latencies(gw, direct, warm))  # tokenizer load, connections
             added = sorted(asyncio.run(latencies(gw, direct, pairs)))
+            cpu0 = gateway.cpu_times()
             if client == "wrk":
-                rps, errors = throughput_wrk(gw, load, args.concurrency, args.seconds, tmp)
+                rps, errors, total = throughput_wrk(gw, load, args.concurrency, args.seconds,
+                                                    tmp)
             else:
-                rps, errors = asyncio.run(throughput(gw, load, args.concurrency,
-                                                     args.seconds))
+                rps, errors, total = asyncio.run(throughput(gw, load, args.concurrency,
+                                                            args.seconds))
+            cpu1 = gateway.cpu_times()
+            cpu_s = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
             results[scenario] = {
                 "prompt_tokens": n_tokens, "pairs": len(added),
                 "added_p50_ms": round(statistics.median(added), 3),
                 "added_p99_ms": round(added[int(0.99 * (len(added) - 1))], 3),
-                "rps": round(rps, 1), "errors": errors}
+                "rps": round(rps, 1), "errors": errors,
+                "cpu_ms_per_request": round(1000 * cpu_s / max(1, total), 3)}
             print(scenario, json.dumps(results[scenario]), flush=True)
     finally:
         for p in reversed(procs):
@@ -287,6 +298,7 @@ def main() -> int:
         "concurrency": args.concurrency, "cpus": os.cpu_count(),
         "load_generator": client,
         "added_p50_ms": u["added_p50_ms"], "added_p99_ms": u["added_p99_ms"], "rps": u["rps"],
+        "cpu_ms_per_request": u["cpu_ms_per_request"],
         "scenarios": results,
     }
     summary["targets"] = {"added_p50_le_1ms": u["added_p50_ms"] <= 1.0,

@@ -277,6 +277,11 @@ class PromptTokenizer:
     def knows(self, model: str) -> bool:
         return model in self._dirs
 
+    def load_all(self) -> None:
+        """Load (and self-check) every model's tokenizer now rather than on first use."""
+        for model in list(self._dirs):
+            self._tokenizer(model)
+
     def _tokenizer(self, model: str) -> Any | None:
         tok = self._loaded.get(model)
         if tok is None and model in self._dirs:
