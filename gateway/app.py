@@ -480,6 +480,7 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> Front:
                     logger.warning("%d background tasks did not stop in %s s", len(pending),
                                    SHUTDOWN_STEP_S)
             gw.prefixes.close()
+            gc.unfreeze()  # (an app run in a longer process, e.g. a test, lets go of them)
             for what, closing in (("worker connections", client.close),
                                   ("Redis connection", gw.pool.close)):
                 try:
