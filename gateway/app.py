@@ -1,6 +1,7 @@
 """The FastAPI gateway: one OpenAI-compatible front for all workers.
 
-The app's lifespan owns one `aiohttp.ClientSession` and the registry refresher. A request is
+The app's lifespan owns one `UpstreamClient` (gateway/upstream.py) and the registry
+refresher. A request is
 parsed (see `gateway.requests`), a policy picks a healthy worker serving its model, and the
 body is forwarded unchanged. If connecting to (or reading from) a worker fails before the
 client got any byte, the worker is taken out for `unhealthy_cooldown_s` and the request is
@@ -22,7 +23,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
-import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import (
     FileResponse,
@@ -56,6 +56,8 @@ from gateway.prefixes import Keying, PrefixIndex
 from gateway.requests import Endpoint, ParsedRequest, parse_request
 from gateway.sse import UsageFilter, with_usage
 from gateway.tokenize import Prompt, PromptTokenizer
+from gateway.upstream import ConnectFailed, Disconnected, UpstreamClient, UpstreamError
+from gateway.upstream import Response as UpstreamResponse
 from gateway.workers import WorkerPool, WorkerState
 from kvpool.keys import next_key, root_key
 
@@ -64,9 +66,7 @@ logger = logging.getLogger(__name__)
 UPSTREAM_PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions",
                                        "completions": "/v1/completions"}
 # Errors after which nothing reached the client and the worker is presumed down.
-# (aiohttp: a third of httpx's client cost per request, measured in bench/README.md.)
-RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
-             aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)
+RETRYABLE = (ConnectFailed, Disconnected)
 SHUTDOWN_STEP_S = 5.0  # the most each shutdown step may take
 UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 
@@ -78,7 +78,7 @@ class Gateway:
         self.settings = settings
         self.pool = pool
         self.policy = policy
-        self.client: aiohttp.ClientSession | None = None
+        self.client: UpstreamClient | None = None
         self.tenants = settings.api_key_tenants
         self.metrics = GatewayMetrics(policy.name)
         self.metrics.watch_workers(self.pool.snapshot)
@@ -279,7 +279,7 @@ class Gateway:
             f"no healthy worker can serve '{req.model}' right now", code="no_healthy_worker")
 
     async def post(self, worker: WorkerState, endpoint: Endpoint,
-                   body: bytes) -> aiohttp.ClientResponse:
+                   body: bytes) -> UpstreamResponse:
         """POST to a worker. Workers close idle kept-alive connections (vLLM after 5 s), and
         one can close just as it is reused: the worker never got that request, so it is
         sent again once, to the same worker (another would lose the prefix it was routed
@@ -287,16 +287,16 @@ class Gateway:
         assert self.client is not None
         url = worker.url + UPSTREAM_PATHS[endpoint]
         try:
-            return await self.client.post(url, data=body, headers=UPSTREAM_HEADERS)
-        except aiohttp.ClientConnectorError:
-            raise
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            logger.info("worker %s closed a kept-alive connection (%r); sending again",
+            return await self.client.request("POST", url, body, UPSTREAM_HEADERS)
+        except Disconnected as exc:
+            if not (exc.reused and exc.before_response):
+                raise
+            logger.info("worker %s closed a kept-alive connection (%s); sending again",
                         worker.id, exc)
-            return await self.client.post(url, data=body, headers=UPSTREAM_HEADERS)
+            return await self.client.request("POST", url, body, UPSTREAM_HEADERS)
 
     @staticmethod
-    def buffered_response(resp: aiohttp.ClientResponse, content: bytes,
+    def buffered_response(resp: UpstreamResponse, content: bytes,
                           headers: dict[str, str]) -> Response:
         if resp.status == 200:
             return Response(content, status_code=200, headers=headers,
@@ -307,16 +307,16 @@ class Gateway:
         return JSONResponse(normalize_upstream_error(resp.status, content),
                             status_code=resp.status, headers=headers)
 
-    async def relay(self, resp: aiohttp.ClientResponse, worker: WorkerState, choice: Choice,
+    async def relay(self, resp: UpstreamResponse, worker: WorkerState, choice: Choice,
                     info: RequestInfo, started: float,
                     usage: UsageFilter) -> AsyncIterator[bytes]:
         """Pass SSE bytes through; a worker failure mid-stream ends with an error event.
         The first chunk's arrival is the request's TTFT, which the policy learns from."""
         last: float | None = None
         unprefilled = choice.prefill_tokens
-        resp._beluga_relayed = True  # type: ignore[attr-defined]  # see _release_unstarted
+        resp.relayed = True  # see _release_unstarted
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp.chunks():
                 now = time.perf_counter()
                 if last is None:
                     worker.prefilled(unprefilled)
@@ -338,7 +338,7 @@ class Gateway:
         except TimeoutError:
             self.metrics.answered(info.endpoint, UpstreamTimeout.status_code, worker.id, None)
             yield UpstreamTimeout(f"worker {worker.id} went silent mid-stream").sse_event()
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             self.pool.mark_unhealthy(worker, f"failed mid-stream ({exc!r})")
             self.metrics.answered(info.endpoint, UpstreamFailure.status_code, worker.id, None)
             yield UpstreamFailure(f"worker {worker.id} failed mid-stream: {exc!r}").sse_event()
@@ -406,10 +406,10 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-def _release_unstarted(worker: WorkerState, resp: aiohttp.ClientResponse,
+def _release_unstarted(worker: WorkerState, resp: UpstreamResponse,
                        prefill: int) -> None:
     """Finalizer of a relay generator: if it never ran, nobody released its worker."""
-    if not getattr(resp, "_beluga_relayed", False):
+    if not resp.relayed:
         worker.done(prefill)
         resp.release()
 
@@ -444,14 +444,10 @@ def create_app(settings: Settings, pool: WorkerPool | None = None) -> Front:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        # connect: a free connection and the TCP handshake; sock_read: silence on the wire.
-        timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout_s,
-                                        sock_read=settings.upstream_timeout_s)
-        # Idle connections are dropped before vLLM's keep-alive (5 s) would drop them.
-        connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=4)
-        # Bytes pass through untouched (workers are asked for identity encoding).
-        client = aiohttp.ClientSession(timeout=timeout, connector=connector,
-                                       auto_decompress=False)
+        # connect: the TCP handshake; read: silence on the wire. Idle connections are
+        # dropped before vLLM's keep-alive (5 s) would drop them.
+        client = UpstreamClient(connect_timeout_s=settings.connect_timeout_s,
+                                read_timeout_s=settings.upstream_timeout_s, keepalive_s=4.0)
         gw.client = client
         tasks: list[asyncio.Task[None]] = []
         try:

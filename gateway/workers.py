@@ -13,12 +13,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from beluga.registry import WorkerRecord, parse_record, worker_pattern
 from beluga.settings import Settings
+from gateway.upstream import UpstreamClient, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class WorkerPool:
             logger.warning("worker %s at %s %s; taken out of routing", worker.id, worker.url,
                            why)
 
-    async def check_health(self, client: aiohttp.ClientSession) -> None:
+    async def check_health(self, client: UpstreamClient) -> None:
         """GET every worker's /health at once: `health_check_failures` failures in a row take
         (or keep) it out (one slow answer from a loaded worker does not), a pass puts it back
         at once, whatever the remaining cooldown."""
@@ -132,14 +132,14 @@ class WorkerPool:
                 logger.info("worker %s at %s passed its health check; back in routing",
                             worker.id, worker.url)
 
-    async def _probe(self, client: aiohttp.ClientSession, worker: WorkerState) -> str | None:
+    async def _probe(self, client: UpstreamClient, worker: WorkerState) -> str | None:
         """None when healthy, else what went wrong."""
         try:
-            async with client.get(f"{worker.url}/health", timeout=aiohttp.ClientTimeout(
-                    total=self.settings.health_check_timeout_s)) as resp:
-                return None if resp.status == 200 else f"HTTP {resp.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            status = await client.status(f"{worker.url}/health",
+                                         self.settings.health_check_timeout_s)
+        except (UpstreamError, TimeoutError) as exc:
             return type(exc).__name__
+        return None if status == 200 else f"HTTP {status}"
 
     async def refresh(self) -> None:
         try:
