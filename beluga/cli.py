@@ -140,8 +140,11 @@ def run(args: argparse.Namespace) -> int:
         from gateway.app import create_app
 
         settings = settings_from_args(args, GATEWAY_FIELDS)
+        # No access log, proxy-header rewriting or Server/Date headers: per-request work
+        # nothing here reads (the gateway keeps its own metrics).
         uvicorn.run(create_app(settings), host=settings.gateway_host,
-                    port=settings.gateway_port, log_level="warning", access_log=False)
+                    port=settings.gateway_port, log_level="warning", access_log=False,
+                    proxy_headers=False, server_header=False, date_header=False)
         return 0
     if args.command == "worker":
         from engine.worker import run_worker

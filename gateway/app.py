@@ -323,9 +323,10 @@ class Gateway:
                     unprefilled = 0
                     ttft = now - started
                     self.policy.observe(choice, info, ttft)
-                    self.metrics.ttft.labels(worker.id, self.metrics.policy).observe(ttft)
+                    self.metrics.child(self.metrics.ttft, worker.id,
+                                       self.metrics.policy).observe(ttft)
                 else:
-                    self.metrics.itl.labels(worker.id).observe(now - last)
+                    self.metrics.child(self.metrics.itl, worker.id).observe(now - last)
                 last = now
                 out = usage.feed(chunk)
                 if out:

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from gateway.policies import Choice, RequestInfo
@@ -57,10 +59,21 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("beluga_gateway_prompt_tokens",
                                      "Prompt tokens by where the chosen worker gets their KV "
                                      "(estimated at routing).", ["source"], registry=r)
-        for source in ("local", "pool", "computed"):
-            self.prompt_tokens.labels(source)
+        self._local, self._pool, self._computed = (
+            self.prompt_tokens.labels(source) for source in ("local", "pool", "computed"))
         self.tokens = Counter("beluga_gateway_tokens", "Tokens of answered requests, from "
                               "the workers' usage reports.", ["kind"], registry=r)
+        # Labelled children by label values, looked up once: `labels()` validates, converts
+        # and locks on every call, several times per request. (Bounded like the registry
+        # itself: one per label combination ever used.)
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        key = (metric, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def watch_workers(self, snapshot: Callable[[], Sequence[WorkerState]]) -> None:
         """Per-worker gauges, read from the registry snapshot at scrape time."""
@@ -76,24 +89,24 @@ class GatewayMetrics:
         for kind in ("prompt", "completion"):
             value = usage.get(f"{kind}_tokens")
             if isinstance(value, int) and value >= 0:
-                self.tokens.labels(kind).inc(value)
+                self.child(self.tokens, kind).inc(value)
 
     def routed(self, choice: Choice, info: RequestInfo) -> None:
-        self.decisions.labels(self.policy, choice.reason).inc()
+        self.child(self.decisions, self.policy, choice.reason).inc()
         if info.prompt_tokens <= 0:
             return
         bt = info.block_tokens
         local = min(info.local_blocks.get(choice.worker.id, 0) * bt, info.prompt_tokens)
         pool = max(0, min(info.pool_blocks * bt, info.prompt_tokens) - local)
-        self.prompt_tokens.labels("local").inc(local)
-        self.prompt_tokens.labels("pool").inc(pool)
-        self.prompt_tokens.labels("computed").inc(info.prompt_tokens - local - pool)
+        self._local.inc(local)
+        self._pool.inc(pool)
+        self._computed.inc(info.prompt_tokens - local - pool)
 
     def answered(self, endpoint: str, status: int, worker: str | None,
                  seconds: float | None) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
+        self.child(self.requests, endpoint, str(status)).inc()
         if worker is not None and seconds is not None and status == 200:
-            self.e2e.labels(worker, self.policy).observe(seconds)
+            self.child(self.e2e, worker, self.policy).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
