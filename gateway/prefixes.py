@@ -170,17 +170,16 @@ class PrefixIndex:
                     held[w] = (held[w][0], self._own[w])
             for w in alive:
                 local[w] += 1
-            if pool is not None:
-                try:
-                    found = pool.lookup_prefix([k]) == 1
-                except PoolError:
-                    found = False
-                if found:
-                    in_pool += 1
-                else:
+            # The pool is asked once the workers' prefixes have ended (or the prompt has), all
+            # keys not asked yet in one call: read[:in_pool] are in the pool, the rest unasked.
+            if pool is not None and not alive:
+                in_pool += _pool_prefix(pool, read[in_pool:])
+                if in_pool < len(read):
                     pool = None
             if not alive and pool is None:
                 break
+        if pool is not None and in_pool < len(read):
+            in_pool += _pool_prefix(pool, read[in_pool:])
         return read, local, in_pool
 
     def pool_stats(self) -> PoolStats | None:
@@ -215,3 +214,11 @@ class PrefixIndex:
             own.move_to_end(h)
         while len(own) > self._own_cap:
             own.popitem(last=False)
+
+
+def _pool_prefix(pool: KVPool, keys: list[bytes]) -> int:
+    """How many leading `keys` the pool holds (0 when it cannot say)."""
+    try:
+        return pool.lookup_prefix(keys)
+    except PoolError:
+        return 0

@@ -192,3 +192,32 @@ def test_a_prompts_later_keys_are_read_only_when_it_comes_back(server: RedisServ
             assert handed == keys
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(("w1", "w2", "pooled"), [
+    (4, 0, 5),   # the pool goes past the workers: asked key by key after them
+    (5, 2, 2),   # a worker goes past the pool: the pool asked once, when w1's prefix ends
+    (0, 0, 3),
+    (2, 1, 0),
+    (6, 0, 6),   # everyone holds the whole prompt
+    (0, 0, 0),
+])
+def test_match_layouts_of_worker_and_pool_prefixes(
+        server: RedisServer, shm_pool: KVPool, w1: int, w2: int, pooled: int) -> None:
+    keys = block_keys(TOKENS, 16, FP)   # 6 keys
+    if pooled:
+        shm_pool.put(keys[:pooled], [b"x" * 100] * pooled)
+    publish(server, "m1", keys[:w1], str(shm_pool.uuid))
+    publish(server, "m2", keys[:w2], str(shm_pool.uuid))
+    handed: list[bytes] = []
+
+    async def go() -> None:
+        async with index_on(server) as index:
+            assert await index.refresh(["m1", "m2"])
+            keying = index.keying(["m1"])
+            assert keying is not None
+            read, local, in_pool = index.match(keying, ["m1", "m2"], recording(keys, handed))
+            assert local == {"m1": w1, "m2": w2} and in_pool == pooled
+            assert read == keys[:min(len(keys), max(w1, w2, pooled) + 1)] == handed
+
+    asyncio.run(go())
