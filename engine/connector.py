@@ -42,6 +42,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from beluga.stacks import dump_stacks_on_sigusr1
 from engine.connector_meta import (
     BelugaMetadata,
     BelugaWorkerMeta,
@@ -166,6 +167,7 @@ class BelugaConnector(KVConnectorBase_V1):
             raise ValueError(f"BelugaConnector: bad kv_connector_extra_config: {exc}") from None
         self._sched: _SchedulerSide | None = None
         self._worker: _WorkerSide | None = None
+        dump_stacks_on_sigusr1()
         if role == KVConnectorRole.SCHEDULER:
             self._sched = _SchedulerSide(cfg, vllm_config, kv_cache_config)
         else:

@@ -6,6 +6,7 @@ Runs last in the session: it leaves the stack with one worker."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -59,9 +60,16 @@ class LongStream:
             self.done.set()
 
 
-def victim_stuck(stack: Stack, url: str, waited_s: float, errors: list[BaseException],
-                 streams: list[LongStream]) -> str:
-    """Why the victim has not answered one long prompt: what it is running and its log."""
+def victim_stuck(stack: Stack, pid: int, url: str, waited_s: float,
+                 errors: list[BaseException], streams: list[LongStream]) -> str:
+    """Why the victim has not answered one long prompt: what it is running, and its log
+    with every thread's stack of its engine and model runner (SIGUSR1: see
+    engine.connector.dump_stacks_on_sigusr1)."""
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.cmdline()[:1] in (["VLLM::EngineCore"], ["VLLM::Worker"]):
+                child.send_signal(signal.SIGUSR1)
+    time.sleep(3)
     try:
         running = [ln for ln in httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
                    if ln.startswith(("vllm:num_requests", "vllm:kv_cache_usage",
@@ -70,7 +78,7 @@ def victim_stuck(stack: Stack, url: str, waited_s: float, errors: list[BaseExcep
         running = [f"/metrics failed: {exc!r}"]
     port = url.rsplit(":", 1)[1]
     log = stack.state_dir / "logs" / f"worker-{port}.vllm.log"
-    tail = log.read_text(errors="replace").splitlines()[-40:] if log.is_file() else []
+    tail = log.read_text(errors="replace").splitlines()[-300:] if log.is_file() else []
     return "\n".join([f"the victim never answered a long prompt in {waited_s:.0f} s; "
                       f"saver error: {errors!r}; streams: {streams}", *running, *tail])
 
@@ -130,8 +138,8 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
     saver.start()
     # (Not the saved-blocks counter: the victim's streams fill and save blocks too.)
     if not answered.wait(120):
-        pytest.fail(victim_stuck(stack, victim_url, time.monotonic() - t_saving, saver_error,
-                                 streams))
+        pytest.fail(victim_stuck(stack, victim.pid, victim_url, time.monotonic() - t_saving,
+                                 saver_error, streams))
     with ThreadPoolExecutor(4) as ex:
         futures = [ex.submit(ask, i) for i in range(12)]
         started.wait(10)
