@@ -91,16 +91,17 @@ class WordIds:
         if backend is None or encode_batch is None:
             return None
         try:
-            import regex  # a dependency of transformers
-
-            spec = json.loads(backend.to_str())
-        except (ImportError, ValueError, AttributeError):
+            pattern = _split_pattern(json.loads(backend.to_str()))
+        except (ValueError, AttributeError):
             return None
-        pattern = _split_pattern(spec)
         if pattern is None:
             return None
         if pattern == GPT2_SPLIT:
             return cls(encode_batch, re.compile(GPT2_SPLIT_ASCII))
+        try:
+            import regex  # \p{...} classes; a dependency of transformers
+        except ImportError:
+            return None
         try:
             return cls(encode_batch, regex.compile(pattern))
         except regex.error:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,8 +32,6 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
-
-logger = logging.getLogger(__name__)
 
 HIGH_WATER = 256 * 1024  # bytes buffered from a worker before its socket stops being read
 
@@ -367,9 +364,7 @@ class UpstreamClient:
 
     def _discard(self, conn: _Connection) -> None:
         conn.close()
-        if conn in self._open:
-            self._open.discard(conn)
-            self._slots.release()
+        self._lost(conn)  # now: its slot is free before the transport's callback runs
 
     def _lost(self, conn: _Connection) -> None:
         """A connection closed (by either side): it no longer counts, idle or not."""
@@ -387,11 +382,7 @@ class UpstreamClient:
                 return
 
     async def close(self) -> None:
-        for idle in self._idle.values():
-            for conn in idle:
-                self._discard(conn)
-        self._idle.clear()
-        for conn in list(self._open):
+        for conn in list(self._open):  # idle ones included
             self._discard(conn)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0)  # let the transports run their close callbacks

@@ -66,13 +66,20 @@ class Server:
             writer.close()
 
 
-def ok(body: bytes = b'{"ok": true}') -> Handler:
+def raw(response: bytes, keep: bool, then_sleep_s: float = 0.0) -> Handler:
+    """A handler that answers every request with `response` as it is (optionally going
+    silent afterwards), then keeps the connection or closes it."""
     async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _h: bytes) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        w.write(response)
         await w.drain()
-        return True
+        await asyncio.sleep(then_sleep_s)
+        return keep
     return handler
+
+
+def ok(body: bytes = b'{"ok": true}') -> Handler:
+    return raw(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n%s" % (len(body), body), keep=True)
 
 
 def run(coro: Awaitable[Any]) -> Any:
@@ -144,10 +151,7 @@ def test_chunks_arrive_as_the_worker_sends_them() -> None:
 
 
 def test_a_body_without_a_length_ends_with_the_connection() -> None:
-    async def until_close(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _h: bytes) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
-        await w.drain()
-        return False
+    until_close = raw(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it", keep=False)
 
     async def go() -> None:
         async with Server(until_close) as server:
@@ -160,11 +164,8 @@ def test_a_body_without_a_length_ends_with_the_connection() -> None:
 
 
 def test_an_interim_100_response_is_skipped() -> None:
-    async def interim(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _h: bytes) -> bool:
-        w.write(b"HTTP/1.1 100 Continue\r\n\r\n"
-                b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok")
-        await w.drain()
-        return True
+    interim = raw(b"HTTP/1.1 100 Continue\r\n\r\n"
+                  b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok", keep=True)
 
     async def go() -> None:
         async with Server(interim) as server:
@@ -177,15 +178,9 @@ def test_an_interim_100_response_is_skipped() -> None:
 
 
 def test_silence_is_a_read_timeout_before_and_after_the_headers() -> None:
-    async def silent(_r: asyncio.StreamReader, _w: asyncio.StreamWriter, _h: bytes) -> bool:
-        await asyncio.sleep(10)
-        return False
-
-    async def stalls(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _h: bytes) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")
-        await w.drain()
-        await asyncio.sleep(10)
-        return False
+    silent = raw(b"", keep=False, then_sleep_s=10)
+    stalls = raw(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf", keep=False,
+                 then_sleep_s=10)
 
     async def go() -> None:
         client = UpstreamClient(connect_timeout_s=2, read_timeout_s=0.3)
@@ -215,10 +210,7 @@ def test_no_listener_is_connect_failed() -> None:
 
 
 def test_a_connection_cut_mid_body_is_disconnected_after_the_response_began() -> None:
-    async def cut(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _h: bytes) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npart")
-        await w.drain()
-        return False
+    cut = raw(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npart", keep=False)
 
     async def go() -> None:
         async with Server(cut) as server:
