@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hashlib
 import json
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -259,12 +260,11 @@ class Gateway:
                 finally:
                     worker.done(prefill)
                     resp.release()
-                out = self.buffered_response(resp, content, headers)
                 if resp.status == 200:
-                    with contextlib.suppress(ValueError):
-                        answer = json.loads(content)
-                        if isinstance(answer, dict):
-                            self.metrics.usage(answer.get("usage"))
+                    return Answer(content, resp.headers.get("content-type", "application/json"),
+                                  headers, functools.partial(self.answered, req.endpoint,
+                                                             worker.id, started, content))
+                out = self.buffered_response(resp, content, headers)
                 self.metrics.answered(req.endpoint, out.status_code, worker.id,
                                       time.perf_counter() - started)
                 return out
@@ -295,12 +295,19 @@ class Gateway:
                         worker.id, exc)
             return await self.client.request("POST", url, body, UPSTREAM_HEADERS)
 
+    def answered(self, endpoint: Endpoint, worker_id: str, started: float,
+                 content: bytes) -> None:
+        """Count a worker's 200 answer (once the client has it)."""
+        with contextlib.suppress(ValueError):
+            answer = json.loads(content)
+            if isinstance(answer, dict):
+                self.metrics.usage(answer.get("usage"))
+        self.metrics.answered(endpoint, 200, worker_id, time.perf_counter() - started)
+
     @staticmethod
     def buffered_response(resp: UpstreamResponse, content: bytes,
                           headers: dict[str, str]) -> Response:
-        if resp.status == 200:
-            return Response(content, status_code=200, headers=headers,
-                            media_type=resp.headers.get("content-type", "application/json"))
+        """A worker's error answer, in the OpenAI error format."""
         if resp.status >= 500:
             detail = normalize_upstream_error(resp.status, content)["error"]["message"]
             return UpstreamFailure(f"worker error {resp.status}: {detail}").response()
@@ -346,6 +353,33 @@ class Gateway:
         finally:
             worker.done(unprefilled)
             resp.release()
+
+
+class Answer(Response):
+    """A worker's 200 answer, passed on as it came: two ASGI messages, without Starlette's
+    header building. `after` (the bookkeeping) runs once the body is handed to the server,
+    off the client's critical path."""
+
+    def __init__(self, body: bytes, media_type: str, headers: dict[str, str],
+                 after: Callable[[], None]) -> None:
+        self.status_code = 200
+        self.body = body
+        self.background = None
+        self.raw_headers = [(b"content-type", media_type.encode("latin-1")),
+                            (b"content-length", b"%d" % len(body))]
+        self.raw_headers += [(k.encode("latin-1"), v.encode("latin-1"))
+                             for k, v in headers.items()]
+        self._after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self.body})
+        finally:
+            self._after()
+        if self.background is not None:
+            await self.background()
 
 
 class ClientGone(Exception):

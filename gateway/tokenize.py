@@ -150,6 +150,117 @@ def _split_pattern(spec: dict[str, Any]) -> str | None:
     return None
 
 
+class _Content(str):
+    """A message's content while a chat template's skeleton is learnt: a sentinel string
+    that notes any use of it other than being output or concatenated (a comparison, a
+    length, a search, a strip, a hash: anything by which the template could treat two
+    contents differently)."""
+
+    touched = False
+
+
+def _noting(name: str) -> Any:
+    method = getattr(str, name)
+
+    def noted(self: _Content, *args: Any, **kwargs: Any) -> Any:
+        self.touched = True
+        return method(self, *args, **kwargs)
+
+    noted.__name__ = name
+    return noted
+
+
+for _name in dir(str):
+    if _name not in ("__str__", "__add__", "__new__", "__init__", "__getattribute__",
+                     "__setattr__", "__delattr__", "__class__", "__init_subclass__",
+                     "__subclasshook__", "__getnewargs__", "__reduce__", "__reduce_ex__",
+                     "__sizeof__", "__dir__", "__doc__") and callable(getattr(str, _name)):
+        setattr(_Content, _name, _noting(_name))
+
+
+class ChatSkeletons:
+    """A chat template's text for plain messages (a role and a string content each) without
+    running the template: per shape (the roles in order, `add_generation_prompt`) the text
+    between the contents, learnt once by rendering sentinel contents.
+
+    Only for templates that treat a content as opaque text, output once where it stands:
+    the sentinels note any other use (bound to differ between contents: a strip, a search,
+    a comparison) and are then found exactly once each, in order, or the shape falls back
+    to the template. Templates that read the clock (`strftime_now`) always do. The first
+    use of each shape, and every `recheck_every`-th render after, is also rendered by the
+    template and compared; one difference turns the fast path off for good."""
+
+    def __init__(self, render: Any, template: str | None, entries: int = 256,
+                 recheck_every: int = 256) -> None:
+        self._render = render  # (messages, add_generation_prompt) -> str
+        self._shapes: OrderedDict[tuple[Any, ...], list[str] | None] = OrderedDict()
+        self._entries, self._recheck_every = entries, recheck_every
+        self._renders = 0
+        self.enabled = template is not None and "strftime_now" not in template
+
+    def render(self, messages: Any, add_generation_prompt: bool) -> str | None:
+        """The template's text for `messages`, or None when this path does not apply."""
+        if not self.enabled or type(messages) is not list:
+            return None
+        shape: list[Any] = [add_generation_prompt]
+        contents: list[str] = []
+        for m in messages:
+            if type(m) is not dict or len(m) != 2:
+                return None
+            role, content = m.get("role"), m.get("content")
+            if type(role) is not str or type(content) is not str:
+                return None
+            shape.append(role)
+            contents.append(content)
+        key = tuple(shape)
+        if key in self._shapes:
+            parts = self._shapes[key]
+        else:
+            parts = self._learn(key, len(contents), add_generation_prompt)
+            self._renders = 0  # so this first use is compared below
+        if parts is None:
+            return None
+        out = [parts[0]]
+        for content, part in zip(contents, parts[1:], strict=True):
+            out.append(content)
+            out.append(part)
+        text = "".join(out)
+        if self._renders % self._recheck_every == 0:
+            want = self._render(messages, add_generation_prompt)
+            if want != text:
+                logger.warning("the chat template's text differs from its learnt skeleton; "
+                               "rendering every prompt with the template from now on")
+                self.enabled = False
+                return want if isinstance(want, str) else None
+        self._renders += 1
+        return text
+
+    def _learn(self, key: tuple[Any, ...], n: int,
+               add_generation_prompt: bool) -> list[str] | None:
+        sentinels = [_Content(f"\x00\x01beluga-{i}\x02\x00") for i in range(n)]
+        try:
+            text = self._render([{"role": r, "content": c} for r, c in zip(key[1:], sentinels,
+                                                                            strict=True)],
+                                add_generation_prompt)
+        except Exception:  # noqa: BLE001 - a template may refuse a shape: no fast path
+            text = None
+        parts: list[str] | None = None
+        if isinstance(text, str) and not any(c.touched for c in sentinels):
+            rest, parts = text, []
+            for c in sentinels:
+                before, found, rest = rest.partition(str(c))
+                if not found or str(c) in rest:
+                    parts = None
+                    break
+                parts.append(before)
+            if parts is not None:
+                parts.append(rest)
+        self._shapes[key] = parts
+        if len(self._shapes) > self._entries:
+            self._shapes.popitem(last=False)
+        return parts
+
+
 class SegmentCache:
     """Token ids of text pieces between added tokens, LRU-bounded, produced lazily."""
 
@@ -280,6 +391,7 @@ class PromptTokenizer:
         self._dirs = dict(model_dirs)
         self._loaded: dict[str, Any] = {}
         self._segments: dict[str, SegmentCache] = {}
+        self._skeletons: dict[str, ChatSkeletons] = {}
 
     def knows(self, model: str) -> bool:
         return model in self._dirs
@@ -327,6 +439,12 @@ class PromptTokenizer:
                         logger.info("%s: its split pattern does not reproduce the tokenizer; "
                                     "no word cache", model)
             self._segments[model] = cache
+            template = getattr(tok, "chat_template", None)
+            self._skeletons[model] = ChatSkeletons(
+                lambda messages, generation: tok.apply_chat_template(
+                    messages, tools=None, tokenize=False, add_generation_prompt=generation,
+                    continue_final_message=False),
+                template if isinstance(template, str) else None)
         return tok
 
     def tokens(self, model: str, endpoint: str, payload: dict[str, Any]) -> list[int] | None:
@@ -348,11 +466,20 @@ class PromptTokenizer:
             return None
         try:
             if endpoint == "chat":
-                text = tok.apply_chat_template(
-                    payload["messages"], tools=payload.get("tools"), tokenize=False,
-                    add_generation_prompt=payload.get("add_generation_prompt", True),
-                    continue_final_message=payload.get("continue_final_message", False),
-                    **(payload.get("chat_template_kwargs") or {}))
+                generation = payload.get("add_generation_prompt", True)
+                text = None
+                skeletons = self._skeletons.get(model)
+                if (skeletons is not None and type(generation) is bool
+                        and payload.get("tools") is None
+                        and not payload.get("continue_final_message", False)
+                        and not payload.get("chat_template_kwargs")):
+                    text = skeletons.render(payload["messages"], generation)
+                if text is None:
+                    text = tok.apply_chat_template(
+                        payload["messages"], tools=payload.get("tools"), tokenize=False,
+                        add_generation_prompt=generation,
+                        continue_final_message=payload.get("continue_final_message", False),
+                        **(payload.get("chat_template_kwargs") or {}))
                 if not isinstance(text, str):
                     return None
                 cache = self._segments.get(model)

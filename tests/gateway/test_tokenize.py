@@ -14,6 +14,7 @@ from gateway.tokenize import (
     CHUNK_CHARS,
     FIRST_CHUNK_CHARS,
     GPT2_SPLIT,
+    ChatSkeletons,
     PromptTokenizer,
     WordIds,
     _split_pattern,
@@ -190,3 +191,106 @@ def test_word_cache_stays_bounded() -> None:
 def test_split_pattern_only_for_byte_level_bpe_it_can_reproduce(
         spec: dict[str, Any], want: str | None) -> None:
     assert _split_pattern(spec) == want
+
+
+# -- chat templates without the template engine (ChatSkeletons) ----------------------------
+
+def jinja_renderer(template: str) -> Any:
+    """A chat template rendered as transformers renders one (a sandboxed, immutable
+    environment), for ChatSkeletons."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    compiled = ImmutableSandboxedEnvironment(trim_blocks=True,
+                                             lstrip_blocks=True).from_string(template)
+    renders: list[int] = []
+
+    def render(messages: list[dict[str, str]], generation: bool) -> str:
+        renders.append(1)
+        return compiled.render(messages=messages, add_generation_prompt=generation)
+
+    render.count = renders  # type: ignore[attr-defined]
+    return render
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
+          "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_skeletons_equal_the_template_on_the_default_model(tok: PromptTokenizer) -> None:
+    model_tok = tok._tokenizer("m")
+    skeletons = tok._skeletons["m"]
+    rng = random.Random(3)
+    for chat in [*CHATS, *[[{"role": rng.choice(["system", "user", "assistant"]),
+                             "content": "".join(rng.choice(string.printable + "ü東")
+                                                for _ in range(rng.randrange(0, 40)))}
+                            for _ in range(rng.randrange(1, 5))] for _ in range(50)]]:
+        for generation in (True, False):
+            want = model_tok.apply_chat_template(chat, tokenize=False,
+                                                 add_generation_prompt=generation)
+            assert skeletons.render(chat, generation) == want
+    assert skeletons.enabled and any(parts for parts in skeletons._shapes.values())
+
+
+def test_skeletons_render_a_shape_from_what_they_learnt_and_recheck_it() -> None:
+    render = jinja_renderer(CHATML)
+    skeletons = ChatSkeletons(render, CHATML, recheck_every=4)
+    chats = [[{"role": "system", "content": f"s{i}"}, {"role": "user", "content": f"u {i}"}]
+             for i in range(9)]
+    for chat in chats:
+        assert skeletons.render(chat, True) == render(chat, True)
+    # learnt once (sentinels) and compared on its first use, then every 4th render
+    renders = len(render.count) - 9
+    assert renders == 1 + 1 + 2, renders
+
+
+@pytest.mark.parametrize("template", [
+    # contents the template looks into, trims, measures or compares: never a skeleton
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | trim }}\n{% endfor %}",
+    "{% for m in messages %}{% if '</think>' in m['content'] %}{{ m['content'].split("
+    "'</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}{% endfor %}",
+    "{% for m in messages %}{% if m['content'] %}{{ m['content'] }}{% endif %}{% endfor %}",
+    "{% for m in messages %}{% if m['content'] == 'x' %}X{% endif %}{{ m['content'] }}"
+    "{% endfor %}",
+    "{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}",
+    # a content output twice, or not at all
+    "{% for m in messages %}{{ m['content'] + m['content'] }}{% endfor %}",
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}"
+    "{% endfor %}",
+])
+def test_templates_that_treat_contents_as_more_than_text_get_no_skeleton(
+        template: str) -> None:
+    render = jinja_renderer(template)
+    skeletons = ChatSkeletons(render, template)
+    chat = [{"role": "system", "content": "  a</think>b  "}, {"role": "user", "content": "x"}]
+    assert skeletons.render(chat, True) is None
+    assert list(skeletons._shapes.values()) == [None]  # learnt as "no skeleton"
+
+
+def test_skeletons_take_only_plain_messages_and_never_a_clock() -> None:
+    render = jinja_renderer(CHATML)
+    skeletons = ChatSkeletons(render, CHATML)
+    for chat in ([{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+                 [{"role": "user", "content": "x", "name": "bob"}],
+                 [{"role": "user"}], "not a list", [["role", "user"]]):
+        assert skeletons.render(chat, True) is None
+    assert not skeletons._shapes
+    dated = "{{ strftime_now('%d %b %Y') }}" + CHATML
+    assert not ChatSkeletons(render, dated).enabled
+
+
+def test_a_skeleton_that_stops_matching_turns_the_fast_path_off() -> None:
+    real = jinja_renderer(CHATML)
+    calls = [0]
+
+    def drifting(messages: list[dict[str, str]], generation: bool) -> str:
+        calls[0] += 1  # the template's output changes after it was learnt (a clock, say)
+        return real(messages, generation) + ("" if calls[0] <= 2 else "!")
+
+    skeletons = ChatSkeletons(drifting, CHATML, recheck_every=2)
+    chat = [{"role": "user", "content": "x"}]
+    assert skeletons.render(chat, True) == real(chat, True)  # learnt + compared
+    assert skeletons.render(chat, True) == real(chat, True)  # from the skeleton
+    assert skeletons.render(chat, True) == real(chat, True) + "!"  # recheck: differs
+    assert not skeletons.enabled
+    assert skeletons.render(chat, True) is None
