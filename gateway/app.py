@@ -53,7 +53,7 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import CHAT_REQUEST, COMPLETION_REQUEST, operation
 from gateway.policies import Choice, Policy, RequestInfo, make_policy
-from gateway.prefixes import Keying, PrefixIndex
+from gateway.prefixes import BlockKeyMemo, Keying, PrefixIndex
 from gateway.requests import Endpoint, ParsedRequest, parse_request
 from gateway.sse import UsageFilter, with_usage
 from gateway.tokenize import Prompt, PromptTokenizer
@@ -84,6 +84,7 @@ class Gateway:
         self.metrics = GatewayMetrics(policy.name)
         self.metrics.watch_workers(self.pool.snapshot)
         self.prefixes = PrefixIndex(pool.client, settings.redis_key_prefix)
+        self.key_memo = BlockKeyMemo()
         self.metrics.watch_pool(self.prefixes.pool_stats)
         self.dashboard = Dashboard(self.metrics.registry, self.pool.snapshot,
                                    self.prefixes.pool_stats,
@@ -133,7 +134,8 @@ class Gateway:
             return base, iter(())
         salt = req.payload.get("cache_salt")
         # Tokenized and keyed only as far as some worker or the pool holds the prefix.
-        later = lazy_block_keys(prompt, keying, salt if isinstance(salt, str) else "")
+        later = lazy_block_keys(prompt, keying, salt if isinstance(salt, str) else "",
+                                self.key_memo)
         keys, local, pooled = self.prefixes.match(keying, [w.id for w in workers], later)
         return RequestInfo(
             model=req.model, endpoint=req.endpoint, stream=req.stream,
@@ -449,27 +451,45 @@ def _release_unstarted(worker: WorkerState, resp: UpstreamResponse,
         resp.release()
 
 
-def lazy_block_keys(prompt: Prompt, keying: Keying, cache_salt: str) -> Iterator[bytes]:
-    """The prompt's block keys (kvpool.block_keys), each tokenized only when asked for."""
+def lazy_block_keys(prompt: Prompt, keying: Keying, cache_salt: str,
+                    memo: BlockKeyMemo | None = None) -> Iterator[bytes]:
+    """The prompt's block keys (kvpool.block_keys), each tokenized only when asked for. A
+    whole piece the memo has seen from the same chain state costs no hashing."""
     bt = keying.block_tokens
-    prev = root_key(keying.fingerprint, cache_salt)
+    prev = memo.root(keying.fingerprint, cache_salt) if memo is not None else root_key(
+        keying.fingerprint, cache_salt)
     buf: list[int] = []
-    chunks = prompt.chunks()
+    parts = prompt.parts()
     while True:
         try:
-            ids = next(chunks)
+            ids, piece = next(parts)
         except StopIteration:
             return
         except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: route without it
             logger.debug("cannot tokenize the rest of a prompt: %s", exc)
             return
+        state = None
+        if memo is not None and piece is not None and len(ids) >= bt:
+            state = (prev, bt, tuple(buf), piece)
+            known = memo.get(state)
+            if known is not None:
+                keys, rest = known
+                yield from keys
+                if keys:
+                    prev = keys[-1]
+                buf = list(rest)
+                continue
         buf.extend(ids)
         start = 0
+        made: list[bytes] = []
         while len(buf) - start >= bt:
             prev = next_key(prev, buf[start:start + bt])
             start += bt
+            made.append(prev)
             yield prev
         del buf[:start]
+        if state is not None and memo is not None:
+            memo.put(state, (tuple(made), tuple(buf)))
 
 
 def create_app(settings: Settings, pool: WorkerPool | None = None) -> Front:

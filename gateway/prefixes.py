@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from beluga.registry import HintsRecord, hint_blocks_key, hint_key, hints_key, parse_hints
 from kvpool import KVPool, PoolError, PoolStats, block_keys
+from kvpool.keys import root_key
 from kvpool.pool import DEFAULT_CANDIDATES
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,41 @@ class Keying:
     fingerprint: bytes
     block_tokens: int
     pool_uuid: str | None
+
+
+class BlockKeyMemo:
+    """Block keys of whole text pieces (a system prompt, an earlier turn), by the state of
+    the key chain they start from: (previous key, block size, the tokens left over from
+    before, the piece's text) -> (the keys the piece completes, the tokens it leaves over).
+    A prompt that comes back is hashed once, not on every request. Bounded, least recently
+    used out; also the root keys per (fingerprint, cache salt)."""
+
+    def __init__(self, entries: int = 512, roots: int = 1024) -> None:
+        self._memo: OrderedDict[tuple[bytes, int, tuple[int, ...], str],
+                                tuple[tuple[bytes, ...], tuple[int, ...]]] = OrderedDict()
+        self._roots: dict[tuple[bytes, str], bytes] = {}
+        self._entries, self._max_roots = entries, roots
+
+    def root(self, fingerprint: bytes, cache_salt: str) -> bytes:
+        key = self._roots.get((fingerprint, cache_salt))
+        if key is None:
+            if len(self._roots) >= self._max_roots:
+                self._roots.clear()
+            key = self._roots[(fingerprint, cache_salt)] = root_key(fingerprint, cache_salt)
+        return key
+
+    def get(self, state: tuple[bytes, int, tuple[int, ...], str]
+            ) -> tuple[tuple[bytes, ...], tuple[int, ...]] | None:
+        known = self._memo.get(state)
+        if known is not None:
+            self._memo.move_to_end(state)
+        return known
+
+    def put(self, state: tuple[bytes, int, tuple[int, ...], str],
+            result: tuple[tuple[bytes, ...], tuple[int, ...]]) -> None:
+        self._memo[state] = result
+        if len(self._memo) > self._entries:
+            self._memo.popitem(last=False)
 
 
 class PrefixIndex:

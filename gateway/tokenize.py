@@ -308,32 +308,34 @@ class SegmentCache:
             size = min(2 * size, self.chunk_chars)
         yield self._encode(piece[start:]), len(piece) - start
 
-    def pieces(self, text: str) -> Iterator[tuple[list[int], int]]:
-        """(ids, characters) of `text` in order, tokenizing only as far as it is read."""
+    def pieces(self, text: str) -> Iterator[tuple[list[int], int, str | None]]:
+        """(ids, characters, piece) of `text` in order, tokenizing only as far as it is
+        read; `piece` is the text of `ids` when they are a whole piece's (a special token, or
+        a piece from the cache), None for a part of one."""
         assert self._split is not None
         for piece in self._split.split(text):
             if not piece:
                 continue
             special = self._ids.get(piece)
             if special is not None:
-                yield [special], len(piece)
+                yield [special], len(piece), piece
                 continue
             ids = self._cache.get(piece)
             if ids is not None:
                 self._cache.move_to_end(piece)
-                yield ids, len(piece)
+                yield ids, len(piece), piece
                 continue
             whole: list[int] = []
             for chunk, chars in self._chunks(piece):
                 whole.extend(chunk)
-                yield chunk, chars
+                yield chunk, chars, None
             if len(piece) <= self._max_chars:  # read to its end: remember it
                 self._cache[piece] = whole
                 if len(self._cache) > self._entries:
                     self._cache.popitem(last=False)
 
     def encode(self, text: str) -> list[int]:
-        return [t for ids, _ in self.pieces(text) for t in ids]
+        return [t for ids, _, _ in self.pieces(text) for t in ids]
 
 
 class Prompt:
@@ -341,8 +343,9 @@ class Prompt:
     order (reading the text only as far as the caller goes), `estimate_total()` extrapolates
     the length from what was read so far."""
 
-    def __init__(self, pieces: Iterator[tuple[list[int], int]], total_chars: int) -> None:
-        self._pieces: Iterator[tuple[list[int], int]] | None = pieces
+    def __init__(self, pieces: Iterator[tuple[list[int], int, str | None]],
+                 total_chars: int) -> None:
+        self._pieces: Iterator[tuple[list[int], int, str | None]] | None = pieces
         self._total_chars = total_chars
         self._chars = 0
         self._tokens = 0
@@ -350,7 +353,7 @@ class Prompt:
 
     @classmethod
     def of(cls, ids: list[int]) -> Prompt:
-        return cls(iter([(ids, 0)]), 0)
+        return cls(iter([(ids, 0, None)]), 0)
 
     @property
     def complete(self) -> bool:
@@ -361,16 +364,22 @@ class Prompt:
         return self._tokens
 
     def chunks(self) -> Iterator[list[int]]:
+        for ids, _ in self.parts():
+            yield ids
+
+    def parts(self) -> Iterator[tuple[list[int], str | None]]:
+        """(ids, piece) in order: `piece` is the text of `ids` when they are a whole piece
+        between added tokens (see SegmentCache.pieces), None for a part of one."""
         while self._pieces is not None:
             try:
-                ids, chars = next(self._pieces)
+                ids, chars, piece = next(self._pieces)
             except StopIteration:
                 self._pieces = None
                 return
             self._tokens += len(ids)
             self._chars += chars
             self._last = (len(ids), chars)
-            yield ids
+            yield ids, piece
 
     def all(self) -> list[int]:
         return [t for ids in self.chunks() for t in ids]

@@ -17,7 +17,9 @@ import redis.asyncio as aioredis
 
 from beluga.registry import hint_blocks_key, hints_key
 from engine.hints import HintPublisher
-from gateway.prefixes import PrefixIndex
+from gateway.app import lazy_block_keys
+from gateway.prefixes import BlockKeyMemo, Keying, PrefixIndex
+from gateway.tokenize import Prompt
 from kvpool import KVPool, block_keys
 from tests.support import RedisServer
 
@@ -221,3 +223,48 @@ def test_match_layouts_of_worker_and_pool_prefixes(
             assert read == keys[:min(len(keys), max(w1, w2, pooled) + 1)] == handed
 
     asyncio.run(go())
+
+
+def test_lazy_block_keys_from_the_memo_equal_the_whole_prompts_keys() -> None:
+    """Pieces seen before (a shared system prompt, after leftovers of various lengths) come
+    from the memo and give exactly kvpool.block_keys of the whole prompt."""
+    system = list(range(5000, 5000 + 75))  # not a multiple of any block size below
+    memo = BlockKeyMemo(entries=8)
+    for bt in (7, 16, 32):
+        keying = Keying(FP, bt, None)
+        for salt in ("", "tenant"):
+            for head in ([], [1], list(range(2, 2 + bt + 3))):
+                for question in ([9, 8, 7], list(range(300, 300 + 2 * bt))):
+                    parts = [(head, None), (system, "SYSTEM"), ([42], "<|sep|>"),
+                             (question, None)]
+                    want = block_keys([t for ids, _ in parts for t in ids], bt, FP, salt)
+                    for _ in range(2):  # the second time from the memo
+                        prompt = Prompt(iter([(ids, len(ids), piece) for ids, piece in parts]),
+                                        0)
+                        assert list(lazy_block_keys(prompt, keying, salt, memo)) == want
+    hits = 0
+    get = memo.get
+
+    def counting(state: Any) -> Any:
+        nonlocal hits
+        found = get(state)
+        hits += found is not None
+        return found
+
+    memo.get = counting  # type: ignore[method-assign]
+    prompt = Prompt(iter([([], 0, None), (system, 75, "SYSTEM"), ([42], 1, "<|sep|>"),
+                          ([9, 8, 7], 3, None)]), 0)
+    keys = list(lazy_block_keys(prompt, Keying(FP, 32, None), "tenant", memo))
+    assert hits == 1 and keys == block_keys([*system, 42, 9, 8, 7], 32, FP, "tenant")
+    assert len(memo._memo) <= 8
+
+
+def test_a_prompt_read_part_way_leaves_no_memo_entry() -> None:
+    memo = BlockKeyMemo()
+    system = list(range(5000, 5100))
+    prompt = Prompt(iter([(system, 100, "SYSTEM")]), 0)
+    keys = lazy_block_keys(prompt, Keying(FP, 16, None), "", memo)
+    assert next(keys) == block_keys(system, 16, FP)[0]
+    assert not memo._memo  # only a piece read to its end is remembered
+    assert list(keys) == block_keys(system, 16, FP)[1:]
+    assert len(memo._memo) == 1
