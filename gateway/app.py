@@ -229,10 +229,12 @@ class Gateway:
                              info.keys[0].hex()[:12] if info.keys else None,
                              dict(info.local_blocks), info.pool_blocks,
                              [w.id for w in candidates])
-            # The rest of the prompt's keys stay unread unless the prompt comes back.
-            self.prefixes.routed(worker.id, info.keys, later)
+            # Bookkeeping that can wait (this gateway's record of what the worker will hold,
+            # the routing metrics) runs once this task waits for the worker's answer, that
+            # is after the request is written: off the request's critical path. The rest of
+            # the prompt's keys stay unread unless the prompt comes back.
+            asyncio.get_running_loop().call_soon(self.record_route, choice, info, later)
             later = iter(())  # one reader; a retry elsewhere records what routing read
-            self.metrics.routed(choice, info)
             headers = {"x-beluga-worker": worker.id, "x-beluga-route": choice.reason}
             prefill = choice.prefill_tokens
             worker.begin(prefill)
@@ -279,6 +281,10 @@ class Gateway:
                                      headers=headers)
         raise last_error or NoHealthyWorker(
             f"no healthy worker can serve '{req.model}' right now", code="no_healthy_worker")
+
+    def record_route(self, choice: Choice, info: RequestInfo, later: Iterator[bytes]) -> None:
+        self.prefixes.routed(choice.worker.id, info.keys, later)
+        self.metrics.routed(choice, info)
 
     async def post(self, worker: WorkerState, endpoint: Endpoint,
                    body: bytes) -> UpstreamResponse:

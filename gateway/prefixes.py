@@ -195,17 +195,23 @@ class PrefixIndex:
                               and keying.pool_uuid == self._pool_uuid) else None
         in_pool = 0
         read: list[bytes] = []
+        pending = self._pending
         for k in keys:
             read.append(k)
             h = hint_key(k)
-            alive = [w for w in alive if h in held[w][0] or h in held[w][1]]
-            for w in alive:
-                later = self._pending.pop((w, h), None)
-                if later is not None:  # w was sent this prompt before: key the rest now
-                    self.routed(w, list(later))
-                    held[w] = (held[w][0], self._own[w])
-            for w in alive:
-                local[w] += 1
+            if alive:
+                kept = []
+                for w in alive:
+                    published, own = held[w]
+                    if h not in published and h not in own:
+                        continue
+                    kept.append(w)
+                    local[w] += 1
+                    later = pending.pop((w, h), None)
+                    if later is not None:  # w was sent this prompt before: key the rest now
+                        self.routed(w, list(later))
+                        held[w] = (published, self._own[w])
+                alive = kept
             # The pool is asked once the workers' prefixes have ended (or the prompt has), all
             # keys not asked yet in one call: read[:in_pool] are in the pool, the rest unasked.
             if pool is not None and not alive:

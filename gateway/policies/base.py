@@ -73,6 +73,8 @@ class TieBreak:
         self._turn = itertools.count()
 
     def __call__(self, request: RequestInfo, tied: Sequence[WorkerState]) -> WorkerState:
+        if len(tied) == 1:
+            return tied[0]
         if request.keys:
             return rendezvous(request.keys[0], tied)
         ordered = sorted(tied, key=lambda w: w.id)

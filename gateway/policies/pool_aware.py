@@ -108,14 +108,15 @@ class PoolAware:
     def select(self, workers: Sequence[WorkerState], request: RequestInfo) -> Choice | None:
         if not workers:
             return None
-        splits = {w.id: self.split(w, request) for w in workers}
-        est = {w.id: self.model.predict(s.queue, s.ahead + s.computed, s.pool)
-               for w in workers for s in [splits[w.id]]}
-        best = min(est.values())
-        tied = [w for w in workers if est[w.id] <= best + 1e-9]
+        scored = []
+        for w in workers:
+            s = self.split(w, request)
+            scored.append((self.model.predict(s.queue, s.ahead + s.computed, s.pool), s, w))
+        best = min(e for e, _, _ in scored)
+        tied = [w for e, _, w in scored if e <= best + 1e-9]
         chosen = self._tie(request, tied)
-        s = splits[chosen.id]
-        most_local = max(x.local for x in splits.values())
+        estimate, s = next((e, x) for e, x, w in scored if w is chosen)
+        most_local = max(x.local for _, x, _ in scored)
         if s.local < most_local:
             reason = "balance"
         elif s.local > 0 and s.local >= max(s.pool, s.computed):
@@ -124,7 +125,7 @@ class PoolAware:
             reason = "pool"
         else:
             reason = "cold"
-        return Choice(chosen, reason, est[chosen.id], (s.queue, s.ahead + s.computed, s.pool),
+        return Choice(chosen, reason, estimate, (s.queue, s.ahead + s.computed, s.pool),
                       prefill_tokens=s.computed)
 
     def observe(self, choice: Choice, request: RequestInfo, ttft_s: float) -> None:
