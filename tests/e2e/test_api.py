@@ -7,7 +7,10 @@ import json
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL_NAME, Stack
+from gateway.tokenize import PromptTokenizer
+from tests.e2e.conftest import BLOCK, MODEL, MODEL_NAME, Stack
+
+TOKENIZER = PromptTokenizer({MODEL_NAME: MODEL})
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -128,11 +131,17 @@ def test_response_format_json_schema_is_honoured(client: openai.OpenAI) -> None:
 
 
 def test_requests_spread_over_both_workers(client: openai.OpenAI, stack: Stack) -> None:
-    """Short prompts (no full KV block: nothing to stick to) rotate over the workers."""
+    """Short prompts (no full KV block: nothing to stick to) rotate over the workers. With a
+    system message of its own the prompt is 21 tokens, under the stack's 32-token block (the
+    model's default system prompt would make it 34: one full block, placed by its hash, and
+    four such prompts all land on one worker one session in eight)."""
     seen = set()
     for i in range(4):
+        messages = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": f"Say {i}."}]
+        assert len(TOKENIZER.tokens(MODEL_NAME, "chat", {"messages": messages}) or []) < BLOCK
         raw = client.chat.completions.with_raw_response.create(
-            model=MODEL_NAME, messages=[{"role": "user", "content": f"Say {i}."}], max_tokens=2)
+            model=MODEL_NAME, messages=messages, max_tokens=2)  # type: ignore[arg-type]
         assert raw.headers["x-beluga-route"] in {"cold", "local", "pool"}
         seen.add(raw.headers["x-beluga-worker"])
     assert seen == {w.id for w in stack.workers()}
