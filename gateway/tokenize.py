@@ -237,7 +237,9 @@ class ChatSkeletons:
 
     def _learn(self, key: tuple[Any, ...], n: int,
                add_generation_prompt: bool) -> list[str] | None:
-        sentinels = [_Content(f"\x00\x01beluga-{i}\x02\x00") for i in range(n)]
+        # Control characters, markup and quotes, spaces at both ends: an escape, an
+        # encoding or a trim changes it (and is then not found), even one the noting misses.
+        sentinels = [_Content(f" \x00\x01<beluga-{i} & 'Aa\">\x02\x00 ") for i in range(n)]
         try:
             text = self._render([{"role": r, "content": c} for r, c in zip(key[1:], sentinels,
                                                                             strict=True)],

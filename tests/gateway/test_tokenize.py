@@ -253,6 +253,8 @@ def test_skeletons_render_a_shape_from_what_they_learnt_and_recheck_it() -> None
     "{% for m in messages %}{% if m['content'] == 'x' %}X{% endif %}{{ m['content'] }}"
     "{% endfor %}",
     "{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}",
+    "{% for m in messages %}{{ m['content'] | e }}{% endfor %}",
+    "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}",
     # a content output twice, or not at all
     "{% for m in messages %}{{ m['content'] + m['content'] }}{% endfor %}",
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}"
