@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gateway_overhead import STAND_IN, bodies_for, free_port, wait_http  # noqa: E402
+from gateway_overhead import STAND_IN, bodies_for, free_port, timed, wait_http  # noqa: E402
 
 from beluga.registry import HintsRecord, WorkerRecord, hints_key, worker_key  # noqa: E402
 from beluga.settings import Settings  # noqa: E402
@@ -51,10 +51,7 @@ async def rotate(urls: list[str], bodies: list[dict[str, Any]]) -> dict[str, lis
         for i, body in enumerate(bodies):
             k = i % len(urls)
             for url in urls[k:] + urls[:k]:
-                t0 = time.perf_counter()
-                r = await client.post(f"{url}/v1/chat/completions", json=body)
-                times[url].append(time.perf_counter() - t0)
-                r.raise_for_status()
+                times[url].append(await timed(client, url, body))
     return times
 
 
@@ -66,7 +63,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=1000, help="prompt tokens")
     ap.add_argument("--policy", default="pool_aware")
     ap.add_argument("--workloads", nargs="+", default=["unique", "shared"],
-                    choices=["unique", "shared"])
+                    choices=["unique", "shared", "stream"],
+                    help="as gateway_overhead.py's (`stream`: the added time to the first "
+                         "event)")
     args = ap.parse_args()
 
     settings = Settings()

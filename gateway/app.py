@@ -31,7 +31,6 @@ from fastapi.responses import (
     JSONResponse,
     PlainTextResponse,
     Response,
-    StreamingResponse,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
@@ -55,7 +54,7 @@ from gateway.openapi import CHAT_REQUEST, COMPLETION_REQUEST, operation
 from gateway.policies import Choice, Policy, RequestInfo, make_policy
 from gateway.prefixes import BlockKeyMemo, Keying, PrefixIndex
 from gateway.requests import Endpoint, ParsedRequest, parse_request
-from gateway.sse import UsageFilter, with_usage
+from gateway.sse import UsageFilter, with_usage_body
 from gateway.tokenize import Prompt, PromptTokenizer
 from gateway.upstream import ConnectFailed, Disconnected, UpstreamClient, UpstreamError
 from gateway.upstream import Response as UpstreamResponse
@@ -206,9 +205,7 @@ class Gateway:
         assert self.client is not None
         strip_usage = False
         if req.stream:  # ask for usage (metrics); removed again if the client did not ask
-            payload, strip_usage = with_usage(req.payload)
-            if strip_usage:
-                body = json.dumps(payload).encode()
+            body, strip_usage = with_usage_body(body, req.payload)
         tried: set[str] = set()
         info: RequestInfo | None = None
         last_error: APIError | None = None
@@ -276,9 +273,7 @@ class Gateway:
             # A client gone before the stream starts leaves the generator never run (its
             # finally too): release the worker and the connection when it is collected.
             weakref.finalize(stream, _release_unstarted, worker, resp, prefill)
-            return StreamingResponse(stream,
-                                     status_code=200, media_type="text/event-stream",
-                                     headers=headers)
+            return Relay(stream, headers)
         raise last_error or NoHealthyWorker(
             f"no healthy worker can serve '{req.model}' right now", code="no_healthy_worker")
 
@@ -386,6 +381,58 @@ class Answer(Response):
             await send({"type": "http.response.body", "body": self.body})
         finally:
             self._after()
+        if self.background is not None:
+            await self.background()
+
+
+class Relay(Response):
+    """A worker's stream passed on as raw ASGI messages. A client that goes away (an
+    `http.disconnect` on `receive`) cancels the relay wherever it waits, the worker's next
+    event included, and the stream is closed, which closes the worker's connection: vLLM
+    aborts the request. (Starlette's StreamingResponse does the same with a task group of
+    two tasks per stream under uvicorn's ASGI 2.3; this is one small task.)"""
+
+    def __init__(self, stream: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body_iterator = stream
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+        self.raw_headers += [(k.encode("latin-1"), v.encode("latin-1"))
+                             for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.current_task()
+        assert relay is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            relay.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            try:
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": self.raw_headers})
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                # Cancelled before it runs again: the disconnect uvicorn reports once the
+                # response is complete never reaches it.
+                watcher.cancel()
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:  # (a stream cancelled or ended is closed already)
+                    await aclose()
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            relay.uncancel()  # the client left: nothing more to send
+            return
         if self.background is not None:
             await self.background()
 

@@ -24,6 +24,22 @@ def with_usage(payload: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     return dict(payload, stream_options=new_opts), True
 
 
+def with_usage_body(body: bytes, payload: dict[str, Any]) -> tuple[bytes, bool]:
+    """`with_usage` on the request body itself: a body without `stream_options` gets the
+    field spliced in before its first key (a JSON object's keys have no order), so a long
+    prompt is not serialized again; otherwise the payload is."""
+    new, added = with_usage(payload)
+    if not added:
+        return body, False
+    if "stream_options" not in payload:
+        start = body.lstrip()
+        if start.startswith(b"{"):
+            rest = start[1:].lstrip()
+            return (b'{"stream_options":{"include_usage":true}'
+                    + (b"" if rest.startswith(b"}") else b",") + rest), True
+    return json.dumps(new).encode(), True
+
+
 class UsageFilter:
     """Feed raw SSE bytes in, get the bytes for the client out; `usage` holds the last usage
     object seen. Events are split on blank lines; a partial event waits for the rest.

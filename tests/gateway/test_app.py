@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from beluga.settings import Settings
-from gateway.app import create_app
+from gateway.app import Relay, create_app
 
 
 def closed_port() -> int:
@@ -110,3 +111,77 @@ def test_a_client_gone_before_its_body_arrived_gets_nothing_sent(client: TestCli
              "headers": [(b"content-type", b"application/json")]}
     asyncio.run(client.app(scope, receive, send))
     assert sent == [] and messages == []
+
+
+SCOPE = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+
+
+def test_a_relay_ends_at_once_when_its_client_leaves_and_closes_the_stream() -> None:
+    """The client goes away while the worker has not sent its next event: the relay stops
+    then, not when the worker speaks again, and the stream (the worker's connection) is
+    closed."""
+    async def scenario() -> tuple[list[dict[str, Any]], bool]:
+        closed = asyncio.Event()
+        left = asyncio.Event()
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                yield b"data: 1\n\n"
+                await asyncio.Event().wait()  # the worker's next event never comes
+                yield b"data: 2\n\n"
+            finally:
+                closed.set()
+
+        async def receive() -> dict[str, Any]:
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if len(sent) == 2:
+                asyncio.get_running_loop().call_later(0.05, left.set)
+
+        await asyncio.wait_for(Relay(stream(), {"x-beluga-worker": "w"})(SCOPE, receive, send),
+                               5)
+        await asyncio.sleep(0.01)  # this task was not left cancelled
+        return sent, closed.is_set()
+
+    sent, closed = asyncio.run(scenario())
+    assert closed
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert (b"x-beluga-worker", b"w") in sent[0]["headers"] and sent[1]["body"] == b"data: 1\n\n"
+
+
+def test_a_relay_that_finishes_is_not_cancelled_by_the_disconnect_that_follows() -> None:
+    """uvicorn's `receive` reports a disconnect as soon as the response is complete: the
+    relay's watcher must not act on it."""
+    async def scenario() -> list[dict[str, Any]]:
+        complete = asyncio.Event()
+
+        async def stream() -> AsyncIterator[bytes]:
+            for i in range(3):
+                await asyncio.sleep(0)
+                yield b"data: %d\n\n" % i
+
+        async def receive() -> dict[str, Any]:
+            await complete.wait()
+            return {"type": "http.disconnect"}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message["more_body"]:
+                complete.set()
+
+        await Relay(stream(), {})(SCOPE, receive, send)
+        for _ in range(3):
+            await asyncio.sleep(0.01)  # a cancellation left behind would land here
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert [m.get("body") for m in sent[1:]] == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n",
+                                                 b""]
+    assert sent[0]["headers"][0] == (b"content-type", b"text/event-stream; charset=utf-8")

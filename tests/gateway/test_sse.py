@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.sse import UsageFilter, with_usage
+from gateway.sse import UsageFilter, with_usage, with_usage_body
 
 CHUNKS = [
     b'data: {"id":"1","choices":[{"delta":{"content":"Hi"}}],"usage":null}\n\n',
@@ -40,3 +40,19 @@ def test_clients_that_asked_get_the_bytes_unchanged() -> None:
     out = b"".join(f.feed(c) for c in CHUNKS) + f.flush()
     assert out == b"".join(CHUNKS)
     assert f.usage is not None and f.usage["completion_tokens"] == 2
+
+
+def test_with_usage_body_splices_the_option_into_the_body_as_sent() -> None:
+    for body in (b'{"model":"m","stream":true}', b'  {\n "model": "m", "stream": true}\n',
+                 b'{}', b'{ }', '{"messages":[{"content":"ü \\u00e9"}]}'.encode()):
+        payload = json.loads(body)
+        new, added = with_usage_body(body, payload)
+        assert added and json.loads(new) == with_usage(payload)[0]
+        assert new.endswith(body.lstrip()[1:].lstrip())  # the rest as sent, not re-serialized
+    # stream_options already there: the payload is written again, the client's options kept
+    body = b'{"stream_options":{"continuous_usage_stats":true},"model":"m"}'
+    new, added = with_usage_body(body, json.loads(body))
+    assert added and json.loads(new)["stream_options"] == {"continuous_usage_stats": True,
+                                                           "include_usage": True}
+    body = b'{"stream_options":{"include_usage":true}}'
+    assert with_usage_body(body, json.loads(body)) == (body, False)
