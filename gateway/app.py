@@ -321,13 +321,17 @@ class Gateway:
                     info: RequestInfo, started: float,
                     usage: UsageFilter) -> AsyncIterator[bytes]:
         """Pass SSE bytes through; a worker failure mid-stream ends with an error event.
-        The first chunk's arrival is the request's TTFT, which the policy learns from."""
+        The first chunk's arrival is the request's TTFT, which the policy learns from once
+        the chunk is on its way to the client (the learning is off the client's TTFT)."""
         last: float | None = None
         unprefilled = choice.prefill_tokens
         resp.relayed = True  # see _release_unstarted
         try:
             async for chunk in resp.chunks():
                 now = time.perf_counter()
+                out = usage.feed(chunk)
+                if out:
+                    yield out
                 if last is None:
                     worker.prefilled(unprefilled)
                     unprefilled = 0
@@ -338,9 +342,6 @@ class Gateway:
                 else:
                     self.metrics.child(self.metrics.itl, worker.id).observe(now - last)
                 last = now
-                out = usage.feed(chunk)
-                if out:
-                    yield out
             rest = usage.flush()
             if rest:
                 yield rest
