@@ -65,11 +65,23 @@ def victim_stuck(stack: Stack, pid: int, url: str, waited_s: float,
     """Why the victim has not answered one long prompt: what it is running, and its log
     with every thread's stack of its engine and model runner (SIGUSR1: see
     engine.connector.dump_stacks_on_sigusr1)."""
+    engine: list[tuple[psutil.Process, float]] = []
     for child in psutil.Process(pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if child.cmdline()[:1] in (["VLLM::EngineCore"], ["VLLM::Worker"]):
+                t = child.cpu_times()
+                engine.append((child, t.user + t.system))
                 child.send_signal(signal.SIGUSR1)
     time.sleep(3)
+    # Computing slowly, starved of its core, or blocked: its CPU time over those 3 s, its
+    # state and its cores (and the load of every core) tell them apart.
+    cpu = [f"per-core load %: {psutil.cpu_percent(interval=1, percpu=True)}"]
+    for child, before in engine:
+        with contextlib.suppress(psutil.Error):
+            t = child.cpu_times()
+            cpu.append(f"{child.cmdline()[:1]} pid {child.pid}: {t.user + t.system - before:.2f}"
+                       f" s CPU in 3 s, status {child.status()}, cores {child.cpu_affinity()},"
+                       f" threads {child.num_threads()}")
     try:
         running = [ln for ln in httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
                    if ln.startswith(("vllm:num_requests", "vllm:kv_cache_usage",
@@ -80,7 +92,7 @@ def victim_stuck(stack: Stack, pid: int, url: str, waited_s: float,
     log = stack.state_dir / "logs" / f"worker-{port}.vllm.log"
     tail = log.read_text(errors="replace").splitlines()[-300:] if log.is_file() else []
     return "\n".join([f"the victim never answered a long prompt in {waited_s:.0f} s; "
-                      f"saver error: {errors!r}; streams: {streams}", *running, *tail])
+                      f"saver error: {errors!r}; streams: {streams}", *cpu, *running, *tail])
 
 
 def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
