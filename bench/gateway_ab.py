@@ -20,26 +20,27 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
-import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gateway_overhead import STAND_IN, bodies_for, free_port, timed, wait_http  # noqa: E402
+from gateway_overhead import (  # noqa: E402
+    bodies_for,
+    start_gateway,
+    start_stand_in,
+    stop,
+    timed,
+)
 
-from beluga.registry import HintsRecord, WorkerRecord, hints_key, worker_key  # noqa: E402
 from beluga.settings import Settings  # noqa: E402
 from engine.worker import CPU_BLOCK_SIZE  # noqa: E402
 
@@ -74,44 +75,9 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, Any] = {}
     try:
-        server = shutil.which("redis-server")
-        if server is None:
-            raise SystemExit("redis-server is missing: run `make setup`")
-        redis_port, up_port = free_port(), free_port()
-        procs.append(subprocess.Popen([server, "--port", str(redis_port), "--save", "",
-                                       "--appendonly", "no"], stdout=subprocess.DEVNULL))
-        (tmp / "standin.py").write_text(STAND_IN)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "standin:app", "--port", str(up_port),
-             "--log-level", "warning", "--no-access-log"], cwd=tmp))
-        direct = f"http://127.0.0.1:{up_port}"
-        wait_http(direct)
-        r = redis.Redis(port=redis_port)
-        now = time.time()
-        rec = WorkerRecord.model_validate({
-            "schema": 1, "id": "standin", "url": direct, "model": model,
-            "capacity": 10_000, "pid": procs[-1].pid, "started_at": now, "heartbeat_at": now})
-        r.set(worker_key(settings.redis_key_prefix, "standin"), rec.to_json(), ex=3600)
-        hints = HintsRecord(worker_id="standin", fingerprint="ab" * 32,
-                            block_tokens=CPU_BLOCK_SIZE, pool_uuid=None, keys=0,
-                            updated_at=now)
-        r.set(hints_key(settings.redis_key_prefix, "standin"), hints.to_json(), ex=3600)
-        gateways: list[tuple[str, str, psutil.Process]] = []
-        for checkout in args.checkouts:
-            port = free_port()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
-            env.update({"BELUGA_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                        "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(port),
-                        "BELUGA_ROUTING_POLICY": args.policy})
-            # `-m` from the checkout: its own packages come first on the path.
-            procs.append(subprocess.Popen([sys.executable, "-m", "beluga.cli", "gateway"],
-                                          env=env, cwd=checkout.resolve(),
-                                          stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL))
-            gateways.append((str(checkout), f"http://127.0.0.1:{port}",
-                             psutil.Process(procs[-1].pid)))
-        for _, url, _ in gateways:
-            wait_http(f"{url}/health")
+        redis_port, direct = start_stand_in(settings, tmp, procs, CPU_BLOCK_SIZE)
+        gateways = [(str(c), *start_gateway(procs, redis_port, args.policy, c))
+                    for c in args.checkouts]
         urls = [direct] + [url for _, url, _ in gateways]
         for k, workload in enumerate(args.workloads):
             asyncio.run(rotate(urls, bodies_for(workload, 50, args.tokens, model, 100 + k)))
@@ -132,13 +98,7 @@ def main() -> int:
                 print(workload, name, json.dumps(rows[name]), flush=True)
             results[workload] = rows
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
     summary = {"policy": args.policy, "requests": args.requests, "cpus": os.cpu_count(),
                "checkouts": [str(c) for c in args.checkouts], "workloads": results}

@@ -251,6 +251,64 @@ async def throughput(gw: str, bodies: list[dict[str, Any]], concurrency: int,
         return done / (time.perf_counter() - t0), errors, done + errors
 
 
+def start_stand_in(settings: Settings, tmp: Path, procs: list[subprocess.Popen[bytes]],
+                   block_tokens: int) -> tuple[int, str]:
+    """A private Redis and the stand-in upstream, registered there as a worker with routing
+    hints for the default model: (the Redis port, the stand-in's URL). Started processes
+    go into `procs`."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("redis-server is missing: run `make setup`")
+    redis_port, up_port = free_port(), free_port()
+    procs.append(subprocess.Popen([server, "--port", str(redis_port), "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL))
+    (tmp / "standin.py").write_text(STAND_IN)
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "standin:app", "--port", str(up_port),
+         "--log-level", "warning", "--no-access-log"], cwd=tmp))
+    direct = f"http://127.0.0.1:{up_port}"
+    wait_http(direct)
+    r = redis.Redis(port=redis_port)
+    prefix = settings.redis_key_prefix
+    now = time.time()
+    rec = WorkerRecord.model_validate({
+        "schema": 1, "id": "standin", "url": direct, "model": settings.served_model_name,
+        "capacity": 10_000, "pid": procs[-1].pid, "started_at": now, "heartbeat_at": now})
+    r.set(worker_key(prefix, "standin"), rec.to_json(), ex=3600)
+    hints = HintsRecord(worker_id="standin", fingerprint="ab" * 32, block_tokens=block_tokens,
+                        pool_uuid=None, keys=0, updated_at=now)
+    r.set(hints_key(prefix, "standin"), hints.to_json(), ex=3600)
+    return redis_port, direct
+
+
+def start_gateway(procs: list[subprocess.Popen[bytes]], redis_port: int, policy: str,
+                  checkout: Path) -> tuple[str, psutil.Process]:
+    """One `beluga gateway` process of `checkout` (run with `-m` from there, so its own
+    packages come first) on that Redis: its URL, once it answers, and its process."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
+    env.update({"BELUGA_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(port),
+                "BELUGA_ROUTING_POLICY": policy})
+    procs.append(subprocess.Popen([sys.executable, "-m", "beluga.cli", "gateway"], env=env,
+                                  cwd=checkout.resolve(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL))
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health")
+    return url, psutil.Process(procs[-1].pid)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM in reverse start order, SIGKILL after 10 s."""
+    for p in reversed(procs):
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
@@ -272,41 +330,10 @@ def main() -> int:
         client = "wrk" if shutil.which("wrk") else "python"
     settings = Settings()
     tmp = Path(tempfile.mkdtemp(prefix="beluga-gwbench-"))
-    redis_port, up_port, gw_port = free_port(), free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        server = shutil.which("redis-server")
-        if server is None:
-            raise SystemExit("redis-server is missing: run `make setup`")
-        procs.append(subprocess.Popen([server, "--port", str(redis_port), "--save", "",
-                                       "--appendonly", "no"], stdout=subprocess.DEVNULL))
-        (tmp / "standin.py").write_text(STAND_IN)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "standin:app", "--port", str(up_port),
-             "--log-level", "warning", "--no-access-log"], cwd=tmp))
-        direct = f"http://127.0.0.1:{up_port}"
-        wait_http(direct)
-        r = redis.Redis(port=redis_port)
-        prefix = settings.redis_key_prefix
-        now = time.time()
-        rec = WorkerRecord.model_validate({
-            "schema": 1, "id": "standin", "url": direct, "model": settings.served_model_name,
-            "capacity": 10_000, "pid": procs[-1].pid, "started_at": now, "heartbeat_at": now})
-        r.set(worker_key(prefix, "standin"), rec.to_json(), ex=3600)
-        hints = HintsRecord(worker_id="standin", fingerprint="ab" * 32,
-                            block_tokens=args.block_tokens,
-                            pool_uuid=None, keys=0, updated_at=now)
-        r.set(hints_key(prefix, "standin"), hints.to_json(), ex=3600)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
-        env.update({"BELUGA_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                    "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(gw_port),
-                    "BELUGA_ROUTING_POLICY": args.policy})
-        procs.append(subprocess.Popen([sys.executable, "-m", "beluga.cli", "gateway"], env=env,
-                                      cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        gw = f"http://127.0.0.1:{gw_port}"
-        wait_http(f"{gw}/health")
-        gateway = psutil.Process(procs[-1].pid)
+        redis_port, direct = start_stand_in(settings, tmp, procs, args.block_tokens)
+        gw, gateway = start_gateway(procs, redis_port, args.policy, ROOT)
         from gateway.tokenize import PromptTokenizer
         tok = PromptTokenizer({settings.served_model_name: settings.model_path})
         results: dict[str, dict[str, Any]] = {}
@@ -338,13 +365,7 @@ def main() -> int:
                 "cpu_ms_per_request": round(1000 * cpu_s / max(1, total), 3)}
             print(scenario, json.dumps(results[scenario]), flush=True)
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
     summary: dict[str, Any] = {
         "policy": args.policy, "block_tokens": args.block_tokens,

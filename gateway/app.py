@@ -59,7 +59,7 @@ from gateway.tokenize import Prompt, PromptTokenizer
 from gateway.upstream import ConnectFailed, Disconnected, UpstreamClient, UpstreamError
 from gateway.upstream import Response as UpstreamResponse
 from gateway.workers import WorkerPool, WorkerState
-from kvpool.keys import next_key, root_key
+from kvpool.keys import next_key
 
 logger = logging.getLogger(__name__)
 
@@ -359,6 +359,16 @@ class Gateway:
             resp.release()
 
 
+def raw_headers(media_type: str, headers: dict[str, str],
+                content_length: bytes | None = None) -> list[tuple[bytes, bytes]]:
+    """An answer's ASGI headers: its type, its length when known, then `headers`."""
+    raw = [(b"content-type", media_type.encode("latin-1"))]
+    if content_length is not None:
+        raw.append((b"content-length", content_length))
+    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    return raw
+
+
 class Answer(Response):
     """A worker's 200 answer, passed on as it came: two ASGI messages, without Starlette's
     header building. `after` (the bookkeeping) runs once the body is handed to the server,
@@ -369,10 +379,7 @@ class Answer(Response):
         self.status_code = 200
         self.body = body
         self.background = None
-        self.raw_headers = [(b"content-type", media_type.encode("latin-1")),
-                            (b"content-length", b"%d" % len(body))]
-        self.raw_headers += [(k.encode("latin-1"), v.encode("latin-1"))
-                             for k, v in headers.items()]
+        self.raw_headers = raw_headers(media_type, headers, b"%d" % len(body))
         self._after = after
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -397,9 +404,7 @@ class Relay(Response):
         self.status_code = 200
         self.background = None
         self.body_iterator = stream
-        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
-        self.raw_headers += [(k.encode("latin-1"), v.encode("latin-1"))
-                             for k, v in headers.items()]
+        self.raw_headers = raw_headers("text/event-stream; charset=utf-8", headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = asyncio.current_task()
@@ -506,12 +511,11 @@ def _release_unstarted(worker: WorkerState, resp: UpstreamResponse,
 
 
 def lazy_block_keys(prompt: Prompt, keying: Keying, cache_salt: str,
-                    memo: BlockKeyMemo | None = None) -> Iterator[bytes]:
+                    memo: BlockKeyMemo) -> Iterator[bytes]:
     """The prompt's block keys (kvpool.block_keys), each tokenized only when asked for. A
     whole piece the memo has seen from the same chain state costs no hashing."""
     bt = keying.block_tokens
-    prev = memo.root(keying.fingerprint, cache_salt) if memo is not None else root_key(
-        keying.fingerprint, cache_salt)
+    prev = memo.root(keying.fingerprint, cache_salt)
     buf: list[int] = []
     parts = prompt.parts()
     while True:
@@ -523,7 +527,7 @@ def lazy_block_keys(prompt: Prompt, keying: Keying, cache_salt: str,
             logger.debug("cannot tokenize the rest of a prompt: %s", exc)
             return
         state = None
-        if memo is not None and piece is not None and len(ids) >= bt:
+        if piece is not None and len(ids) >= bt:
             state = (prev, bt, tuple(buf), piece)
             known = memo.get(state)
             if known is not None:
@@ -542,7 +546,7 @@ def lazy_block_keys(prompt: Prompt, keying: Keying, cache_salt: str,
             made.append(prev)
             yield prev
         del buf[:start]
-        if state is not None and memo is not None:
+        if state is not None:
             memo.put(state, (tuple(made), tuple(buf)))
 
 
