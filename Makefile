@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: help setup run test lint unit e2e clean
+.PHONY: help setup run test lint unit e2e gpu-check clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: setup ## Set up, then lint, type-check and run every test
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+gpu-check: ## On a CUDA host: build the GPU copy path, run the GPU tests and the GPU transfer bench
+	scripts/gpu_check.sh
 
 clean: ## Remove logs and run state (keeps .venv and the prepared model)
 	rm -rf .beluga/logs .beluga/redis .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,10 @@ unpin per block: the whole protocol, one block per call. Throughput is all proce
 bytes over the wall time between a common start and the last finish. Where hugetlbfs can be
 had (an existing mount with room, or as root a temporary one), Beluga also runs on 2 MiB
 pages (`beluga_huge*`).
+
+The run ends with the GPU section (`bench_cuda`; alone: `--cuda-only`), which needs a CUDA
+device: a 2,048-token prefix of a Llama-3-8B-shaped KV cache saved and loaded through the
+pool, against a torch connector and the DMA limit.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import mooncake_peer  # noqa: E402
-from kvpool import KVPool, PoolIOError, cuda_device_count, hugetlbfs  # noqa: E402
+from kvpool import KVPool, PoolError, PoolIOError, cuda_device_count, hugetlbfs  # noqa: E402
 
 FP = b"bench".ljust(32, b"\0")
 BATCH = 16  # blocks per call in the batched configuration (the connector moves whole requests)
@@ -190,6 +194,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer sizes and iterations")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--no-mooncake", action="store_true", help="skip the Mooncake peer")
+    ap.add_argument("--cuda-only", action="store_true",
+                    help="only the GPU section (on a machine with a CUDA device)")
     ap.add_argument("--sizes", type=int, nargs="*", help="block sizes in bytes")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per configuration")
     ap.add_argument("--procs", type=int, nargs="*", help="process counts")
@@ -208,6 +214,13 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
+    if args.cuda_only:
+        with tempfile.TemporaryDirectory(prefix="beluga-bench-", dir="/dev/shm") as d:
+            cuda = bench_cuda(Path(d))
+        print(json.dumps(cuda, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps({"summary": {"cuda": cuda}}, indent=2))
+        return 0 if "skipped" not in cuda else 1
     if not args.no_mooncake:
         mooncake_peer.reexec_isolated()  # returns only if already isolated or impossible
 
@@ -276,10 +289,23 @@ def main() -> int:
     return 0
 
 
-def bench_cuda(shm: Path, size: int = MiB, blocks: int = 256, repeat: int = 5) -> dict[str, Any]:
-    """GPU path, 1 MiB blocks: Beluga gather_cuda / scatter_cuda (the kernel reads and writes
-    the registered pool directly) against torch's copy between pinned host memory and the
-    device (the DMA limit), one call of `blocks` blocks each."""
+# The GPU section's model shape: Llama-3-8B (32 layers, 8 KV heads of 128, bf16) in vLLM's
+# flash-attention layout with 16-token blocks: a block is 64 segments (K and V per layer) of
+# 32 KiB, 2 MiB in all, and a 2,048-token prefix 128 blocks (256 MiB).
+GPU_LAYERS, GPU_KV_HEADS, GPU_HEAD, GPU_BLOCK_TOKENS, GPU_PREFIX_BLOCKS = 32, 8, 128, 16, 128
+# (name, hashing threads, chunk bytes): one kernel then hashing (how it ran until 2026-11-26)
+# and hashing chunk by chunk behind the copy with 1..16 threads.
+GPU_CONFIGS = [("serial", 1, 0), ("chunked_t1", 1, 8 * MiB), ("chunked_t4", 4, 8 * MiB),
+               ("chunked_t8", 8, 8 * MiB), ("chunked_t16", 16, 8 * MiB),
+               ("chunked_t8_4mib", 8, 4 * MiB), ("chunked_t8_16mib", 8, 16 * MiB)]
+
+
+def bench_cuda(shm: Path, repeat: int = 7) -> dict[str, Any]:
+    """GPU path on a model's real KV layout: saving (gather_cuda) and loading (scatter_cuda) a
+    2,048-token prefix of 128 scattered engine blocks, in each GPU_CONFIGS way, against what
+    a connector written in torch does (per layer: index the blocks, copy to pinned host
+    memory, and back) and against the DMA limit (one contiguous pinned copy of as many
+    bytes). Times are medians of `repeat`, in ms per prefix."""
     if cuda_device_count() == 0:
         return {"skipped": "no CUDA device visible (or beluga_native built without nvcc)"}
     try:
@@ -288,15 +314,24 @@ def bench_cuda(shm: Path, size: int = MiB, blocks: int = 256, repeat: int = 5) -
         return {"skipped": "torch is not installed"}
     if not torch.cuda.is_available():
         return {"skipped": "torch has no CUDA"}
-    fp = hashlib.sha256(b"bench-cuda").digest()
-    pool = KVPool.create(shm / "cuda.pool", slot_size=size, slot_count=blocks, fingerprint=fp)
-    dev = torch.empty((blocks, size), dtype=torch.uint8, device="cuda")
-    dev.random_(0, 255)
-    host = torch.empty((blocks, size), dtype=torch.uint8, pin_memory=True)
-    seg = [(dev.data_ptr(), size, size)]
-    ids = list(range(blocks))
+    from engine.kv_layout import block_layout
+
+    engine_blocks = 4 * GPU_PREFIX_BLOCKS
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(GPU_LAYERS)]
+    caches = {n: torch.randn(2, engine_blocks, GPU_BLOCK_TOKENS, GPU_KV_HEADS, GPU_HEAD,
+                             dtype=torch.bfloat16, device="cuda") for n in names}
+    layout = block_layout(caches, names, engine_blocks)
+    ids = torch.randperm(engine_blocks)[:GPU_PREFIX_BLOCKS].tolist()
+    idx = torch.tensor(ids, device="cuda")
+    nbytes = GPU_PREFIX_BLOCKS * layout.block_bytes
+    host = {n: torch.empty((2, GPU_PREFIX_BLOCKS, *caches[n].shape[2:]), dtype=torch.bfloat16,
+                           pin_memory=True) for n in names}
+    flat_dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    flat_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    pool = KVPool.create(shm / "cuda.pool", slot_size=layout.block_bytes,
+                         slot_count=GPU_PREFIX_BLOCKS, fingerprint=hashlib.sha256(b"c").digest())
     pool.cuda_register()
-    slots = pool.prepare_store([key(99, i) for i in ids])
+    keys = [key(98, i) for i in range(GPU_PREFIX_BLOCKS)]
 
     def timed(fn: Any) -> float:
         times = []
@@ -306,22 +341,67 @@ def bench_cuda(shm: Path, size: int = MiB, blocks: int = 256, repeat: int = 5) -
             fn()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        return blocks * size / statistics.median(times) / 1e9
+        return statistics.median(times) * 1e3
 
+    def torch_save() -> None:
+        for n in names:
+            host[n].copy_(caches[n].index_select(1, idx), non_blocking=True)
+
+    def torch_load() -> None:
+        for n in names:
+            caches[n].index_copy_(1, idx, host[n].to("cuda", non_blocking=True))
+
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(), "block_bytes": layout.block_bytes,
+        "segments_per_block": len(layout.segments), "blocks": GPU_PREFIX_BLOCKS,
+        "prefix_mib": nbytes / MiB, "host_cpus": os.cpu_count(),
+        "dma_d2h_ms": timed(lambda: flat_host.copy_(flat_dev, non_blocking=True)),
+        "dma_h2d_ms": timed(lambda: flat_dev.copy_(flat_host, non_blocking=True)),
+        "torch_save_ms": timed(torch_save), "torch_load_ms": timed(torch_load),
+    }
     try:
-        out = {
-            "block_bytes": size, "blocks": blocks, "device": torch.cuda.get_device_name(),
-            "beluga_gather_gbps": timed(lambda: pool.gather_cuda(slots, ids, seg)),
-            "beluga_scatter_gbps": timed(lambda: pool.scatter_cuda(slots, ids, seg)),
-            "torch_d2h_pinned_gbps": timed(lambda: host.copy_(dev, non_blocking=True)),
-            "torch_h2d_pinned_gbps": timed(lambda: dev.copy_(host, non_blocking=True)),
-        }
+        slots = pool.prepare_store(keys)
+        want = pool.gather_cuda(slots, ids, layout.segments, threads=1, chunk_bytes=0)
+        hash_s = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for s in slots:
+                pool._p.compute_checksum(s, layout.block_bytes)
+            hash_s.append(time.perf_counter() - t0)
+        out["hash_one_thread_ms"] = statistics.median(hash_s) * 1e3
+        for name, threads, chunk in GPU_CONFIGS:
+            got: list[list[int]] = []
+            out[f"{name}_save_ms"] = timed(lambda t=threads, c=chunk, g=got: g.append(
+                pool.gather_cuda(slots, ids, layout.segments, threads=t, chunk_bytes=c)))
+            assert all(g == want for g in got), f"{name}: checksums differ"
+        pool.complete_store(slots, [layout.block_bytes] * len(slots), checksums=want)
+        with pool.pinned(keys) as pinned:
+            for name, threads, chunk in GPU_CONFIGS:
+                out[f"{name}_load_ms"] = timed(lambda t=threads, c=chunk: pool.scatter_cuda(
+                    pinned, ids, layout.segments, threads=t, chunk_bytes=c))
+                assert pool.scatter_cuda(pinned, ids, layout.segments) == []
     finally:
-        pool.complete_store(slots, ok=False)
         pool.close()
-    out["gather_vs_dma"] = out["beluga_gather_gbps"] / out["torch_d2h_pinned_gbps"]
-    out["scatter_vs_dma"] = out["beluga_scatter_gbps"] / out["torch_h2d_pinned_gbps"]
+    for op, dma in (("save", "dma_d2h_ms"), ("load", "dma_h2d_ms")):
+        for name, *_ in [("torch", 0, 0), *GPU_CONFIGS]:
+            out[f"{name}_{op}_gbps"] = nbytes / out[f"{name}_{op}_ms"] / 1e6
+            out[f"{name}_{op}_vs_dma"] = out[dma] / out[f"{name}_{op}_ms"]
+    out["disk_file_register"] = _try_register_disk_file()
     return out
+
+
+def _try_register_disk_file() -> str:
+    """Whether this kernel lets the GPU pin a pool kept in a file on a disk filesystem."""
+    with tempfile.TemporaryDirectory(dir=ROOT) as d:
+        pool = KVPool.create(Path(d) / "disk.pool", slot_size=MiB, slot_count=4,
+                             fingerprint=hashlib.sha256(b"d").digest())
+        try:
+            pool.cuda_register()
+            return "ok"
+        except PoolError as exc:
+            return str(exc)
+        finally:
+            pool.close()
 
 
 def format_row(row: dict[str, Any]) -> str:

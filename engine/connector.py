@@ -592,7 +592,7 @@ class _WorkerSide:
             else:
                 failed = self.pool.scatter_cuda(
                     slots, blocks, self.layout.segments, self.layout.device.index or 0,
-                    torch.cuda.current_stream().cuda_stream)
+                    torch.cuda.current_stream().cuda_stream, self._threads)
         except PoolError as exc:
             logger.warning("Beluga: loading %d blocks failed, recomputing them: %s",
                            len(blocks), exc)
@@ -634,7 +634,7 @@ class _WorkerSide:
             else:
                 sums = self.pool.gather_cuda(
                     sel_slots, sel_blocks, self.layout.segments, self.layout.device.index or 0,
-                    torch.cuda.current_stream().cuda_stream)
+                    torch.cuda.current_stream().cuda_stream, self._threads)
             self.pool.complete_store(sel_slots, [self.layout.block_bytes] * len(mine),
                                      checksums=sums)
         except BaseException as exc:

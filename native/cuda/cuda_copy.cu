@@ -2,7 +2,10 @@
 // See native/include/beluga/cuda_copy.h.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
 #include <mutex>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -69,9 +72,13 @@ std::string device_pointer(void* host, uint64_t* out) {
   return "";
 }
 
-std::string copy(const CopyDesc* descs, size_t n, int device, uint64_t stream_handle) {
+std::string copy(const CopyDesc* descs, size_t n, const std::vector<size_t>& chunk_ends,
+                 int device, uint64_t stream_handle, int threads,
+                 const std::function<void(size_t)>& done) {
   if (n == 0) return "";
-  if (n > 0x7fffffffu) return "too many copy descriptors";
+  if (chunk_ends.empty() || chunk_ends.back() != n) return "chunks do not cover the descriptors";
+  for (size_t c = 0, lo = 0; c < chunk_ends.size(); lo = chunk_ends[c++])
+    if (chunk_ends[c] <= lo || chunk_ends[c] - lo > 0x7fffffffu) return "bad copy chunk";
   cudaError_t e = cudaSetDevice(device);
   if (e != cudaSuccess) return err("cudaSetDevice", e);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
@@ -98,12 +105,51 @@ std::string copy(const CopyDesc* descs, size_t n, int device, uint64_t stream_ha
   if ((e = cudaMemcpyAsync(s.dev, s.host, n * sizeof(CopyDesc), cudaMemcpyHostToDevice, stream)) !=
       cudaSuccess)
     return err("cudaMemcpyAsync", e);
-  copy_kernel<<<unsigned(n), 256, 0, stream>>>(s.dev);
-  if ((e = cudaGetLastError()) != cudaSuccess) return err("copy kernel launch", e);
+
+  // Every chunk is queued at once, an event after each; the host waits on them in order.
+  const size_t chunks = chunk_ends.size();
+  std::vector<cudaEvent_t> events(chunks, nullptr);
+  std::string error;
+  for (size_t c = 0, lo = 0; c < chunks && error.empty(); lo = chunk_ends[c++]) {
+    if ((e = cudaEventCreateWithFlags(&events[c], cudaEventDisableTiming)) != cudaSuccess) {
+      events[c] = nullptr;
+      error = err("cudaEventCreate", e);
+      break;
+    }
+    copy_kernel<<<unsigned(chunk_ends[c] - lo), 256, 0, stream>>>(s.dev + lo);
+    if ((e = cudaGetLastError()) != cudaSuccess) error = err("copy kernel launch", e);
+    else if ((e = cudaEventRecord(events[c], stream)) != cudaSuccess) error = err("cudaEventRecord", e);
+  }
+  if (error.empty()) {
+    std::atomic<size_t> next{0};
+    std::mutex error_mu;
+    auto work = [&] {
+      cudaSetDevice(device);
+      for (size_t c; (c = next.fetch_add(1)) < chunks;) {
+        cudaError_t we = cudaEventSynchronize(events[c]);
+        if (we != cudaSuccess) {
+          std::lock_guard<std::mutex> g(error_mu);
+          if (error.empty()) error = err("cudaEventSynchronize", we);
+          next.store(chunks);
+          return;
+        }
+        done(c);
+      }
+    };
+    const size_t t = std::min(chunks, size_t(std::max(1, threads)));
+    std::vector<std::thread> helpers;
+    helpers.reserve(t - 1);
+    for (size_t k = 1; k < t; ++k) helpers.emplace_back(work);
+    work();
+    for (auto& th : helpers) th.join();
+  }
   // Synchronous: the caller unpins (or publishes) the slots when this returns, and the
   // staging table is reused by the next call.
-  if ((e = cudaStreamSynchronize(stream)) != cudaSuccess) return err("cudaStreamSynchronize", e);
-  return "";
+  if ((e = cudaStreamSynchronize(stream)) != cudaSuccess && error.empty())
+    error = err("cudaStreamSynchronize", e);
+  for (cudaEvent_t ev : events)
+    if (ev) cudaEventDestroy(ev);
+  return error;
 }
 
 }  // namespace beluga::cuda

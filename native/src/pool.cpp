@@ -1060,7 +1060,10 @@ void Pool::cuda_register() {
   if (cuda_base_ != 0) return;
   if (cuda::device_count() == 0) fail(ErrorKind::kCuda, "no CUDA device is visible");
   std::string e = cuda::register_host(base_, size_);
-  if (!e.empty()) fail(ErrorKind::kCuda, e);
+  if (!e.empty())
+    fail(ErrorKind::kCuda, e + " registering the pool " + path_ +
+                               " (a GPU can pin shared memory, hugetlbfs or device-dax mappings, "
+                               "not a file on a disk filesystem)");
   uint64_t dev = 0;
   e = cuda::device_pointer(base_, &dev);
   if (!e.empty()) {
@@ -1072,15 +1075,17 @@ void Pool::cuda_register() {
 
 std::vector<int64_t> Pool::copy_cuda(const std::vector<int64_t>& slots,
                                     const std::vector<int64_t>& block_ids,
-                                    const std::vector<Segment>& segs, int device,
-                                    uint64_t stream, bool to_pool) {
+                                    const std::vector<Segment>& segs,
+                                    const CudaCopyOptions& opts, bool to_pool) {
   const uint64_t per_block = check_segments(slots, block_ids, segs);
+  if (opts.threads < 1) fail(ErrorKind::kInvalid, "threads must be at least 1");
   cuda_register();
+  const size_t n = slots.size();
   // Flush mode: the GPU reads the pool over the bus, so drop stale lines from this CPU's
   // caches first, and after writing make sure no dirty CPU line shadows the GPU's data.
   std::vector<cuda::CopyDesc> descs;
-  descs.reserve(slots.size() * segs.size());
-  for (size_t i = 0; i < slots.size(); ++i) {
+  descs.reserve(n * segs.size());
+  for (size_t i = 0; i < n; ++i) {
     const uint64_t slot_off = uint64_t(data_ - base_) + uint64_t(slots[i]) * hdr_->slot_size;
     if (flush_) invalidate(base_ + slot_off, per_block);
     uint64_t off = 0;
@@ -1092,22 +1097,39 @@ std::vector<int64_t> Pool::copy_cuda(const std::vector<int64_t>& slots,
       off += seg.bytes;
     }
   }
-  std::string e = cuda::copy(descs.data(), descs.size(), device, stream);
-  if (!e.empty()) fail(ErrorKind::kCuda, e);
-  // Checksums on the CPU, reading the pool after the kernel (same rule as copy_blocks).
-  std::vector<int64_t> out(slots.size());
-  for (size_t i = 0; i < slots.size(); ++i) {
-    uint8_t* slot = data_ + uint64_t(slots[i]) * hdr_->slot_size;
-    if (flush_) invalidate(slot, per_block);
-    uint32_t sum = block_checksum(slot, per_block);
-    if (to_pool) {
-      out[i] = sum;
-    } else {
-      const SlotMeta& m = slots_[slots[i]];
-      out[i] = (m.length < per_block || (m.checksum != 0 && m.checksum != sum)) ? 1 : 0;
-    }
+  // Chunks of whole blocks. Small calls (under 8 MiB, as copy_blocks) are one chunk.
+  size_t per_chunk = n;
+  if (opts.chunk_bytes > 0 && n * per_block >= (8u << 20))
+    per_chunk = size_t(std::max<uint64_t>(1, opts.chunk_bytes / std::max<uint64_t>(1, per_block)));
+  std::vector<size_t> chunk_ends;
+  for (size_t hi = per_chunk; ; hi += per_chunk) {
+    chunk_ends.push_back(std::min(n, hi) * segs.size());
+    if (hi >= n) break;
   }
-  if (!to_pool) atomics::count(hdr_->stats.bytes_out, slots.size() * per_block);
+  // Checksums on the CPU, reading the pool after the chunk's kernel (same rule as
+  // copy_blocks: scatter hashes what the GPU has already read).
+  std::vector<int64_t> out(n);
+  auto check = [&](size_t chunk) {
+    for (size_t i = chunk * per_chunk, end = std::min(n, i + per_chunk); i < end; ++i) {
+      uint8_t* slot = data_ + uint64_t(slots[i]) * hdr_->slot_size;
+      if (flush_) invalidate(slot, per_block);
+      uint32_t sum = block_checksum(slot, per_block);
+      if (to_pool) {
+        out[i] = sum;
+      } else {
+        const SlotMeta& m = slots_[slots[i]];
+        out[i] = (m.length < per_block || (m.checksum != 0 && m.checksum != sum)) ? 1 : 0;
+      }
+    }
+  };
+  if (segs.empty() || per_block == 0) {
+    for (size_t c = 0; c < chunk_ends.size(); ++c) check(c);
+  } else {
+    std::string e = cuda::copy(descs.data(), descs.size(), chunk_ends, opts.device, opts.stream,
+                               opts.threads, check);
+    if (!e.empty()) fail(ErrorKind::kCuda, e);
+  }
+  if (!to_pool) atomics::count(hdr_->stats.bytes_out, n * per_block);
   return out;
 }
 #else
@@ -1118,8 +1140,10 @@ void Pool::cuda_register() {
 }
 std::vector<int64_t> Pool::copy_cuda(const std::vector<int64_t>& slots,
                                     const std::vector<int64_t>& block_ids,
-                                    const std::vector<Segment>& segs, int, uint64_t, bool) {
+                                    const std::vector<Segment>& segs,
+                                    const CudaCopyOptions& opts, bool) {
   check_segments(slots, block_ids, segs);
+  if (opts.threads < 1) fail(ErrorKind::kInvalid, "threads must be at least 1");
   cuda_register();
   return {};
 }
@@ -1127,16 +1151,16 @@ std::vector<int64_t> Pool::copy_cuda(const std::vector<int64_t>& slots,
 
 std::vector<uint32_t> Pool::gather_cuda(const std::vector<int64_t>& slots,
                                         const std::vector<int64_t>& block_ids,
-                                        const std::vector<Segment>& segments, int device,
-                                        uint64_t stream) {
-  return as_checksums(copy_cuda(slots, block_ids, segments, device, stream, true));
+                                        const std::vector<Segment>& segments,
+                                        const CudaCopyOptions& opts) {
+  return as_checksums(copy_cuda(slots, block_ids, segments, opts, true));
 }
 
 std::vector<int64_t> Pool::scatter_cuda(const std::vector<int64_t>& slots,
                                         const std::vector<int64_t>& block_ids,
-                                        const std::vector<Segment>& segments, int device,
-                                        uint64_t stream) {
-  return failed_positions(copy_cuda(slots, block_ids, segments, device, stream, false));
+                                        const std::vector<Segment>& segments,
+                                        const CudaCopyOptions& opts) {
+  return failed_positions(copy_cuda(slots, block_ids, segments, opts, false));
 }
 
 }  // namespace beluga

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.kv_layout import LayoutError, block_layout
-from kvpool import KVPool
+from kvpool import KVPool, cuda_device_count
 
 
 def cpu_cache(blocks: int = 6, heads: int = 3, tokens: int = 4, head: int = 8) -> torch.Tensor:
@@ -79,3 +80,33 @@ def test_pool_round_trip_through_the_layout(tmp_path: Path) -> None:
     for n in src:
         assert torch.equal(dst[n][0], src[n][4]) and torch.equal(dst[n][5], src[n][1])
         assert not dst[n][1:5].any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or cuda_device_count() == 0,
+                    reason="needs a CUDA device (and beluga_native built with nvcc)")
+def test_gpu_flash_layout_moves_blocks_between_two_engines() -> None:
+    """vLLM's CUDA layout ([2, blocks, block_size, kv_heads, head_size] per layer, bf16):
+    engine A saves four blocks through the pool, engine B (its own cache, other block ids)
+    loads them; B's blocks equal A's in every layer, K and V, and nothing else changed."""
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    a = {n: torch.randn(2, 40, 16, 8, 128, dtype=torch.bfloat16, device="cuda", generator=gen)
+         for n in names}
+    b = {n: torch.zeros(2, 32, 16, 8, 128, dtype=torch.bfloat16, device="cuda") for n in names}
+    la, lb = block_layout(a, names, 40), block_layout(b, names, 32)
+    assert la.block_bytes == lb.block_bytes == 4 * 2 * 16 * 8 * 128 * 2
+    assert la.device.type == "cuda" and len(la.segments) == 8
+    fp = hashlib.sha256(b"gpu-layout").digest()
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d, \
+            KVPool.create(Path(d) / "p.pool", slot_size=la.block_bytes, slot_count=8,
+                          fingerprint=fp) as pool:
+        keys = [hashlib.sha256(b"g%d" % i).digest() for i in range(4)]
+        slots = pool.prepare_store(keys)
+        sums = pool.gather_cuda(slots, [39, 0, 17, 5], la.segments,
+                                stream=torch.cuda.current_stream().cuda_stream)
+        pool.complete_store(slots, [la.block_bytes] * 4, checksums=sums)
+        with pool.pinned(keys) as pinned:
+            assert pool.scatter_cuda(pinned, [1, 2, 30, 31], lb.segments) == []
+    for n in names:
+        assert torch.equal(b[n][:, [1, 2, 30, 31]], a[n][:, [39, 0, 17, 5]])
+        assert not b[n][:, [0, *range(3, 30)]].any()

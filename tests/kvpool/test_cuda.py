@@ -3,12 +3,16 @@ typed-error tests run everywhere."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ctypes
+import hashlib
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from kvpool import KVPool, PoolArgumentError, PoolCudaError, cuda_built, cuda_device_count
-from tests.kvpool.conftest import key
+from tests.kvpool.conftest import FP, key
 
 MakePool = Callable[..., KVPool]
 HAS_GPU = cuda_device_count() > 0
@@ -34,15 +38,35 @@ def test_gpu_copy_checks_arguments_before_touching_cuda(make_pool: MakePool) -> 
         pool.scatter_cuda([0, 1], [0], [(0x1000, 4096, 4096)])
     with pytest.raises(PoolArgumentError, match="bytes per block"):
         pool.gather_cuda([0], [0], [(0x1000, 8192, 8192)])
+    with pytest.raises(PoolArgumentError, match="threads must be at least 1"):
+        pool.gather_cuda([0], [0], [(0x1000, 4096, 4096)], threads=0)
+
+
+@pytest.fixture
+def shm_pool() -> Iterator[Callable[..., KVPool]]:
+    """Pools on /dev/shm, where a deployment keeps them: a GPU pins shared memory, while
+    recent kernels refuse long-term pins of files on disk filesystems."""
+    opened: list[KVPool] = []
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        def make(**kw: object) -> KVPool:
+            args: dict[str, object] = {"slot_size": 4096, "slot_count": 16, "fingerprint": FP}
+            args.update(kw)
+            pool = KVPool.create(Path(d) / f"gpu{len(opened)}.pool", **args)  # type: ignore[arg-type]
+            opened.append(pool)
+            return pool
+
+        yield make
+        for p in opened:
+            p.close()
 
 
 @needs_gpu
 @pytest.mark.parametrize("coherence", ["none", "flush"])
-def test_gpu_gather_then_scatter_round_trips_paged_blocks(make_pool: MakePool,
+def test_gpu_gather_then_scatter_round_trips_paged_blocks(shm_pool: MakePool,
                                                           coherence: str) -> None:
     torch = pytest.importorskip("torch")
     layers, blocks, block_bytes = 3, 8, 1024
-    pool = make_pool(slot_size=layers * block_bytes, coherence=coherence)
+    pool = shm_pool(slot_size=layers * block_bytes, coherence=coherence)
     # A paged cache per layer: [blocks, block_bytes] uint8 on the GPU, random content.
     gen = torch.Generator(device="cuda").manual_seed(7)
     src = [torch.randint(0, 256, (blocks, block_bytes), dtype=torch.uint8, device="cuda",
@@ -71,11 +95,52 @@ def test_gpu_gather_then_scatter_round_trips_paged_blocks(make_pool: MakePool,
 
 
 @needs_gpu
-def test_gpu_copy_handles_unaligned_segments(make_pool: MakePool) -> None:
+def test_gpu_copy_handles_unaligned_segments(shm_pool: MakePool) -> None:
     torch = pytest.importorskip("torch")
-    pool = make_pool(slot_size=4096)
+    pool = shm_pool(slot_size=4096)
     src = torch.arange(0, 1000, dtype=torch.uint8, device="cuda").reshape(10, 100)
     slots = pool.prepare_store([key(9)])
     pool.gather_cuda(slots, [3], [(src.data_ptr() + 1, 100, 37)])
     pool.complete_store(slots, [37])
     assert pool.get([key(9)])[0] == bytes(src.flatten()[301:338].cpu().numpy().tobytes())
+
+
+@needs_gpu
+@pytest.mark.parametrize(("threads", "chunk_bytes"), [(1, 0), (1, 2 << 20), (3, 2 << 20),
+                                                      (8, 1 << 20)])
+def test_gpu_copies_in_chunks_hash_and_verify_every_block(shm_pool: MakePool, threads: int,
+                                                          chunk_bytes: int) -> None:
+    """24 MiB in chunks hashed by several threads while the GPU copies: every checksum is the
+    CPU's hash of the block (so a GPU worker's blocks verify on a CPU worker and back), and
+    a block scribbled in the pool is reported at its own position, wherever its chunk is."""
+    torch = pytest.importorskip("torch")
+    blocks, half = 24, 512 << 10
+    pool = shm_pool(slot_size=2 * half, slot_count=blocks)
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    k_cache, v_cache = (torch.randint(0, 256, (2 * blocks, half), dtype=torch.uint8,
+                                      device="cuda", generator=gen) for _ in range(2))
+    segs = [(t.data_ptr(), half, half) for t in (k_cache, v_cache)]
+    keys = [key(100 + i) for i in range(blocks)]
+    engine_blocks = list(range(2 * blocks - 1, 0, -2))  # every other block, backwards
+    slots = pool.prepare_store(keys)
+    sums = pool.gather_cuda(slots, engine_blocks, segs, threads=threads,
+                            chunk_bytes=chunk_bytes)
+    want = [hashlib.sha256(bytes(k_cache[b].cpu().numpy()) + bytes(v_cache[b].cpu().numpy()))
+            .digest() for b in engine_blocks]
+    assert sums == [pool._p.compute_checksum(s, 2 * half) for s in slots]
+    pool.complete_store(slots, [2 * half] * blocks, checksums=sums)
+    assert [hashlib.sha256(pool.get([k])[0]).digest() for k in keys] == want
+
+    # Scribble on three published blocks (first, middle, last chunk), then load them all.
+    with pool.pinned(keys) as pinned:
+        for i in (0, 13, 23):
+            ctypes.c_uint8.from_address(pool._p.slot_address(pinned[i]) + 4096 + i).value ^= 0xFF
+        dst_k, dst_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+        failed = pool.scatter_cuda(pinned, list(range(blocks)),
+                                   [(t.data_ptr(), half, half) for t in (dst_k, dst_v)],
+                                   threads=threads, chunk_bytes=chunk_bytes)
+    assert failed == [0, 13, 23]
+    good = [i for i in range(blocks) if i not in failed]
+    assert torch.equal(dst_k[good], k_cache[[engine_blocks[i] for i in good]])
+    assert torch.equal(dst_v[good], v_cache[[engine_blocks[i] for i in good]])
+    assert not dst_k[blocks:].any()

@@ -2,13 +2,16 @@
 //
 // The pool mapping is registered with the GPU (cudaHostRegister, mapped + portable), so a
 // kernel reads and writes pool slots directly over PCIe/CXL: no bounce buffer. One copy
-// descriptor per (block, segment); one kernel launch per gather/scatter call.
+// descriptor per (block, segment); one kernel launch per chunk of blocks, so the host can
+// check the chunks already copied while the GPU copies the next ones.
 // This header is plain C++ so pool.cpp can include it without the CUDA headers.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
 namespace beluga::cuda {
 
@@ -25,8 +28,14 @@ std::string register_host(void* ptr, size_t bytes);
 std::string unregister_host(void* ptr);
 // The device address of a registered host pointer (on the current device).
 std::string device_pointer(void* host, uint64_t* out);
-// Copy every descriptor on `stream` (0: the legacy default stream) and wait for it to finish.
-// `device` selects the GPU the descriptors' device pointers live on.
-std::string copy(const CopyDesc* descs, size_t n, int device, uint64_t stream);
+// Copy every descriptor on `stream` (0: the legacy default stream), one kernel per chunk
+// (chunk_ends: each chunk's end index into descs, ascending, the last one n), and run
+// `done(c)` on the host for chunk c once its copy has finished, from up to `threads` host
+// threads, while the chunks after it are still copying. `device` selects the GPU the
+// descriptors' device pointers live on. Returns when every copy and every `done` has
+// finished: "" or an error text (then `done` may not have run for every chunk).
+std::string copy(const CopyDesc* descs, size_t n, const std::vector<size_t>& chunk_ends,
+                 int device, uint64_t stream, int threads,
+                 const std::function<void(size_t)>& done);
 
 }  // namespace beluga::cuda

@@ -75,6 +75,17 @@ struct Segment {
   uint64_t bytes;
 };
 
+// How a GPU copy runs. The blocks are copied in chunks of about `chunk_bytes` (one kernel
+// each; 0: one kernel for the whole call), and each chunk's checksums are computed on the
+// CPU as soon as its copy has finished, by up to `threads` threads, while the GPU copies
+// the chunks after it: the call takes about max(copy, hashing / threads), not their sum.
+struct CudaCopyOptions {
+  int device = 0;        // the GPU the segments' device pointers live on
+  uint64_t stream = 0;   // a cudaStream_t (0: the legacy default stream)
+  int threads = 4;       // host threads hashing finished chunks
+  uint64_t chunk_bytes = 8ull << 20;
+};
+
 // Checksum of a block's bytes (xxh64-style, folded to 32 bits, never 0).
 uint32_t block_checksum(const uint8_t* p, uint64_t n);
 
@@ -126,15 +137,16 @@ class Pool {
   static int cuda_device_count();
   void cuda_register();
   bool cuda_registered() const { return cuda_base_ != 0; }
-  // Same results as gather / scatter(verify=true); checksums computed on the CPU.
+  // Same results as gather / scatter(verify=true); checksums computed on the CPU, chunk by
+  // chunk from `threads` threads while the GPU copies the next chunks (see CudaCopyOptions).
   std::vector<uint32_t> gather_cuda(const std::vector<int64_t>& slots,
                                     const std::vector<int64_t>& block_ids,
-                                    const std::vector<Segment>& segments, int device,
-                                    uint64_t stream);
+                                    const std::vector<Segment>& segments,
+                                    const CudaCopyOptions& opts);
   std::vector<int64_t> scatter_cuda(const std::vector<int64_t>& slots,
                                     const std::vector<int64_t>& block_ids,
-                                    const std::vector<Segment>& segments, int device,
-                                    uint64_t stream);
+                                    const std::vector<Segment>& segments,
+                                    const CudaCopyOptions& opts);
 
   Stats stats();
   uint8_t* slot_data(int64_t slot) const;
@@ -175,8 +187,8 @@ class Pool {
                           const std::vector<Segment>& segments) const;
   std::vector<int64_t> copy_cuda(const std::vector<int64_t>& slots,
                                  const std::vector<int64_t>& block_ids,
-                                 const std::vector<Segment>& segments, int device,
-                                 uint64_t stream, bool to_pool);
+                                 const std::vector<Segment>& segments,
+                                 const CudaCopyOptions& opts, bool to_pool);
 
   std::string path_;
   int fd_;
