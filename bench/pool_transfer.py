@@ -293,11 +293,12 @@ def main() -> int:
 # flash-attention layout with 16-token blocks: a block is 64 segments (K and V per layer) of
 # 32 KiB, 2 MiB in all, and a 2,048-token prefix 128 blocks (256 MiB).
 GPU_LAYERS, GPU_KV_HEADS, GPU_HEAD, GPU_BLOCK_TOKENS, GPU_PREFIX_BLOCKS = 32, 8, 128, 16, 128
-# (name, hashing threads, chunk bytes): one kernel then hashing (how it ran until 2026-11-26)
-# and hashing chunk by chunk behind the copy with 1..16 threads.
-GPU_CONFIGS = [("serial", 1, 0), ("chunked_t1", 1, 8 * MiB), ("chunked_t4", 4, 8 * MiB),
-               ("chunked_t8", 8, 8 * MiB), ("chunked_t16", 16, 8 * MiB),
-               ("chunked_t8_4mib", 8, 4 * MiB), ("chunked_t8_16mib", 8, 16 * MiB)]
+# (name, host hashing, threads, chunk bytes): the copy kernel computing the checksums (the
+# default), one kernel and then hashing on one host thread (how it ran until 2026-11-26),
+# and host threads hashing chunk by chunk behind the copy (what odd layouts get).
+GPU_CONFIGS = [("gpu_hash", False, 1, 0), ("host_serial", True, 1, 0),
+               ("host_chunked_t4", True, 4, 4 * MiB), ("host_chunked_t8", True, 8, 4 * MiB),
+               ("host_chunked_t16", True, 16, 4 * MiB)]
 
 
 def bench_cuda(shm: Path, repeat: int = 7) -> dict[str, Any]:
@@ -361,7 +362,8 @@ def bench_cuda(shm: Path, repeat: int = 7) -> dict[str, Any]:
     }
     try:
         slots = pool.prepare_store(keys)
-        want = pool.gather_cuda(slots, ids, layout.segments, threads=1, chunk_bytes=0)
+        want = pool.gather_cuda(slots, ids, layout.segments, host_hash=True)
+        assert want == [pool._p.compute_checksum(s, layout.block_bytes) for s in slots]
         hash_s = []
         for _ in range(3):
             t0 = time.perf_counter()
@@ -369,21 +371,23 @@ def bench_cuda(shm: Path, repeat: int = 7) -> dict[str, Any]:
                 pool._p.compute_checksum(s, layout.block_bytes)
             hash_s.append(time.perf_counter() - t0)
         out["hash_one_thread_ms"] = statistics.median(hash_s) * 1e3
-        for name, threads, chunk in GPU_CONFIGS:
+        for name, host, threads, chunk in GPU_CONFIGS:
             got: list[list[int]] = []
-            out[f"{name}_save_ms"] = timed(lambda t=threads, c=chunk, g=got: g.append(
-                pool.gather_cuda(slots, ids, layout.segments, threads=t, chunk_bytes=c)))
+            out[f"{name}_save_ms"] = timed(lambda h=host, t=threads, c=chunk, g=got: g.append(
+                pool.gather_cuda(slots, ids, layout.segments, threads=t, chunk_bytes=c,
+                                 host_hash=h)))
             assert all(g == want for g in got), f"{name}: checksums differ"
         pool.complete_store(slots, [layout.block_bytes] * len(slots), checksums=want)
         with pool.pinned(keys) as pinned:
-            for name, threads, chunk in GPU_CONFIGS:
-                out[f"{name}_load_ms"] = timed(lambda t=threads, c=chunk: pool.scatter_cuda(
-                    pinned, ids, layout.segments, threads=t, chunk_bytes=c))
+            for name, host, threads, chunk in GPU_CONFIGS:
+                out[f"{name}_load_ms"] = timed(lambda h=host, t=threads, c=chunk: (
+                    pool.scatter_cuda(pinned, ids, layout.segments, threads=t, chunk_bytes=c,
+                                      host_hash=h)))
                 assert pool.scatter_cuda(pinned, ids, layout.segments) == []
     finally:
         pool.close()
     for op, dma in (("save", "dma_d2h_ms"), ("load", "dma_h2d_ms")):
-        for name, *_ in [("torch", 0, 0), *GPU_CONFIGS]:
+        for name in ["torch", *(c[0] for c in GPU_CONFIGS)]:
             out[f"{name}_{op}_gbps"] = nbytes / out[f"{name}_{op}_ms"] / 1e6
             out[f"{name}_{op}_vs_dma"] = out[dma] / out[f"{name}_{op}_ms"]
     out["disk_file_register"] = _try_register_disk_file()

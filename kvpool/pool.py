@@ -36,9 +36,9 @@ from kvpool.errors import (
 Coherence = Literal["none", "flush"]
 DUPLICATE: int = _native.DUPLICATE
 FULL: int = _native.FULL
-# GPU copies go in chunks of about this many bytes, each hashed on the host while the next
-# copies (gather_cuda / scatter_cuda).
-GPU_CHUNK_BYTES = 8 << 20
+# GPU copies hashed on the host go in chunks of about this many bytes, each hashed while the
+# next copies (gather_cuda / scatter_cuda).
+GPU_CHUNK_BYTES = 4 << 20
 DEFAULT_DIR = Path("/dev/shm")
 DEFAULT_CANDIDATES = ("/dev/dax*", "/dev/shm/*.pool", "/dev/hugepages/*.pool")
 
@@ -306,27 +306,30 @@ class KVPool:
     # -- GPU copy engine (built where nvcc was present; see setup.py) ---------------------
     def gather_cuda(self, slots: Sequence[int], block_ids: Sequence[int],
                     segments: Sequence[tuple[int, int, int]], device: int = 0,
-                    stream: int = 0, threads: int = 4,
-                    chunk_bytes: int = GPU_CHUNK_BYTES) -> list[int]:
-        """GPU blocks -> slots, kernels reading device memory and writing the pool through
+                    stream: int = 0, threads: int = 4, chunk_bytes: int = GPU_CHUNK_BYTES,
+                    host_hash: bool = False) -> list[int]:
+        """GPU blocks -> slots, a kernel reading device memory and writing the pool through
         its registered mapping (no bounce buffer). segments: (device_ptr, stride, bytes);
         `stream` a raw cudaStream_t (e.g. torch.cuda.current_stream().cuda_stream).
-        The blocks go in chunks of about `chunk_bytes` (0: one kernel for all), and `threads`
-        host threads hash each chunk as soon as it has landed while the GPU copies the
-        next, so hashing hides behind the copy. Returns when the copy is done, with the
-        checksums as gather does. Raises PoolCudaError without CUDA."""
+        The kernel also computes the blocks' checksums while it copies. Where a segment
+        other than the last is not whole 8-byte words (or with `host_hash`), the blocks go
+        in chunks of about `chunk_bytes` (0: one kernel for all) and `threads` host threads
+        hash each chunk once it has landed, while the GPU copies the next. Returns when the
+        copy is done, with the checksums as gather does. Raises PoolCudaError without CUDA."""
         return list(self._call(self._p.gather_cuda, list(slots), list(block_ids),
-                               list(segments), device, stream, threads, chunk_bytes))
+                               list(segments), device, stream, threads, chunk_bytes,
+                               host_hash))
 
     def scatter_cuda(self, slots: Sequence[int], block_ids: Sequence[int],
                      segments: Sequence[tuple[int, int, int]], device: int = 0,
-                     stream: int = 0, threads: int = 4,
-                     chunk_bytes: int = GPU_CHUNK_BYTES) -> list[int]:
-        """Slots -> GPU blocks, the kernels reading the pool directly; returns the blocks
-        that failed verification (hashed after the GPU read them), as scatter does. See
+                     stream: int = 0, threads: int = 4, chunk_bytes: int = GPU_CHUNK_BYTES,
+                     host_hash: bool = False) -> list[int]:
+        """Slots -> GPU blocks, the kernel reading the pool directly; returns the blocks
+        whose bytes, as the GPU read them, fail verification, as scatter does. See
         gather_cuda."""
         return list(self._call(self._p.scatter_cuda, list(slots), list(block_ids),
-                               list(segments), device, stream, threads, chunk_bytes))
+                               list(segments), device, stream, threads, chunk_bytes,
+                               host_hash))
 
     def cuda_register(self) -> None:
         """Register the mapping with the GPU now (otherwise done on the first GPU copy)."""

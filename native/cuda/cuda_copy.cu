@@ -5,10 +5,11 @@
 #include <algorithm>
 #include <atomic>
 #include <mutex>
-#include <thread>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "beluga/checksum.h"
 #include "beluga/cuda_copy.h"
 
 namespace beluga::cuda {
@@ -18,30 +19,119 @@ std::string err(const char* what, cudaError_t e) {
   return std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
 }
 
+constexpr unsigned kThreads = 256;
+
 // One thread block per descriptor; 16-byte vector copies when both ends and the length are
-// 16-byte aligned (KV blocks always are), else bytes.
-__global__ void copy_kernel(const CopyDesc* descs) {
+// 16-byte aligned (KV blocks always are), else one 8-byte word per thread, byte by byte.
+// With `sums`, each thread adds the checksum terms of the words it copied, and each warp
+// adds its total to its block's sum (a sum, so the order of the additions does not matter).
+__global__ void copy_kernel(const CopyDesc* descs, unsigned long long* sums) {
   const CopyDesc d = descs[blockIdx.x];
+  uint64_t acc = 0;
   if (((d.src | d.dst | d.bytes) & 15u) == 0) {
     const uint4* s = reinterpret_cast<const uint4*>(d.src);
     uint4* t = reinterpret_cast<uint4*>(d.dst);
     const uint64_t n = d.bytes / 16;
-    for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) t[i] = s[i];
+    for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const uint4 v = s[i];
+      t[i] = v;
+      if (sums != nullptr) {
+        const uint64_t k = d.word + 2 * i;
+        acc += checksum::term(uint64_t(v.x) | uint64_t(v.y) << 32, k) +
+               checksum::term(uint64_t(v.z) | uint64_t(v.w) << 32, k + 1);
+      }
+    }
   } else {
     const uint8_t* s = reinterpret_cast<const uint8_t*>(d.src);
     uint8_t* t = reinterpret_cast<uint8_t*>(d.dst);
-    for (uint64_t i = threadIdx.x; i < d.bytes; i += blockDim.x) t[i] = s[i];
+    const uint64_t words = (d.bytes + 7) / 8;
+    for (uint64_t j = threadIdx.x; j < words; j += blockDim.x) {
+      const uint64_t lo = j * 8, hi = lo + 8 < d.bytes ? lo + 8 : d.bytes;
+      uint64_t w = 0;  // little-endian, zero-padded past the end
+      for (uint64_t b = lo; b < hi; ++b) {
+        const uint8_t x = s[b];
+        t[b] = x;
+        w |= uint64_t(x) << (8 * (b - lo));
+      }
+      if (sums != nullptr) acc += checksum::term(w, d.word + j);
+    }
   }
+  if (sums == nullptr) return;
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  if ((threadIdx.x & 31u) == 0 && acc != 0) atomicAdd(&sums[d.block], (unsigned long long)acc);
 }
 
-// Per-device scratch for the descriptor table: device buffer + pinned host staging.
+// Per-device scratch: the descriptor table (device buffer + pinned host staging) and the
+// per-block sums (device + pinned host).
 struct Scratch {
   CopyDesc* dev = nullptr;
   CopyDesc* host = nullptr;
   size_t capacity = 0;
+  unsigned long long* dev_sums = nullptr;
+  unsigned long long* host_sums = nullptr;
+  size_t sums_capacity = 0;
 };
 std::mutex scratch_mu;
 std::vector<Scratch> scratch;
+
+size_t round_up_pow2(size_t n) {
+  size_t cap = 1;
+  while (cap < n) cap <<= 1;
+  return cap;
+}
+
+// Under scratch_mu: make room for n descriptors and `blocks` sums on `device`.
+std::string reserve(Scratch& s, size_t n, size_t blocks) {
+  cudaError_t e;
+  if (s.capacity < n) {
+    if (s.dev) cudaFree(s.dev);
+    if (s.host) cudaFreeHost(s.host);
+    s.dev = nullptr;
+    s.host = nullptr;
+    s.capacity = 0;
+    const size_t cap = round_up_pow2(n);
+    if ((e = cudaMalloc(&s.dev, cap * sizeof(CopyDesc))) != cudaSuccess) return err("cudaMalloc", e);
+    if ((e = cudaMallocHost(&s.host, cap * sizeof(CopyDesc))) != cudaSuccess) {
+      cudaFree(s.dev);
+      s.dev = nullptr;
+      return err("cudaMallocHost", e);
+    }
+    s.capacity = cap;
+  }
+  if (s.sums_capacity < blocks) {
+    if (s.dev_sums) cudaFree(s.dev_sums);
+    if (s.host_sums) cudaFreeHost(s.host_sums);
+    s.dev_sums = nullptr;
+    s.host_sums = nullptr;
+    s.sums_capacity = 0;
+    const size_t cap = round_up_pow2(blocks);
+    if ((e = cudaMalloc(&s.dev_sums, cap * 8)) != cudaSuccess) return err("cudaMalloc", e);
+    if ((e = cudaMallocHost(&s.host_sums, cap * 8)) != cudaSuccess) {
+      cudaFree(s.dev_sums);
+      s.dev_sums = nullptr;
+      return err("cudaMallocHost", e);
+    }
+    s.sums_capacity = cap;
+  }
+  return "";
+}
+
+// Under scratch_mu: select the device, make room, and queue the descriptor upload.
+std::string prepare(const CopyDesc* descs, size_t n, size_t blocks, int device,
+                    cudaStream_t stream, Scratch** out) {
+  cudaError_t e = cudaSetDevice(device);
+  if (e != cudaSuccess) return err("cudaSetDevice", e);
+  if (scratch.size() <= size_t(device)) scratch.resize(size_t(device) + 1);
+  Scratch& s = scratch[size_t(device)];
+  std::string r = reserve(s, n, blocks);
+  if (!r.empty()) return r;
+  std::copy(descs, descs + n, s.host);
+  if ((e = cudaMemcpyAsync(s.dev, s.host, n * sizeof(CopyDesc), cudaMemcpyHostToDevice, stream)) !=
+      cudaSuccess)
+    return err("cudaMemcpyAsync", e);
+  *out = &s;
+  return "";
+}
 
 }  // namespace
 
@@ -72,6 +162,35 @@ std::string device_pointer(void* host, uint64_t* out) {
   return "";
 }
 
+std::string copy_hashed(const CopyDesc* descs, size_t n, size_t blocks, int device,
+                        uint64_t stream_handle, uint64_t* sums) {
+  if (n == 0 || blocks == 0) return "";
+  if (n > 0x7fffffffu) return "too many copy descriptors";
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  // The scratch buffers are reused across calls, so calls are serialised per process.
+  std::lock_guard<std::mutex> guard(scratch_mu);
+  Scratch* s = nullptr;
+  std::string r = prepare(descs, n, blocks, device, stream, &s);
+  if (!r.empty()) return r;
+  cudaError_t e;
+  if ((e = cudaMemsetAsync(s->dev_sums, 0, blocks * 8, stream)) != cudaSuccess)
+    return err("cudaMemsetAsync", e);
+  copy_kernel<<<unsigned(n), kThreads, 0, stream>>>(s->dev, s->dev_sums);
+  if ((e = cudaGetLastError()) != cudaSuccess) {
+    cudaStreamSynchronize(stream);
+    return err("copy kernel launch", e);
+  }
+  if ((e = cudaMemcpyAsync(s->host_sums, s->dev_sums, blocks * 8, cudaMemcpyDeviceToHost,
+                           stream)) != cudaSuccess) {
+    cudaStreamSynchronize(stream);
+    return err("cudaMemcpyAsync", e);
+  }
+  // Synchronous: the caller unpins (or publishes) the slots when this returns.
+  if ((e = cudaStreamSynchronize(stream)) != cudaSuccess) return err("cudaStreamSynchronize", e);
+  std::copy(s->host_sums, s->host_sums + blocks, sums);
+  return "";
+}
+
 std::string copy(const CopyDesc* descs, size_t n, const std::vector<size_t>& chunk_ends,
                  int device, uint64_t stream_handle, int threads,
                  const std::function<void(size_t)>& done) {
@@ -79,44 +198,23 @@ std::string copy(const CopyDesc* descs, size_t n, const std::vector<size_t>& chu
   if (chunk_ends.empty() || chunk_ends.back() != n) return "chunks do not cover the descriptors";
   for (size_t c = 0, lo = 0; c < chunk_ends.size(); lo = chunk_ends[c++])
     if (chunk_ends[c] <= lo || chunk_ends[c] - lo > 0x7fffffffu) return "bad copy chunk";
-  cudaError_t e = cudaSetDevice(device);
-  if (e != cudaSuccess) return err("cudaSetDevice", e);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  // The scratch table is reused across calls, so calls are serialised per process and wait
-  // for the copy that read the staging buffer before overwriting it.
   std::lock_guard<std::mutex> guard(scratch_mu);
-  if (scratch.size() <= size_t(device)) scratch.resize(size_t(device) + 1);
-  Scratch& s = scratch[size_t(device)];
-  if (s.capacity < n) {
-    if (s.dev) cudaFree(s.dev);
-    if (s.host) cudaFreeHost(s.host);
-    s = Scratch{};
-    size_t cap = 1;
-    while (cap < n) cap <<= 1;
-    if ((e = cudaMalloc(&s.dev, cap * sizeof(CopyDesc))) != cudaSuccess) return err("cudaMalloc", e);
-    if ((e = cudaMallocHost(&s.host, cap * sizeof(CopyDesc))) != cudaSuccess) {
-      cudaFree(s.dev);
-      s.dev = nullptr;
-      return err("cudaMallocHost", e);
-    }
-    s.capacity = cap;
-  }
-  std::copy(descs, descs + n, s.host);
-  if ((e = cudaMemcpyAsync(s.dev, s.host, n * sizeof(CopyDesc), cudaMemcpyHostToDevice, stream)) !=
-      cudaSuccess)
-    return err("cudaMemcpyAsync", e);
+  Scratch* s = nullptr;
+  std::string error = prepare(descs, n, 0, device, stream, &s);
+  if (!error.empty()) return error;
 
   // Every chunk is queued at once, an event after each; the host waits on them in order.
+  cudaError_t e;
   const size_t chunks = chunk_ends.size();
   std::vector<cudaEvent_t> events(chunks, nullptr);
-  std::string error;
   for (size_t c = 0, lo = 0; c < chunks && error.empty(); lo = chunk_ends[c++]) {
     if ((e = cudaEventCreateWithFlags(&events[c], cudaEventDisableTiming)) != cudaSuccess) {
       events[c] = nullptr;
       error = err("cudaEventCreate", e);
       break;
     }
-    copy_kernel<<<unsigned(chunk_ends[c] - lo), 256, 0, stream>>>(s.dev + lo);
+    copy_kernel<<<unsigned(chunk_ends[c] - lo), kThreads, 0, stream>>>(s->dev + lo, nullptr);
     if ((e = cudaGetLastError()) != cudaSuccess) error = err("copy kernel launch", e);
     else if ((e = cudaEventRecord(events[c], stream)) != cudaSuccess) error = err("cudaEventRecord", e);
   }

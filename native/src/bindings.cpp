@@ -48,9 +48,10 @@ auto cuda_copier(R (Pool::*method)(const std::vector<int64_t>&, const std::vecto
                                    const beluga::CudaCopyOptions&)) {
   return [method](Pool& p, const std::vector<int64_t>& slots,
                   const std::vector<int64_t>& block_ids, const SegmentTuples& segments,
-                  int device, uint64_t stream, int threads, uint64_t chunk_bytes) {
+                  int device, uint64_t stream, int threads, uint64_t chunk_bytes,
+                  bool host_hash) {
     auto segs = to_segments(segments);
-    beluga::CudaCopyOptions opts{device, stream, threads, chunk_bytes};
+    beluga::CudaCopyOptions opts{device, stream, threads, chunk_bytes, host_hash};
     py::gil_scoped_release release;
     return (p.*method)(slots, block_ids, segs, opts);
   };
@@ -206,14 +207,16 @@ PYBIND11_MODULE(beluga_native, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("gather_cuda", cuda_copier(&Pool::gather_cuda),
            py::arg("slots"), py::arg("block_ids"), py::arg("segments"), py::arg("device") = 0,
-           py::arg("stream") = 0, py::arg("threads") = 4, py::arg("chunk_bytes") = 8u << 20,
+           py::arg("stream") = 0, py::arg("threads") = 4, py::arg("chunk_bytes") = 4u << 20,
+           py::arg("host_hash") = false,
            "GPU: copy device blocks into slots through the registered mapping (synchronous); "
-           "checksums hashed by `threads` host threads chunk by chunk as the copy goes.")
+           "the kernel computes the checksums (or host threads, chunk by chunk).")
       .def("scatter_cuda", cuda_copier(&Pool::scatter_cuda),
            py::arg("slots"), py::arg("block_ids"), py::arg("segments"), py::arg("device") = 0,
-           py::arg("stream") = 0, py::arg("threads") = 4, py::arg("chunk_bytes") = 8u << 20,
+           py::arg("stream") = 0, py::arg("threads") = 4, py::arg("chunk_bytes") = 4u << 20,
+           py::arg("host_hash") = false,
            "GPU: copy slots into device blocks through the registered mapping (synchronous); "
-           "verified by `threads` host threads chunk by chunk as the copy goes.")
+           "verified by the kernel's checksums (or host threads, chunk by chunk).")
       .def("cuda_register", &Pool::cuda_register, py::call_guard<py::gil_scoped_release>(),
            "Register the whole mapping with the GPU (cudaHostRegister, mapped + portable).")
       .def_property_readonly("cuda_registered", &Pool::cuda_registered)

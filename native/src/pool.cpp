@@ -23,6 +23,7 @@
 
 #include "beluga/atomics.h"
 #ifdef BELUGA_WITH_CUDA
+#include "beluga/checksum.h"
 #include "beluga/cuda_copy.h"
 #endif
 
@@ -150,39 +151,31 @@ void invalidate(const void* p, size_t n) {
 
 [[noreturn]] void fail(ErrorKind kind, const std::string& msg) { throw PoolError(kind, msg); }
 
-inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-constexpr uint64_t kP1 = 0x9E3779B185EBCA87ULL, kP2 = 0xC2B2AE3D27D4EB4FULL,
-                   kP3 = 0x165667B19E3779F9ULL;
-inline uint64_t round64(uint64_t acc, uint64_t v) { return rotl(acc + v * kP2, 31) * kP1; }
 
 }  // namespace
 
-// xxh64-style: four independent lanes over 32-byte stripes (no carried dependency between
-// lanes, so it runs near memory speed), then the tail, folded to 32 bits. Never 0, which
-// means "no checksum". Pure function of the bytes: identical in every process and host.
+// See beluga/checksum.h. Two accumulators keep two multiplies in flight.
 uint32_t block_checksum(const uint8_t* p, uint64_t n) {
-  uint64_t a = kP1 + kP2, b = kP2, c = 0, d = 0 - kP1;
-  const uint8_t* end = p + n;
-  for (; p + 32 <= end; p += 32) {
-    uint64_t v[4];
-    std::memcpy(v, p, 32);
-    a = round64(a, v[0]);
-    b = round64(b, v[1]);
-    c = round64(c, v[2]);
-    d = round64(d, v[3]);
+  using checksum::term;
+  const uint64_t words = n / 8;
+  uint64_t s0 = 0, s1 = 0, k = 0;
+  for (; k + 2 <= words; k += 2) {
+    uint64_t v[2];
+    std::memcpy(v, p + k * 8, 16);
+    s0 += term(v[0], k);
+    s1 += term(v[1], k + 1);
   }
-  uint64_t h = rotl(a, 1) + rotl(b, 7) + rotl(c, 12) + rotl(d, 18) + n;
-  for (; p + 8 <= end; p += 8) {
+  for (; k < words; ++k) {
     uint64_t v;
-    std::memcpy(&v, p, 8);
-    h = rotl(h ^ round64(0, v), 27) * kP1 + kP3;
+    std::memcpy(&v, p + k * 8, 8);
+    s0 += term(v, k);
   }
-  for (; p < end; ++p) h = rotl(h ^ (*p * kP3), 11) * kP1;
-  h ^= h >> 33;
-  h *= kP2;
-  h ^= h >> 29;
-  auto folded = uint32_t(h ^ (h >> 32));
-  return folded == 0 ? 1 : folded;
+  if (n % 8 != 0) {
+    uint64_t v = 0;  // the last word, zero-padded (little-endian: bytes in the low end)
+    std::memcpy(&v, p + words * 8, n % 8);
+    s0 += term(v, words);
+  }
+  return checksum::finish(s0 + s1, n);
 }
 
 namespace {
@@ -1081,8 +1074,13 @@ std::vector<int64_t> Pool::copy_cuda(const std::vector<int64_t>& slots,
   if (opts.threads < 1) fail(ErrorKind::kInvalid, "threads must be at least 1");
   cuda_register();
   const size_t n = slots.size();
-  // Flush mode: the GPU reads the pool over the bus, so drop stale lines from this CPU's
-  // caches first, and after writing make sure no dirty CPU line shadows the GPU's data.
+  // Flush mode: drop this CPU's cached lines of the slots first: a dirty line written back
+  // later would overwrite what the GPU wrote, a stale one would hide it from the CPU.
+  // The GPU hashes when every segment starts a word of the block (all but the last are
+  // whole words).
+  bool gpu_hash = !opts.host_hash;
+  for (size_t j = 0; j + 1 < segs.size(); ++j)
+    if (segs[j].bytes % 8 != 0) gpu_hash = false;
   std::vector<cuda::CopyDesc> descs;
   descs.reserve(n * segs.size());
   for (size_t i = 0; i < n; ++i) {
@@ -1092,42 +1090,55 @@ std::vector<int64_t> Pool::copy_cuda(const std::vector<int64_t>& slots,
     for (const auto& seg : segs) {
       const uint64_t engine = seg.base + uint64_t(block_ids[i]) * seg.block_stride;
       const uint64_t pool = cuda_base_ + slot_off + off;
-      if (to_pool) descs.push_back({engine, pool, seg.bytes});
-      else descs.push_back({pool, engine, seg.bytes});
+      if (to_pool) descs.push_back({engine, pool, seg.bytes, off / 8, i});
+      else descs.push_back({pool, engine, seg.bytes, off / 8, i});
       off += seg.bytes;
     }
   }
-  // Chunks of whole blocks. Small calls (under 8 MiB, as copy_blocks) are one chunk.
-  size_t per_chunk = n;
-  if (opts.chunk_bytes > 0 && n * per_block >= (8u << 20))
-    per_chunk = size_t(std::max<uint64_t>(1, opts.chunk_bytes / std::max<uint64_t>(1, per_block)));
-  std::vector<size_t> chunk_ends;
-  for (size_t hi = per_chunk; ; hi += per_chunk) {
-    chunk_ends.push_back(std::min(n, hi) * segs.size());
-    if (hi >= n) break;
-  }
-  // Checksums on the CPU, reading the pool after the chunk's kernel (same rule as
-  // copy_blocks: scatter hashes what the GPU has already read).
+  // gather: each block's checksum; scatter: 1 where the block's bytes as read do not match.
   std::vector<int64_t> out(n);
-  auto check = [&](size_t chunk) {
-    for (size_t i = chunk * per_chunk, end = std::min(n, i + per_chunk); i < end; ++i) {
-      uint8_t* slot = data_ + uint64_t(slots[i]) * hdr_->slot_size;
-      if (flush_) invalidate(slot, per_block);
-      uint32_t sum = block_checksum(slot, per_block);
-      if (to_pool) {
-        out[i] = sum;
-      } else {
-        const SlotMeta& m = slots_[slots[i]];
-        out[i] = (m.length < per_block || (m.checksum != 0 && m.checksum != sum)) ? 1 : 0;
-      }
+  auto verdict = [&](size_t i, uint32_t sum) {
+    if (to_pool) {
+      out[i] = sum;
+    } else {
+      const SlotMeta& m = slots_[slots[i]];  // pinned: immutable while we hold it
+      if (flush_) invalidate(&m, sizeof(m));
+      out[i] = (m.length < per_block || (m.checksum != 0 && m.checksum != sum)) ? 1 : 0;
     }
   };
-  if (segs.empty() || per_block == 0) {
-    for (size_t c = 0; c < chunk_ends.size(); ++c) check(c);
-  } else {
-    std::string e = cuda::copy(descs.data(), descs.size(), chunk_ends, opts.device, opts.stream,
-                               opts.threads, check);
+  if (gpu_hash && per_block > 0) {
+    // The sums are of the bytes the GPU moved: for scatter, exactly what the engine got.
+    std::vector<uint64_t> sums(n);
+    std::string e = cuda::copy_hashed(descs.data(), descs.size(), n, opts.device, opts.stream,
+                                      sums.data());
     if (!e.empty()) fail(ErrorKind::kCuda, e);
+    for (size_t i = 0; i < n; ++i) verdict(i, checksum::finish(sums[i], per_block));
+  } else {
+    // Chunks of whole blocks, hashed on the CPU reading the pool after the chunk's kernel
+    // (as copy_blocks: scatter hashes what the GPU has already read). Calls under 8 MiB
+    // are one chunk.
+    size_t per_chunk = n;
+    if (opts.chunk_bytes > 0 && n * per_block >= (8u << 20))
+      per_chunk = size_t(std::max<uint64_t>(1, opts.chunk_bytes / std::max<uint64_t>(1, per_block)));
+    std::vector<size_t> chunk_ends;
+    for (size_t hi = per_chunk;; hi += per_chunk) {
+      chunk_ends.push_back(std::min(n, hi) * segs.size());
+      if (hi >= n) break;
+    }
+    auto check = [&](size_t chunk) {
+      for (size_t i = chunk * per_chunk, end = std::min(n, i + per_chunk); i < end; ++i) {
+        uint8_t* slot = data_ + uint64_t(slots[i]) * hdr_->slot_size;
+        if (flush_) invalidate(slot, per_block);
+        verdict(i, block_checksum(slot, per_block));
+      }
+    };
+    if (descs.empty() || per_block == 0) {
+      for (size_t c = 0; c < chunk_ends.size(); ++c) check(c);
+    } else {
+      std::string e = cuda::copy(descs.data(), descs.size(), chunk_ends, opts.device,
+                                 opts.stream, opts.threads, check);
+      if (!e.empty()) fail(ErrorKind::kCuda, e);
+    }
   }
   if (!to_pool) atomics::count(hdr_->stats.bytes_out, n * per_block);
   return out;

@@ -106,13 +106,15 @@ def test_gpu_copy_handles_unaligned_segments(shm_pool: MakePool) -> None:
 
 
 @needs_gpu
-@pytest.mark.parametrize(("threads", "chunk_bytes"), [(1, 0), (1, 2 << 20), (3, 2 << 20),
-                                                      (8, 1 << 20)])
-def test_gpu_copies_in_chunks_hash_and_verify_every_block(shm_pool: MakePool, threads: int,
-                                                          chunk_bytes: int) -> None:
-    """24 MiB in chunks hashed by several threads while the GPU copies: every checksum is the
-    CPU's hash of the block (so a GPU worker's blocks verify on a CPU worker and back), and
-    a block scribbled in the pool is reported at its own position, wherever its chunk is."""
+@pytest.mark.parametrize(("host_hash", "threads", "chunk_bytes"), [
+    (False, 4, 4 << 20), (True, 1, 0), (True, 1, 2 << 20), (True, 3, 2 << 20),
+    (True, 8, 1 << 20)])
+def test_gpu_copies_hash_and_verify_every_block(shm_pool: MakePool, host_hash: bool,
+                                                threads: int, chunk_bytes: int) -> None:
+    """24 MiB, hashed by the copy kernel or, in chunks, by host threads while the GPU copies:
+    every checksum is the CPU's hash of the block (so a GPU worker's blocks verify on a CPU
+    worker and back), and a block scribbled in the pool is reported at its own position,
+    wherever its chunk is."""
     torch = pytest.importorskip("torch")
     blocks, half = 24, 512 << 10
     pool = shm_pool(slot_size=2 * half, slot_count=blocks)
@@ -124,7 +126,7 @@ def test_gpu_copies_in_chunks_hash_and_verify_every_block(shm_pool: MakePool, th
     engine_blocks = list(range(2 * blocks - 1, 0, -2))  # every other block, backwards
     slots = pool.prepare_store(keys)
     sums = pool.gather_cuda(slots, engine_blocks, segs, threads=threads,
-                            chunk_bytes=chunk_bytes)
+                            chunk_bytes=chunk_bytes, host_hash=host_hash)
     want = [hashlib.sha256(bytes(k_cache[b].cpu().numpy()) + bytes(v_cache[b].cpu().numpy()))
             .digest() for b in engine_blocks]
     assert sums == [pool._p.compute_checksum(s, 2 * half) for s in slots]
@@ -138,9 +140,33 @@ def test_gpu_copies_in_chunks_hash_and_verify_every_block(shm_pool: MakePool, th
         dst_k, dst_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
         failed = pool.scatter_cuda(pinned, list(range(blocks)),
                                    [(t.data_ptr(), half, half) for t in (dst_k, dst_v)],
-                                   threads=threads, chunk_bytes=chunk_bytes)
+                                   threads=threads, chunk_bytes=chunk_bytes,
+                                   host_hash=host_hash)
     assert failed == [0, 13, 23]
     good = [i for i in range(blocks) if i not in failed]
     assert torch.equal(dst_k[good], k_cache[[engine_blocks[i] for i in good]])
     assert torch.equal(dst_v[good], v_cache[[engine_blocks[i] for i in good]])
     assert not dst_k[blocks:].any()
+
+
+@needs_gpu
+def test_segments_not_in_whole_words_are_hashed_on_the_host(shm_pool: MakePool) -> None:
+    """A block of two 37-byte segments: the second starts mid-word, so the kernel cannot
+    compute the block's checksum; the host does, and the result is the same checksum."""
+    torch = pytest.importorskip("torch")
+    pool = shm_pool(slot_size=74)
+    a = torch.randint(0, 256, (4, 40), dtype=torch.uint8, device="cuda")
+    b = torch.randint(0, 256, (4, 40), dtype=torch.uint8, device="cuda")
+    segs = [(a.data_ptr(), 40, 37), (b.data_ptr(), 40, 37)]
+    keys = [key(200), key(201)]
+    slots = pool.prepare_store(keys)
+    sums = pool.gather_cuda(slots, [2, 0], segs)
+    assert sums == [pool._p.compute_checksum(s, 74) for s in slots]
+    pool.complete_store(slots, [74, 74], checksums=sums)
+    assert pool.get(keys) == [bytes(a[2, :37].cpu().numpy()) + bytes(b[2, :37].cpu().numpy()),
+                              bytes(a[0, :37].cpu().numpy()) + bytes(b[0, :37].cpu().numpy())]
+    c, d = torch.zeros_like(a), torch.zeros_like(b)
+    with pool.pinned(keys) as pinned:
+        assert pool.scatter_cuda(pinned, [1, 3], [(c.data_ptr(), 40, 37),
+                                                  (d.data_ptr(), 40, 37)]) == []
+    assert torch.equal(c[1, :37], a[2, :37]) and torch.equal(d[3, :37], b[0, :37])

@@ -19,6 +19,8 @@ struct CopyDesc {
   uint64_t src;    // address readable by the device (device pointer or mapped host pointer)
   uint64_t dst;
   uint64_t bytes;
+  uint64_t word;   // copy_hashed: the block's word index (beluga/checksum.h) of the first byte
+  uint64_t block;  // copy_hashed: the block's index in the call
 };
 
 // Number of visible devices; 0 when the driver or a device is missing (never throws).
@@ -28,6 +30,14 @@ std::string register_host(void* ptr, size_t bytes);
 std::string unregister_host(void* ptr);
 // The device address of a registered host pointer (on the current device).
 std::string device_pointer(void* host, uint64_t* out);
+// Copy every descriptor on `stream` (0: the legacy default stream) in one kernel that also
+// adds each copied word's checksum term (beluga/checksum.h) into sums[desc.block]
+// (`blocks` of them, zeroed first), and wait for it. Every descriptor's first byte must
+// start a word of its block (word = offset / 8 with offset % 8 == 0); a descriptor whose
+// length is not whole words must end its block. "" or an error text.
+std::string copy_hashed(const CopyDesc* descs, size_t n, size_t blocks, int device,
+                        uint64_t stream, uint64_t* sums);
+
 // Copy every descriptor on `stream` (0: the legacy default stream), one kernel per chunk
 // (chunk_ends: each chunk's end index into descs, ascending, the last one n), and run
 // `done(c)` on the host for chunk c once its copy has finished, from up to `threads` host

@@ -12,7 +12,8 @@
 // locked forever and nothing half-visible: a slot is visible only in state READY, which is
 // set after its bytes are complete.
 //
-// Bump kFormatVersion on any change to these structs. Attach refuses another version.
+// Bump kFormatVersion on any change to these structs or to what they mean (format 2: the
+// block checksum of beluga/checksum.h). Attach refuses another version.
 #pragma once
 
 #include <atomic>
@@ -22,7 +23,7 @@
 namespace beluga {
 
 inline constexpr uint64_t kMagic = 0x564B4147554C4542ULL;  // "BELUGAKV" little-endian
-inline constexpr uint32_t kFormatVersion = 1;
+inline constexpr uint32_t kFormatVersion = 2;
 inline constexpr size_t kCacheLine = 64;
 inline constexpr size_t kKeyBytes = 32;
 inline constexpr size_t kFingerprintBytes = 32;

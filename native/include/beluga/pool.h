@@ -75,18 +75,21 @@ struct Segment {
   uint64_t bytes;
 };
 
-// How a GPU copy runs. The blocks are copied in chunks of about `chunk_bytes` (one kernel
-// each; 0: one kernel for the whole call), and each chunk's checksums are computed on the
-// CPU as soon as its copy has finished, by up to `threads` threads, while the GPU copies
-// the chunks after it: the call takes about max(copy, hashing / threads), not their sum.
+// How a GPU copy runs. The copy kernel also computes each block's checksum (a sum of
+// per-word terms, beluga/checksum.h), so the host does no hashing, when every segment but
+// the last is whole 8-byte words (KV segments always are). Otherwise, or with `host_hash`,
+// the blocks are copied in chunks of about `chunk_bytes` (one kernel each; 0: one kernel
+// for the whole call) and each chunk is hashed on the CPU as soon as its copy has finished,
+// by up to `threads` threads, while the GPU copies the chunks after it.
 struct CudaCopyOptions {
   int device = 0;        // the GPU the segments' device pointers live on
   uint64_t stream = 0;   // a cudaStream_t (0: the legacy default stream)
-  int threads = 4;       // host threads hashing finished chunks
-  uint64_t chunk_bytes = 8ull << 20;
+  int threads = 4;       // host hashing: threads hashing finished chunks
+  uint64_t chunk_bytes = 4ull << 20;
+  bool host_hash = false;
 };
 
-// Checksum of a block's bytes (xxh64-style, folded to 32 bits, never 0).
+// Checksum of a block's bytes (beluga/checksum.h; 32 bits, never 0).
 uint32_t block_checksum(const uint8_t* p, uint64_t n);
 
 class Pool {
@@ -137,8 +140,8 @@ class Pool {
   static int cuda_device_count();
   void cuda_register();
   bool cuda_registered() const { return cuda_base_ != 0; }
-  // Same results as gather / scatter(verify=true); checksums computed on the CPU, chunk by
-  // chunk from `threads` threads while the GPU copies the next chunks (see CudaCopyOptions).
+  // Same results as gather / scatter(verify=true); checksums computed by the copy kernel or
+  // on the CPU (see CudaCopyOptions).
   std::vector<uint32_t> gather_cuda(const std::vector<int64_t>& slots,
                                     const std::vector<int64_t>& block_ids,
                                     const std::vector<Segment>& segments,

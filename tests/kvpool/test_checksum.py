@@ -1,0 +1,71 @@
+"""The block checksum (pool format 2, native/include/beluga/checksum.h), pinned by a Python
+reference: a sum of per-word terms that the CPU computes in one pass and the GPU copy kernel
+while it copies (tests/kvpool/test_cuda.py checks that both agree)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from kvpool import KVPool
+from tests.kvpool.conftest import key
+
+M64 = (1 << 64) - 1
+P1, P2, P3 = 0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
+
+
+def term(word: int, k: int) -> int:
+    x = ((word ^ (k * P1 & M64)) * P2) & M64
+    return x ^ (x >> 29)
+
+
+def reference(data: bytes) -> int:
+    padded = data + b"\0" * (-len(data) % 8)
+    s = sum(term(int.from_bytes(padded[i:i + 8], "little"), i // 8)
+            for i in range(0, len(padded), 8)) & M64
+    h = s ^ (len(data) * P3 & M64)
+    h ^= h >> 33
+    h = h * P2 & M64
+    h ^= h >> 29
+    h = h * P3 & M64
+    h ^= h >> 32
+    folded = (h ^ (h >> 32)) & 0xFFFFFFFF
+    return folded or 1
+
+
+def native(pool: KVPool, data: bytes) -> int:
+    [slot] = pool.prepare_store([key(len(data))])
+    try:
+        pool.write(slot, data)
+        return int(pool._p.compute_checksum(slot, len(data)))
+    finally:
+        pool.complete_store([slot], ok=False)
+
+
+@pytest.fixture
+def pool(make_pool: Callable[..., KVPool]) -> KVPool:
+    return make_pool(slot_size=8192, slot_count=4)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 15, 16, 17, 31, 100, 4095, 8192])
+def test_the_native_checksum_is_the_specified_one(pool: KVPool, size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    assert native(pool, data) == reference(data)
+
+
+def test_every_single_byte_change_and_word_swap_changes_the_checksum(pool: KVPool) -> None:
+    rng = random.Random(5)
+    data = bytearray(rng.randbytes(4096))
+    base = native(pool, bytes(data))
+    for _ in range(64):
+        i = rng.randrange(len(data))
+        flipped = bytearray(data)
+        flipped[i] ^= 1 << rng.randrange(8)
+        assert native(pool, bytes(flipped)) != base
+    swapped = bytearray(data)
+    swapped[0:8], swapped[8:16] = data[8:16], data[0:8]
+    assert native(pool, bytes(swapped)) != base
+    # Trailing zero bytes are part of the block: a shorter block is another block.
+    assert native(pool, bytes(data) + b"\0") != base
