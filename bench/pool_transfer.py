@@ -386,11 +386,50 @@ def bench_cuda(shm: Path, repeat: int = 7) -> dict[str, Any]:
                 assert pool.scatter_cuda(pinned, ids, layout.segments) == []
     finally:
         pool.close()
+    out["by_prefix_blocks"] = _small_prefixes(caches, names, layout, shm, timed)
     for op, dma in (("save", "dma_d2h_ms"), ("load", "dma_h2d_ms")):
         for name in ["torch", *(c[0] for c in GPU_CONFIGS)]:
             out[f"{name}_{op}_gbps"] = nbytes / out[f"{name}_{op}_ms"] / 1e6
             out[f"{name}_{op}_vs_dma"] = out[dma] / out[f"{name}_{op}_ms"]
     out["disk_file_register"] = _try_register_disk_file()
+    return out
+
+
+def _small_prefixes(caches: dict[str, Any], names: list[str], layout: Any, shm: Path,
+                    timed: Any) -> dict[str, dict[str, float]]:
+    """Shorter prefixes (1..32 blocks: 16..512 tokens), where fixed costs per call show:
+    the default GPU path against the torch connector, ms per save and per load."""
+    import torch
+
+    out: dict[str, dict[str, float]] = {}
+    engine_blocks = next(iter(caches.values())).shape[1]
+    pool = KVPool.create(shm / "small.pool", slot_size=layout.block_bytes, slot_count=64,
+                         fingerprint=hashlib.sha256(b"s").digest())
+    try:
+        for blocks in (1, 4, 32):
+            ids = torch.randperm(engine_blocks)[:blocks].tolist()
+            idx = torch.tensor(ids, device="cuda")
+            host = {n: torch.empty((2, blocks, *caches[n].shape[2:]), dtype=torch.bfloat16,
+                                   pin_memory=True) for n in names}
+            keys = [key(97 + blocks, i) for i in range(blocks)]
+            slots = pool.prepare_store(keys)
+            row = {"gpu_hash_save_ms": timed(lambda s=slots, i=ids: pool.gather_cuda(
+                s, i, layout.segments))}
+            pool.complete_store(slots, [layout.block_bytes] * blocks,
+                                checksums=pool.gather_cuda(slots, ids, layout.segments))
+            with pool.pinned(keys) as pinned:
+                row["gpu_hash_load_ms"] = timed(lambda p=pinned, i=ids: pool.scatter_cuda(
+                    p, i, layout.segments))
+            row["torch_save_ms"] = timed(lambda h=host, x=idx: [
+                h[n].copy_(caches[n].index_select(1, x), non_blocking=True) for n in names])
+            row["torch_load_ms"] = timed(lambda h=host, x=idx: [
+                caches[n].index_copy_(1, x, h[n].to("cuda", non_blocking=True))
+                for n in names])
+            out[str(blocks)] = row
+            for k in keys:
+                pool.remove(k)
+    finally:
+        pool.close()
     return out
 
 
