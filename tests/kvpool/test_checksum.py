@@ -4,6 +4,7 @@ while it copies (tests/kvpool/test_cuda.py checks that both agree)."""
 
 from __future__ import annotations
 
+import ctypes
 import random
 from collections.abc import Callable
 
@@ -69,3 +70,34 @@ def test_every_single_byte_change_and_word_swap_changes_the_checksum(pool: KVPoo
     assert native(pool, bytes(swapped)) != base
     # Trailing zero bytes are part of the block: a shorter block is another block.
     assert native(pool, bytes(data) + b"\0") != base
+
+
+@pytest.mark.parametrize("sizes", [[64, 64, 64], [40, 40, 13], [37, 37], [5]])
+def test_gather_and_scatter_checksum_the_bytes_they_copy(make_pool: Callable[..., KVPool],
+                                                         sizes: list[int]) -> None:
+    """Whole-word segments are hashed while copied, others after the copy: either way the
+    checksum is the block's (the reference's), and a scribbled slot fails its load."""
+    pool = make_pool(slot_size=256, slot_count=4)
+    rng = random.Random(sum(sizes))
+    stride = 64
+    engine = [bytearray(rng.randbytes(4 * stride)) for _ in sizes]
+    addrs = [ctypes.addressof((ctypes.c_char * len(b)).from_buffer(b)) for b in engine]
+    segs = [(a, stride, n) for a, n in zip(addrs, sizes, strict=True)]
+    keys = [key(300 + i) for i in range(3)]
+    slots = pool.prepare_store(keys)
+    sums = pool.gather(slots, [3, 0, 2], segs)
+    blocks = [b"".join(bytes(e[b * stride:b * stride + n]) for e, n in zip(engine, sizes,
+                                                                           strict=True))
+              for b in (3, 0, 2)]
+    assert sums == [reference(b) for b in blocks]
+    pool.complete_store(slots, [sum(sizes)] * 3, checksums=sums)
+    with pool.pinned(keys) as pinned:
+        target = ctypes.c_uint8.from_address(pool._p.slot_address(pinned[1]) + sum(sizes) - 1)
+        target.value ^= 0x80
+        out = [bytearray(4 * stride) for _ in sizes]
+        oaddrs = [ctypes.addressof((ctypes.c_char * len(b)).from_buffer(b)) for b in out]
+        failed = pool.scatter(pinned, [1, 2, 3], [(a, stride, n) for a, n in
+                                                  zip(oaddrs, sizes, strict=True)])
+    assert failed == [1]
+    assert all(bytes(o[stride:2 * stride][:n]) == bytes(e[3 * stride:3 * stride + n])
+               for o, e, n in zip(out, engine, sizes, strict=True))
