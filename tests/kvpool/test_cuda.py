@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -170,3 +172,42 @@ def test_segments_not_in_whole_words_are_hashed_on_the_host(shm_pool: MakePool) 
         assert pool.scatter_cuda(pinned, [1, 3], [(c.data_ptr(), 40, 37),
                                                   (d.data_ptr(), 40, 37)]) == []
     assert torch.equal(c[1, :37], a[2, :37]) and torch.equal(d[3, :37], b[0, :37])
+
+
+SAVER = """
+import sys, torch
+from kvpool import KVPool
+from tests.kvpool.conftest import FP, key
+pool = KVPool.attach(sys.argv[1], fingerprint=FP)
+gen = torch.Generator(device="cuda").manual_seed(21)
+cache = torch.randint(0, 256, (2, 16, 8192), dtype=torch.uint8, device="cuda", generator=gen)
+segs = [(cache[i].data_ptr(), 8192, 8192) for i in range(2)]
+keys = [key(400 + i) for i in range(4)]
+slots = pool.prepare_store(keys)
+pool.complete_store(slots, [16384] * 4, checksums=pool.gather_cuda(slots, [9, 2, 15, 4], segs))
+pool.close()
+"""
+
+
+@needs_gpu
+def test_one_process_saves_from_its_gpu_and_another_loads_onto_its_own(
+        shm_pool: MakePool) -> None:
+    """Two workers on one host: a separate process attaches the pool, registers it with the
+    GPU and saves four blocks from its cache; this process, holding its own registration of
+    the same mapping, loads them into another cache and gets the saver's bytes."""
+    torch = pytest.importorskip("torch")
+    pool = shm_pool(slot_size=16384, slot_count=8)
+    pool.cuda_register()  # registered here first: the saver registers the same pages again
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", SAVER, pool.path], cwd=root, check=True, timeout=120)
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    want = torch.randint(0, 256, (2, 16, 8192), dtype=torch.uint8, device="cuda",
+                         generator=gen)
+    mine = torch.zeros(2, 6, 8192, dtype=torch.uint8, device="cuda")
+    keys = [key(400 + i) for i in range(4)]
+    with pool.pinned(keys) as pinned:
+        assert len(pinned) == 4
+        assert pool.scatter_cuda(pinned, [5, 0, 3, 1],
+                                 [(mine[i].data_ptr(), 8192, 8192) for i in range(2)]) == []
+    assert torch.equal(mine[:, [5, 0, 3, 1]], want[:, [9, 2, 15, 4]])
+    assert not mine[:, [2, 4]].any()
