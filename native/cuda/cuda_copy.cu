@@ -61,60 +61,42 @@ __global__ void copy_kernel(const CopyDesc* descs, unsigned long long* sums) {
   if ((threadIdx.x & 31u) == 0 && acc != 0) atomicAdd(&sums[d.block], (unsigned long long)acc);
 }
 
-// Per-device scratch: the descriptor table (device buffer + pinned host staging) and the
-// per-block sums (device + pinned host).
-struct Scratch {
-  CopyDesc* dev = nullptr;
-  CopyDesc* host = nullptr;
+// A device buffer with a pinned host twin (staging for uploads, landing for downloads),
+// grown to a power of two and reused across calls.
+template <typename T>
+struct Mirrored {
+  T* dev = nullptr;
+  T* host = nullptr;
   size_t capacity = 0;
-  unsigned long long* dev_sums = nullptr;
-  unsigned long long* host_sums = nullptr;
-  size_t sums_capacity = 0;
+
+  std::string reserve(size_t n) {
+    if (capacity >= n) return "";
+    if (dev) cudaFree(dev);
+    if (host) cudaFreeHost(host);
+    dev = nullptr;
+    host = nullptr;
+    capacity = 0;
+    size_t cap = 1;
+    while (cap < n) cap <<= 1;
+    cudaError_t e;
+    if ((e = cudaMalloc(&dev, cap * sizeof(T))) != cudaSuccess) return err("cudaMalloc", e);
+    if ((e = cudaMallocHost(&host, cap * sizeof(T))) != cudaSuccess) {
+      cudaFree(dev);
+      dev = nullptr;
+      return err("cudaMallocHost", e);
+    }
+    capacity = cap;
+    return "";
+  }
+};
+
+// Per-device scratch: the descriptor table and the per-block sums.
+struct Scratch {
+  Mirrored<CopyDesc> descs;
+  Mirrored<unsigned long long> sums;
 };
 std::mutex scratch_mu;
 std::vector<Scratch> scratch;
-
-size_t round_up_pow2(size_t n) {
-  size_t cap = 1;
-  while (cap < n) cap <<= 1;
-  return cap;
-}
-
-// Under scratch_mu: make room for n descriptors and `blocks` sums on `device`.
-std::string reserve(Scratch& s, size_t n, size_t blocks) {
-  cudaError_t e;
-  if (s.capacity < n) {
-    if (s.dev) cudaFree(s.dev);
-    if (s.host) cudaFreeHost(s.host);
-    s.dev = nullptr;
-    s.host = nullptr;
-    s.capacity = 0;
-    const size_t cap = round_up_pow2(n);
-    if ((e = cudaMalloc(&s.dev, cap * sizeof(CopyDesc))) != cudaSuccess) return err("cudaMalloc", e);
-    if ((e = cudaMallocHost(&s.host, cap * sizeof(CopyDesc))) != cudaSuccess) {
-      cudaFree(s.dev);
-      s.dev = nullptr;
-      return err("cudaMallocHost", e);
-    }
-    s.capacity = cap;
-  }
-  if (s.sums_capacity < blocks) {
-    if (s.dev_sums) cudaFree(s.dev_sums);
-    if (s.host_sums) cudaFreeHost(s.host_sums);
-    s.dev_sums = nullptr;
-    s.host_sums = nullptr;
-    s.sums_capacity = 0;
-    const size_t cap = round_up_pow2(blocks);
-    if ((e = cudaMalloc(&s.dev_sums, cap * 8)) != cudaSuccess) return err("cudaMalloc", e);
-    if ((e = cudaMallocHost(&s.host_sums, cap * 8)) != cudaSuccess) {
-      cudaFree(s.dev_sums);
-      s.dev_sums = nullptr;
-      return err("cudaMallocHost", e);
-    }
-    s.sums_capacity = cap;
-  }
-  return "";
-}
 
 // Under scratch_mu: select the device, make room, and queue the descriptor upload.
 std::string prepare(const CopyDesc* descs, size_t n, size_t blocks, int device,
@@ -123,11 +105,12 @@ std::string prepare(const CopyDesc* descs, size_t n, size_t blocks, int device,
   if (e != cudaSuccess) return err("cudaSetDevice", e);
   if (scratch.size() <= size_t(device)) scratch.resize(size_t(device) + 1);
   Scratch& s = scratch[size_t(device)];
-  std::string r = reserve(s, n, blocks);
+  std::string r = s.descs.reserve(n);
+  if (r.empty() && blocks > 0) r = s.sums.reserve(blocks);
   if (!r.empty()) return r;
-  std::copy(descs, descs + n, s.host);
-  if ((e = cudaMemcpyAsync(s.dev, s.host, n * sizeof(CopyDesc), cudaMemcpyHostToDevice, stream)) !=
-      cudaSuccess)
+  std::copy(descs, descs + n, s.descs.host);
+  if ((e = cudaMemcpyAsync(s.descs.dev, s.descs.host, n * sizeof(CopyDesc),
+                           cudaMemcpyHostToDevice, stream)) != cudaSuccess)
     return err("cudaMemcpyAsync", e);
   *out = &s;
   return "";
@@ -173,21 +156,21 @@ std::string copy_hashed(const CopyDesc* descs, size_t n, size_t blocks, int devi
   std::string r = prepare(descs, n, blocks, device, stream, &s);
   if (!r.empty()) return r;
   cudaError_t e;
-  if ((e = cudaMemsetAsync(s->dev_sums, 0, blocks * 8, stream)) != cudaSuccess)
+  if ((e = cudaMemsetAsync(s->sums.dev, 0, blocks * 8, stream)) != cudaSuccess)
     return err("cudaMemsetAsync", e);
-  copy_kernel<<<unsigned(n), kThreads, 0, stream>>>(s->dev, s->dev_sums);
+  copy_kernel<<<unsigned(n), kThreads, 0, stream>>>(s->descs.dev, s->sums.dev);
   if ((e = cudaGetLastError()) != cudaSuccess) {
     cudaStreamSynchronize(stream);
     return err("copy kernel launch", e);
   }
-  if ((e = cudaMemcpyAsync(s->host_sums, s->dev_sums, blocks * 8, cudaMemcpyDeviceToHost,
+  if ((e = cudaMemcpyAsync(s->sums.host, s->sums.dev, blocks * 8, cudaMemcpyDeviceToHost,
                            stream)) != cudaSuccess) {
     cudaStreamSynchronize(stream);
     return err("cudaMemcpyAsync", e);
   }
   // Synchronous: the caller unpins (or publishes) the slots when this returns.
   if ((e = cudaStreamSynchronize(stream)) != cudaSuccess) return err("cudaStreamSynchronize", e);
-  std::copy(s->host_sums, s->host_sums + blocks, sums);
+  std::copy(s->sums.host, s->sums.host + blocks, sums);
   return "";
 }
 
@@ -214,7 +197,8 @@ std::string copy(const CopyDesc* descs, size_t n, const std::vector<size_t>& chu
       error = err("cudaEventCreate", e);
       break;
     }
-    copy_kernel<<<unsigned(chunk_ends[c] - lo), kThreads, 0, stream>>>(s->dev + lo, nullptr);
+    copy_kernel<<<unsigned(chunk_ends[c] - lo), kThreads, 0, stream>>>(s->descs.dev + lo,
+                                                                        nullptr);
     if ((e = cudaGetLastError()) != cudaSuccess) error = err("copy kernel launch", e);
     else if ((e = cudaEventRecord(events[c], stream)) != cudaSuccess) error = err("cudaEventRecord", e);
   }
