@@ -60,27 +60,42 @@ class LongStream:
             self.done.set()
 
 
+def major_faults(pid: int) -> int:
+    """Major page faults of a process so far (/proc/PID/stat field 12), -1 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[9])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def victim_stuck(stack: Stack, pid: int, url: str, waited_s: float,
                  errors: list[BaseException], streams: list[LongStream]) -> str:
     """Why the victim has not answered one long prompt: what it is running, and its log
     with every thread's stack of its engine and model runner (SIGUSR1: see
     engine.connector.dump_stacks_on_sigusr1)."""
-    engine: list[tuple[psutil.Process, float]] = []
+    engine: list[tuple[psutil.Process, float, int]] = []
     for child in psutil.Process(pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if child.cmdline()[:1] in (["VLLM::EngineCore"], ["VLLM::Worker"]):
                 t = child.cpu_times()
-                engine.append((child, t.user + t.system))
+                engine.append((child, t.user + t.system, major_faults(child.pid)))
                 child.send_signal(signal.SIGUSR1)
     time.sleep(3)
-    # Computing slowly, starved of its core, or blocked: its CPU time over those 3 s, its
-    # state and its cores (and the load of every core) tell them apart.
-    cpu = [f"per-core load %: {psutil.cpu_percent(interval=1, percpu=True)}"]
-    for child, before in engine:
+    # Computing slowly, starved of its core (by the other worker, or by the hypervisor:
+    # steal), paging its weights back in (major faults), or blocked: its CPU time and
+    # faults over those 3 s, its state and cores, and every core's time tell them apart.
+    per_core = psutil.cpu_times_percent(interval=1, percpu=True)
+    cpu = ["per-core % (user/system/iowait/steal/idle): " + "; ".join(
+               f"{c.user:.0f}/{c.system:.0f}/{c.iowait:.0f}/{c.steal:.0f}/{c.idle:.0f}"
+               for c in per_core),
+           f"memory: {psutil.virtual_memory()}, swap used {psutil.swap_memory().used}"]
+    for child, before, faults in engine:
         with contextlib.suppress(psutil.Error):
             t = child.cpu_times()
             cpu.append(f"{child.cmdline()[:1]} pid {child.pid}: {t.user + t.system - before:.2f}"
-                       f" s CPU in 3 s, status {child.status()}, cores {child.cpu_affinity()},"
+                       f" s CPU and {major_faults(child.pid) - faults} major faults in 3 s,"
+                       f" status {child.status()}, cores {child.cpu_affinity()},"
                        f" threads {child.num_threads()}")
     try:
         running = [ln for ln in httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
