@@ -456,7 +456,9 @@ std::unique_ptr<Pool> Pool::attach(const std::string& path, const std::string& e
   if (flush_override) invalidate(h, sizeof(PoolHeader));
   if (h->version != kFormatVersion)
     fail(ErrorKind::kFormat, path + " has pool format " + std::to_string(h->version) +
-                                 "; this build reads format " + std::to_string(kFormatVersion));
+                                 "; this build reads format " + std::to_string(kFormatVersion) +
+                                 " (a pool of another Beluga release: it is only a cache, so "
+                                 "delete it once no process uses it, or use another path)");
   if (h->header_bytes != sizeof(PoolHeader))
     fail(ErrorKind::kCorrupt, path + ": header size mismatch");
   if (h->header_checksum != header_checksum(h))

@@ -277,6 +277,16 @@ def test_scribbled_or_truncated_pools_are_refused_unchanged(
     assert snapshot(pool_path) == bad  # attach never "repairs" a foreign pool
 
 
+def test_a_pool_of_another_release_is_refused_saying_what_to_do(make_pool: MakePool,
+                                                                pool_path: Path) -> None:
+    make_pool().close()
+    b = snapshot(pool_path)
+    pool_path.write_bytes(b[:8] + (1).to_bytes(4, "little") + b[12:])  # format 1 (checksum v1)
+    with pytest.raises(PoolFormatError, match=r"has pool format 1; this build reads format 2 "
+                                              r"\(.*only a cache, so delete it once no process"):
+        KVPool.attach(pool_path, fingerprint=FP, wait_init_s=0.05)
+
+
 def test_foreign_model_or_geometry_is_refused(make_pool: MakePool, pool_path: Path) -> None:
     make_pool()
     with pytest.raises(PoolFingerprintError):
