@@ -69,19 +69,54 @@ def major_faults(pid: int) -> int:
         return -1
 
 
+def thread_stats() -> dict[tuple[int, int], tuple[str, int, str, int, int, int]]:
+    """Every thread on the machine: (pid, tid) -> (name, CPU ticks, state, core, policy,
+    nice), from /proc/PID/task/TID/stat."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, IndexError, ValueError), \
+                        open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    raw = f.read()
+                    name = raw[raw.index("(") + 1:raw.rindex(")")]
+                    v = raw[raw.rindex(")") + 2:].split()
+                    out[(int(pid), int(tid))] = (name, int(v[11]) + int(v[12]), v[0],
+                                                 int(v[36]), int(v[38]), int(v[16]))
+    return out
+
+
+def run_queue_wait_s(pid: int) -> float:
+    """Seconds a process's threads have waited on a run queue, runnable but not running
+    (/proc/PID/task/*/schedstat, second field)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError, ValueError), \
+                    open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+    return total / 1e9
+
+
 def victim_stuck(stack: Stack, pid: int, url: str, waited_s: float,
                  errors: list[BaseException], streams: list[LongStream]) -> str:
     """Why the victim has not answered one long prompt: what it is running, and its log
     with every thread's stack of its engine and model runner (SIGUSR1: see
     engine.connector.dump_stacks_on_sigusr1)."""
-    engine: list[tuple[psutil.Process, float, int]] = []
+    engine: list[tuple[psutil.Process, float, int, float]] = []
+    threads_before = thread_stats()
     for child in psutil.Process(pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if child.cmdline()[:1] in (["VLLM::EngineCore"], ["VLLM::Worker"]):
                 t = child.cpu_times()
-                engine.append((child, t.user + t.system, major_faults(child.pid)))
+                engine.append((child, t.user + t.system, major_faults(child.pid),
+                               run_queue_wait_s(child.pid)))
                 child.send_signal(signal.SIGUSR1)
     time.sleep(3)
+    threads_after = thread_stats()
+    busiest = sorted(((after[1] - threads_before[k][1], k, after)
+                      for k, after in threads_after.items() if k in threads_before),
+                     reverse=True)[:10]
     # Computing slowly, starved of its core (by the other worker, or by the hypervisor:
     # steal), paging its weights back in (major faults), or blocked: its CPU time and
     # faults over those 3 s, its state and cores, and every core's time tell them apart.
@@ -89,14 +124,23 @@ def victim_stuck(stack: Stack, pid: int, url: str, waited_s: float,
     cpu = ["per-core % (user/system/iowait/steal/idle): " + "; ".join(
                f"{c.user:.0f}/{c.system:.0f}/{c.iowait:.0f}/{c.steal:.0f}/{c.idle:.0f}"
                for c in per_core),
-           f"memory: {psutil.virtual_memory()}, swap used {psutil.swap_memory().used}"]
-    for child, before, faults in engine:
+           f"memory: {psutil.virtual_memory()}, swap used {psutil.swap_memory().used}",
+           "busiest threads over the 3 s (CPU ticks, pid/tid, name, state, last core, "
+           "policy, nice): " + "; ".join(
+               f"{d} {k[0]}/{k[1]} {a[0]} {a[2]} core {a[3]} policy {a[4]} nice {a[5]}"
+               for d, k, a in busiest)]
+    for child, before, faults, waited in engine:
         with contextlib.suppress(psutil.Error):
             t = child.cpu_times()
             cpu.append(f"{child.cmdline()[:1]} pid {child.pid}: {t.user + t.system - before:.2f}"
-                       f" s CPU and {major_faults(child.pid) - faults} major faults in 3 s,"
-                       f" status {child.status()}, cores {child.cpu_affinity()},"
-                       f" threads {child.num_threads()}")
+                       f" s CPU, {run_queue_wait_s(child.pid) - waited:.2f} s runnable but"
+                       f" waiting (all threads) and {major_faults(child.pid) - faults} major"
+                       f" faults in 3 s, status {child.status()}, cores"
+                       f" {child.cpu_affinity()}, threads {child.num_threads()}; its running"
+                       f" threads: " + ", ".join(
+                           f"{k[1]} {a[0]} core {a[3]} policy {a[4]} nice {a[5]}"
+                           for k, a in threads_after.items()
+                           if k[0] == child.pid and a[2] == "R"))
     try:
         running = [ln for ln in httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
                    if ln.startswith(("vllm:num_requests", "vllm:kv_cache_usage",
