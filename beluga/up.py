@@ -35,11 +35,16 @@ STOP_GRACE_S = 30.0
 def worker_cores(cores: list[int], workers: int, reserved: int) -> list[str] | None:
     """The cores `beluga up` gives each of its workers: `reserved` cores are left to the
     front ends (API servers, schedulers, the gateway, Redis), the rest split among the
-    workers. None (vLLM's own layout) for one worker, or when there are not enough cores
-    to give every worker at least one after the reserve: on 2 cores, splitting them between
-    2 workers left the front ends no core, and the test suite ran twice as long."""
-    if workers < 2 or len(cores) - reserved < workers:
+    workers. None (vLLM's own layout) for one worker. With too few cores to give every
+    worker at least one after the reserve, 'nobind' for all: on 2 cores, splitting them
+    between 2 workers left the front ends no core (the test suite ran twice as long), and
+    vLLM's own layout pins every worker to the same core, where on Linux 6.18 one worker's
+    runnable threads got no CPU at all for minutes while the other's held the core (the e2e
+    fault test's stall, 2026-11-26); unpinned, the kernel can move a waiting worker."""
+    if workers < 2:
         return None
+    if len(cores) - reserved < workers:
+        return ["nobind"] * workers
     return core_shares(cores[reserved:], workers)
 
 

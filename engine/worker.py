@@ -138,6 +138,12 @@ def vllm_env(settings: Settings) -> dict[str, str]:
     env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_space_gib:g}"
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.cpu_reserved_cores)
     env["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
+    if settings.cpu_threads_bind == "nobind":
+        # vLLM sets no thread count when it does not bind: give each worker its share of
+        # the cores beyond the reserve (at least one), as a bound worker would have.
+        share = (len(os.sched_getaffinity(0)) - settings.cpu_reserved_cores) \
+            // max(1, settings.num_workers)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, share)))
     if settings.model_hub_id is None:  # a folder: nothing to fetch from the Hub
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -22,7 +22,7 @@ def test_each_worker_gets_its_own_cores() -> None:
 def test_beluga_up_splits_only_the_cores_beyond_the_reserve() -> None:
     assert worker_cores(list(range(9)), 2, 1) == ["1,2,3,4", "5,6,7,8"]
     assert worker_cores([0, 1, 2], 2, 1) == ["1", "2"]
-    assert worker_cores([0, 1], 2, 1) is None   # the front ends would get no core
+    assert worker_cores([0, 1], 2, 1) == ["nobind", "nobind"]  # not all pinned to core 0
     assert worker_cores(list(range(8)), 1, 1) is None
 
 
@@ -32,6 +32,17 @@ def test_the_binding_reaches_vllm_and_bad_lists_are_refused() -> None:
     for bad in ("0-", "a", "1;rm", ""):
         with pytest.raises(ValidationError):
             Settings(cpu_threads_bind=bad)
+
+
+def test_unbound_workers_get_their_share_of_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(2)))
+    assert vllm_env(Settings(cpu_threads_bind="nobind"))["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(10)))
+    assert vllm_env(Settings(cpu_threads_bind="nobind"))["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in vllm_env(Settings())  # bound: vLLM sets it
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert vllm_env(Settings(cpu_threads_bind="nobind"))["OMP_NUM_THREADS"] == "3"
 
 
 def test_children_log_at_the_level_beluga_up_was_given() -> None:
