@@ -96,7 +96,8 @@ class Settings(BaseSettings):
         description="Cores of a CPU worker's compute threads (VLLM_CPU_OMP_THREADS_BIND): "
         "'auto' (vLLM's choice), 'nobind', or a list such as '0-3,8'. With 'auto', `beluga up` "
         "gives each of its workers its own share of the cores beyond cpu_reserved_cores when "
-        "there is at least one per worker (vLLM alone binds every worker to the same ones).",
+        "there is at least one per worker, and otherwise runs them unbound ('nobind'): vLLM "
+        "alone binds every worker to the same cores, where one can starve the other.",
     )
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Fraction of GPU memory a CUDA worker may use."
