@@ -154,62 +154,47 @@ void invalidate(const void* p, size_t n) {
 
 }  // namespace
 
-// See beluga/checksum.h. Two accumulators keep two multiplies in flight.
-uint32_t block_checksum(const uint8_t* p, uint64_t n) {
-  using checksum::term;
-  const uint64_t words = n / 8;
-  uint64_t s0 = 0, s1 = 0, k = 0;
-  for (; k + 2 <= words; k += 2) {
-    uint64_t v[2];
-    std::memcpy(v, p + k * 8, 16);
-    s0 += term(v[0], k);
-    s1 += term(v[1], k + 1);
-  }
-  for (; k < words; ++k) {
-    uint64_t v;
-    std::memcpy(&v, p + k * 8, 8);
-    s0 += term(v, k);
-  }
-  if (n % 8 != 0) {
-    uint64_t v = 0;  // the last word, zero-padded (little-endian: bytes in the low end)
-    std::memcpy(&v, p + words * 8, n % 8);
-    s0 += term(v, words);
-  }
-  return checksum::finish(s0 + s1, n);
-}
-
 namespace {
 
-// Copies n bytes and returns the checksum terms (beluga/checksum.h) of what it copied, the
-// first byte being word k of its block: one pass over the data instead of a copy and then a
-// second read to hash (1.6x faster than memcpy + block_checksum on the 2-core VM). Where n
-// is not whole words the last word is zero-padded, so that is only right at a block's end.
-uint64_t copy_hashing(uint8_t* dst, const uint8_t* src, uint64_t n, uint64_t k) {
+// The checksum terms (beluga/checksum.h) of n bytes at src, the first byte being word k of
+// its block, copying them to dst on the way when Copy (one pass over the data instead of a
+// copy and a second read: 1.6x faster than memcpy + hashing on the 2-core VM). Where n is
+// not whole words the last word is zero-padded, so that is only right at a block's end.
+// Two accumulators keep two multiplies in flight.
+template <bool Copy>
+uint64_t hash_words(uint8_t* dst, const uint8_t* src, uint64_t n, uint64_t k) {
   using checksum::term;
   uint64_t s0 = 0, s1 = 0, i = 0;
   for (; i + 16 <= n; i += 16, k += 2) {
     uint64_t v[2];
     std::memcpy(v, src + i, 16);
-    std::memcpy(dst + i, v, 16);
+    if constexpr (Copy) std::memcpy(dst + i, v, 16);
     s0 += term(v[0], k);
     s1 += term(v[1], k + 1);
   }
-  for (; i + 8 <= n; i += 8, ++k) {
-    uint64_t v;
-    std::memcpy(&v, src + i, 8);
-    std::memcpy(dst + i, &v, 8);
-    s0 += term(v, k);
-  }
-  if (i < n) {
-    uint64_t v = 0;
-    std::memcpy(&v, src + i, n - i);
-    std::memcpy(dst + i, &v, n - i);
+  for (; i < n; i += 8, ++k) {
+    uint64_t v = 0;  // little-endian: a short last word's bytes in the low end
+    const uint64_t len = n - i < 8 ? n - i : 8;
+    std::memcpy(&v, src + i, len);
+    if constexpr (Copy) std::memcpy(dst + i, &v, len);
     s0 += term(v, k);
   }
   return s0 + s1;
 }
 
+// Whether every segment but the last is whole words, so each starts a word of the block
+// and its terms can be computed on their own (while copying, on the CPU or the GPU).
+bool words_aligned(const std::vector<Segment>& segs) {
+  for (size_t j = 0; j + 1 < segs.size(); ++j)
+    if (segs[j].bytes % 8 != 0) return false;
+  return true;
+}
+
 }  // namespace
+
+uint32_t block_checksum(const uint8_t* p, uint64_t n) {
+  return checksum::finish(hash_words<false>(nullptr, p, n, 0), n);
+}
 
 namespace {
 
@@ -997,9 +982,7 @@ std::vector<int64_t> Pool::copy_blocks(const std::vector<int64_t>& slots,
   std::vector<int64_t> out(check ? n : 0, 0);
   // Hash while copying when every segment but the last is whole words (each then starts a
   // word of the block); otherwise copy, then hash the slot.
-  bool fused = check;
-  for (size_t j = 0; j + 1 < segs.size(); ++j)
-    if (segs[j].bytes % 8 != 0) fused = false;
+  const bool fused = check && words_aligned(segs);
   auto work = [&](size_t lo, size_t hi) {
     for (size_t i = lo; i < hi; ++i) {
       uint8_t* slot = data_ + uint64_t(slots[i]) * hdr_->slot_size;
@@ -1009,7 +992,7 @@ std::vector<int64_t> Pool::copy_blocks(const std::vector<int64_t>& slots,
         auto* engine = reinterpret_cast<uint8_t*>(seg.base + uint64_t(block_ids[i]) * seg.block_stride);
         uint8_t* dst = to_pool ? slot + off : engine;
         const uint8_t* src = to_pool ? engine : slot + off;
-        if (fused) terms += copy_hashing(dst, src, seg.bytes, off / 8);
+        if (fused) terms += hash_words<true>(dst, src, seg.bytes, off / 8);
         else std::memcpy(dst, src, seg.bytes);
         off += seg.bytes;
       }
@@ -1121,9 +1104,7 @@ std::vector<int64_t> Pool::copy_cuda(const std::vector<int64_t>& slots,
   // later would overwrite what the GPU wrote, a stale one would hide it from the CPU.
   // The GPU hashes when every segment starts a word of the block (all but the last are
   // whole words).
-  bool gpu_hash = !opts.host_hash;
-  for (size_t j = 0; j + 1 < segs.size(); ++j)
-    if (segs[j].bytes % 8 != 0) gpu_hash = false;
+  const bool gpu_hash = !opts.host_hash && words_aligned(segs);
   std::vector<cuda::CopyDesc> descs;
   descs.reserve(n * segs.size());
   for (size_t i = 0; i < n; ++i) {
