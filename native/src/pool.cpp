@@ -172,11 +172,19 @@ uint64_t hash_words(uint8_t* dst, const uint8_t* src, uint64_t n, uint64_t k) {
     s0 += term(v[0], k);
     s1 += term(v[1], k + 1);
   }
-  for (; i < n; i += 8, ++k) {
-    uint64_t v = 0;  // little-endian: a short last word's bytes in the low end
-    const uint64_t len = n - i < 8 ? n - i : 8;
-    std::memcpy(&v, src + i, len);
-    if constexpr (Copy) std::memcpy(dst + i, &v, len);
+  for (; i + 8 <= n; i += 8, ++k) {
+    uint64_t v;
+    std::memcpy(&v, src + i, 8);
+    if constexpr (Copy) std::memcpy(dst + i, &v, 8);
+    s0 += term(v, k);
+  }
+  // A short last word, zero-padded (little-endian: its bytes in the low end). Kept apart
+  // from the loops above: a variable-length copy there costs the main loop its registers
+  // (two 64-bit constants reloaded every iteration, ~10% slower on the VM).
+  if (i < n) {
+    uint64_t v = 0;
+    std::memcpy(&v, src + i, n - i);
+    if constexpr (Copy) std::memcpy(dst + i, &v, n - i);
     s0 += term(v, k);
   }
   return s0 + s1;
