@@ -32,8 +32,12 @@ class HintPublisher:
         self._fingerprint, self._block_tokens = fingerprint.hex(), block_tokens
         self._pool_uuid, self._pool_path = pool_uuid, pool_path
         self._ttl, self._interval, self._max = ttl_s, interval_s, max_keys
-        self._latest: list[str] | None = None
+        # Published at once, before the cache holds anything: the record tells gateways how
+        # to key prompts for this worker (fingerprint, block size, pool), so they can route
+        # to what the pool holds from the first request on.
+        self._latest: list[str] = []
         self._wake = threading.Event()
+        self._wake.set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="beluga-hints", daemon=True)
         self._thread.start()
@@ -62,8 +66,6 @@ class HintPublisher:
             if self._stop.is_set():
                 break
             keys = self._latest
-            if keys is None:
-                continue
             try:
                 self._publish(keys, changed=keys is not published)
                 published = keys

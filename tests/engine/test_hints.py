@@ -60,6 +60,23 @@ def test_publishes_the_latest_keys_with_ttls(server: RedisServer) -> None:
     assert client.exists(hints_key(PREFIX, "w1"), hint_blocks_key(PREFIX, "w1")) == 0
 
 
+def test_publishes_its_keying_before_the_cache_holds_anything(server: RedisServer) -> None:
+    """A gateway keys prompts with the record's fingerprint, block size and pool: without it
+    a fresh worker's first requests would be routed blind, even to what the pool holds."""
+    pub = publisher(server)
+    client = server.client()
+    try:
+        eventually(lambda: client.get(hints_key(PREFIX, "w1")) is not None, timeout=2)
+        rec = parse_hints(client.get(hints_key(PREFIX, "w1")) or b"")
+        assert rec is not None and rec.keys == 0 and rec.block_tokens == 128
+        assert rec.fingerprint == FP.hex() and rec.pool_uuid == "u-1"
+        assert client.exists(hint_blocks_key(PREFIX, "w1")) == 0
+        time.sleep(0.3)  # refreshed, not rewritten into something else
+        assert client.ttl(hints_key(PREFIX, "w1")) > 0
+    finally:
+        pub.close()
+
+
 def test_rides_out_a_redis_outage(server: RedisServer) -> None:
     pub = publisher(server)
     try:
