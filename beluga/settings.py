@@ -178,6 +178,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         3, ge=1, description="Workers tried for one request when connecting fails."
     )
+    pool_lookup_timeout_s: float = Field(
+        0.05, ge=0, description="Where the pool is not mapped on the gateway's host, how long "
+        "routing waits for a worker to say how much of a prompt the pool holds (counted as "
+        "none past that). 0: never ask; route on the workers' hints alone."
+    )
 
     # --- KV pool (BelugaConnector) -----------------------------------------------------
     pool: bool = Field(

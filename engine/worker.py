@@ -100,7 +100,9 @@ def vllm_command(settings: Settings, python: str = sys.executable) -> list[str]:
     if settings.tool_call_parser:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
     if settings.pool:
-        cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config(settings))]
+        cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config(settings)),
+                # POST /beluga/v1/pool/lookup for gateways on hosts without the pool
+                "--middleware", "engine.pool_lookup_endpoint.PoolLookupMiddleware"]
     if cuda:
         cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     block_size = settings.block_size or (None if cuda else CPU_BLOCK_SIZE)
@@ -148,6 +150,9 @@ def vllm_env(settings: Settings) -> dict[str, str]:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    if settings.pool:  # for the pool lookup endpoint, which reads them through Settings
+        env["BELUGA_POOL_PATH"] = str(settings.resolved_pool_path)
+        env["BELUGA_POOL_COHERENCE"] = settings.pool_coherence
     return env
 
 

@@ -32,9 +32,11 @@ from fastapi.responses import (
     PlainTextResponse,
     Response,
 )
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from beluga.pool_lookup import LOOKUP_PATH, MAX_KEYS, LookupReply, request_body
 from beluga.settings import Settings
 from gateway.dashboard import STATIC, UPLOT, Dashboard
 from gateway.errors import (
@@ -68,6 +70,7 @@ UPSTREAM_PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions",
 # Errors after which nothing reached the client and the worker is presumed down.
 RETRYABLE = (ConnectFailed, Disconnected)
 SHUTDOWN_STEP_S = 5.0  # the most each shutdown step may take
+LOOKUP_BACKOFF_S = 5.0
 UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 
 
@@ -84,6 +87,7 @@ class Gateway:
         self.metrics.watch_workers(self.pool.snapshot)
         self.prefixes = PrefixIndex(pool.client, settings.redis_key_prefix)
         self.key_memo = BlockKeyMemo()
+        self.lookup_backoff: dict[str, float] = {}  # worker id -> when to ask it again
         self.metrics.watch_pool(self.prefixes.pool_stats)
         self.dashboard = Dashboard(self.metrics.registry, self.pool.snapshot,
                                    self.prefixes.pool_stats,
@@ -117,8 +121,8 @@ class Gateway:
         payload = dict(req.payload, cache_salt=h.hexdigest())
         return replace(req, payload=payload), json.dumps(payload).encode()
 
-    def route_info(self, req: ParsedRequest, workers: list[WorkerState]
-                   ) -> tuple[RequestInfo, Iterator[bytes]]:
+    async def route_info(self, req: ParsedRequest, workers: list[WorkerState]
+                         ) -> tuple[RequestInfo, Iterator[bytes]]:
         """The request's prompt as the policies see it: length, block keys, and how many
         leading blocks each worker and the pool hold; and the prompt's later block keys, not
         read yet (nobody holds them), to be read off the request's critical path."""
@@ -136,10 +140,53 @@ class Gateway:
         later = lazy_block_keys(prompt, keying, salt if isinstance(salt, str) else "",
                                 self.key_memo)
         keys, local, pooled = self.prefixes.match(keying, [w.id for w in workers], later)
+        remote = self.prefixes.remote_pool(keying)
+        if remote is not None and self.settings.pool_lookup_timeout_s > 0:
+            # The pool is not mapped here: a worker is asked, for the whole prompt (its
+            # prefix in the pool may run past every worker's own).
+            keys.extend(later)
+            pooled = await self.ask_pool(remote, keys, workers)
         return RequestInfo(
             model=req.model, endpoint=req.endpoint, stream=req.stream,
             prompt_tokens=prompt.estimate_total(), block_tokens=keying.block_tokens,
             keys=tuple(keys), local_blocks=local, pool_blocks=pooled), later
+
+    async def ask_pool(self, pool_uuid: str, keys: list[bytes],
+                       workers: list[WorkerState]) -> int:
+        """How many leading `keys` the pool holds, as a worker sharing it says within
+        `pool_lookup_timeout_s`; 0 when none can say. A worker that fails to answer is not
+        asked again for LOOKUP_BACKOFF_S."""
+        assert self.client is not None
+        now = time.monotonic()
+        sharers = [w for w in workers if w.healthy(now) and self.prefixes.shares_pool(
+            w.id, pool_uuid) and self.lookup_backoff.get(w.id, 0.0) <= now]
+        if not keys or not sharers:
+            return 0
+        worker = min(sharers, key=lambda w: w.in_flight)
+        keys = keys[:MAX_KEYS]
+        try:
+            async with asyncio.timeout(self.settings.pool_lookup_timeout_s):
+                resp = await self.client.request("POST", worker.url + LOOKUP_PATH,
+                                                 request_body(pool_uuid, keys),
+                                                 UPSTREAM_HEADERS)
+                try:
+                    content = await resp.read()
+                finally:
+                    resp.release()
+            if resp.status != 200:
+                raise UpstreamError(f"HTTP {resp.status}: {content[:200]!r}")
+            reply = LookupReply.model_validate_json(content)
+            if reply.pool_uuid != pool_uuid or reply.blocks > len(keys):
+                raise UpstreamError(f"an answer for another lookup: {reply}")
+        except (UpstreamError, TimeoutError, OSError, ValidationError) as exc:
+            result = "timeout" if isinstance(exc, TimeoutError) else "error"
+            self.metrics.pool_lookup(result)
+            self.lookup_backoff[worker.id] = now + LOOKUP_BACKOFF_S
+            logger.warning("pool lookup on %s failed (%s: %s); not asking it for %gs",
+                           worker.id, result, exc, LOOKUP_BACKOFF_S)
+            return 0
+        self.metrics.pool_lookup("ok")
+        return reply.blocks
 
     async def refresh(self) -> None:
         await self.pool.refresh()
@@ -213,7 +260,7 @@ class Gateway:
         for _ in range(self.settings.max_attempts):
             candidates = self.candidates(req, tried)
             if info is None:
-                info, later = self.route_info(req, self.pool.for_model(req.model))
+                info, later = await self.route_info(req, self.pool.for_model(req.model))
             choice = self.policy.select(candidates, info)
             if choice is None:
                 break

@@ -7,6 +7,8 @@
     beluga_gateway_route_decisions_total{policy, reason}
     beluga_gateway_prompt_tokens_total{source}               local | pool | computed, as
                                                              estimated when routing
+    beluga_gateway_pool_lookups_total{result}                ok | error | timeout: pool
+                                                             lookups asked of a worker
     beluga_gateway_worker_healthy{worker}                    1 in routing, 0 taken out
     beluga_gateway_worker_in_flight{worker}                  this gateway's open requests
     beluga_gateway_worker_load{worker}                       occupancy the router sees
@@ -61,6 +63,10 @@ class GatewayMetrics:
                                      "(estimated at routing).", ["source"], registry=r)
         self._local, self._pool, self._computed = (
             self.prompt_tokens.labels(source) for source in ("local", "pool", "computed"))
+        self.pool_lookups = Counter("beluga_gateway_pool_lookups",
+                                    "Pool lookups asked of a worker (the pool not mapped on "
+                                    "this host), by result: ok, error, timeout.", ["result"],
+                                    registry=r)
         self.tokens = Counter("beluga_gateway_tokens", "Tokens of answered requests, from "
                               "the workers' usage reports.", ["kind"], registry=r)
         # Labelled children by label values, looked up once: `labels()` validates, converts
@@ -90,6 +96,9 @@ class GatewayMetrics:
             value = usage.get(f"{kind}_tokens")
             if isinstance(value, int) and value >= 0:
                 self.child(self.tokens, kind).inc(value)
+
+    def pool_lookup(self, result: str) -> None:
+        self.child(self.pool_lookups, result).inc()
 
     def routed(self, choice: Choice, info: RequestInfo) -> None:
         self.child(self.decisions, self.policy, choice.reason).inc()

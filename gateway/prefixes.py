@@ -8,7 +8,8 @@
   follow-up request sticks before the worker's next hint refresh (bounded LRU per worker).
 * The pool: when the hints name a pool UUID and that pool is mapped on this host
   (/dev/shm, hugetlbfs, devdax), the gateway attaches it and asks `lookup_prefix` (a few
-  microseconds, no pins). Elsewhere the pool's share is unknown and counted as zero.
+  microseconds, no pins). Elsewhere (no such pool mapped on this host) the gateway asks a
+  worker that shares it (beluga/pool_lookup.py; `remote_pool` says when).
 """
 
 from __future__ import annotations
@@ -161,6 +162,18 @@ class PrefixIndex:
                 r = h.record
                 return Keying(bytes.fromhex(r.fingerprint), r.block_tokens, r.pool_uuid)
         return None
+
+    def remote_pool(self, keying: Keying) -> str | None:
+        """The UUID of the keying's pool when it is not mapped on this host (attaching it
+        here was tried and failed), so its share must be asked of a worker."""
+        uuid = keying.pool_uuid
+        if uuid and uuid != self._pool_uuid and uuid in self._pool_failed:
+            return uuid
+        return None
+
+    def shares_pool(self, worker_id: str, pool_uuid: str) -> bool:
+        h = self._hints.get(worker_id)
+        return h is not None and h.record.pool_uuid == pool_uuid
 
     def keys(self, keying: Keying, tokens: Sequence[int], cache_salt: str) -> list[bytes]:
         return block_keys(tokens, keying.block_tokens, keying.fingerprint, cache_salt)

@@ -11,6 +11,9 @@ import ctypes
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+
+from beluga.pool_lookup import LOOKUP_PATH, request_body
 from beluga.registry import hint_blocks_key, hint_key
 from kvpool import block_keys
 from tests.e2e.conftest import Stack
@@ -82,6 +85,15 @@ def test_b_loads_the_full_blocks_and_computes_only_the_rest(stack: Stack) -> Non
         keys = block_keys(ids, BLOCK, pool.fingerprint)
         assert len(keys) == full and pool.lookup_prefix(keys) == full
         assert len(pool.get(keys)) == full  # get() checks every block's checksum
+        uuid = str(pool.uuid)
+        unseen = block_keys(prompt(3032, BLOCK), BLOCK, pool.fingerprint)
+    # Both workers answer the pool lookup (for gateways on hosts without the pool) inside
+    # vLLM's API server, with the leading blocks the pool holds.
+    for url in (a, b):
+        resp = httpx.post(url + LOOKUP_PATH, content=request_body(uuid, keys + unseen),
+                          headers={"content-type": "application/json"}, timeout=10)
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"version": 1, "pool_uuid": uuid, "blocks": full}
 
 
 def test_a_scribbled_block_is_recomputed_not_used(stack: Stack) -> None:

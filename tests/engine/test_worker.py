@@ -124,3 +124,20 @@ def test_block_size_is_32_on_cpu_vllms_own_on_cuda_or_as_set(
     assert block(vllm_command(Settings(block_size=64))) == "64"
     with pytest.raises(ValueError):
         Settings(block_size=0)
+
+
+def test_the_pool_lookup_endpoint_is_mounted_with_the_workers_pool(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings(pool_path=Path("/dev/shm/odd.pool"), pool_coherence="flush")
+    cmd = vllm_command(s, python="/py")
+    assert cmd[cmd.index("--middleware") + 1] == \
+        "engine.pool_lookup_endpoint.PoolLookupMiddleware"
+    env = vllm_env(s)
+    assert env["BELUGA_POOL_PATH"] == "/dev/shm/odd.pool"
+    # What the endpoint, inside vLLM's API server, reads back through Settings.
+    for name in ("BELUGA_POOL_PATH", "BELUGA_POOL_COHERENCE"):
+        monkeypatch.setenv(name, env[name])
+    child = Settings()
+    assert child.resolved_pool_path == Path("/dev/shm/odd.pool")
+    assert child.pool_coherence == "flush"
+    assert "--middleware" not in vllm_command(Settings(pool=False), python="/py")

@@ -1,0 +1,130 @@
+"""The pool lookup endpoint (beluga/pool_lookup.py) inside a worker's vLLM API server.
+
+`beluga worker` starts vLLM with ``--middleware engine.pool_lookup_endpoint.PoolLookupMiddleware``
+and hands it the pool's path and coherence as BELUGA_POOL_PATH and BELUGA_POOL_COHERENCE (read
+through Settings). The middleware answers ``POST /beluga/v1/pool/lookup`` itself, on the port
+the gateway already reaches, and passes every other request to vLLM untouched. It attaches
+the pool on the first lookup (the engine creates it; the API server may answer first), without
+prefaulting: a lookup reads a few index cache lines and takes no pins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from beluga.pool_lookup import (
+    LOOKUP_PATH,
+    LOOKUP_VERSION,
+    MAX_BODY_BYTES,
+    MAX_KEYS,
+    LookupReply,
+    LookupRequest,
+)
+from beluga.settings import Settings
+from kvpool import KVPool, PoolError
+
+logger = logging.getLogger(f"vllm.{__name__}")  # through vLLM's log handlers
+
+REATTACH_S = 5.0  # how often a pool of another UUID at our path is looked at again
+
+
+def error(status: int, message: str, code: str) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "service_unavailable"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None,
+                                   "code": code}}, status_code=status)
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body; None past `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b""
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class PoolLookupMiddleware:
+    def __init__(self, app: ASGIApp, settings: Settings | None = None) -> None:
+        self.app = app
+        s = settings if settings is not None else Settings()
+        self.pool_path = s.resolved_pool_path
+        self.coherence = s.pool_coherence
+        self._pool: KVPool | None = None
+        self._tried_at = float("-inf")  # the last attach attempt (monotonic)
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != LOOKUP_PATH:
+            await self.app(scope, receive, send)
+            return
+        response = await self.answer(scope["method"], receive)
+        await response(scope, receive, send)
+
+    async def answer(self, method: str, receive: Receive) -> JSONResponse:
+        if method != "POST":
+            return error(405, f"{LOOKUP_PATH} takes POST", "method_not_allowed")
+        body = await read_body(receive, MAX_BODY_BYTES)
+        if body is None:
+            return error(413, f"lookup body over {MAX_BODY_BYTES} bytes", "too_large")
+        try:
+            req = LookupRequest.model_validate_json(body)
+        except ValidationError as exc:
+            first: dict[str, Any] = dict(exc.errors()[0])
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            if where == "keys" and first.get("type") == "too_long":
+                return error(413, f"more than {MAX_KEYS} keys in one lookup", "too_large")
+            return error(400, f"invalid pool lookup: {where}: {first.get('msg')}",
+                         "invalid_lookup")
+        pool = await self.attached(req.pool_uuid)
+        if pool is None:
+            return error(503, f"the pool at {self.pool_path} cannot be attached here",
+                         "pool_unavailable")
+        if str(pool.uuid) != req.pool_uuid:
+            return error(404, f"pool {req.pool_uuid} is not this worker's (it shares "
+                         f"{pool.uuid})", "pool_not_found")
+        try:
+            blocks = pool.lookup_prefix(req.block_keys())
+        except PoolError as exc:
+            return error(503, f"pool lookup failed: {exc}", "pool_unavailable")
+        return JSONResponse(LookupReply(version=LOOKUP_VERSION, pool_uuid=req.pool_uuid,
+                                        blocks=blocks).model_dump())
+
+    async def attached(self, want: str) -> KVPool | None:
+        """The pool at our path. Attached on the first lookup, and again when it is not the
+        `want`ed one (the file may have been replaced), at most every REATTACH_S."""
+        pool = self._pool
+        if pool is not None and str(pool.uuid) == want:
+            return pool
+        if time.monotonic() - self._tried_at < REATTACH_S:
+            return pool
+        async with self._lock:
+            if self._pool is not pool or time.monotonic() - self._tried_at < REATTACH_S:
+                return self._pool  # another lookup attached (or tried) meanwhile
+            self._tried_at = time.monotonic()
+            try:
+                fresh = await asyncio.to_thread(KVPool.attach, self.pool_path,
+                                                coherence=self.coherence, wait_init_s=0.0,
+                                                prefault=False)
+            except PoolError as exc:
+                logger.warning("pool lookup: cannot attach %s: %s", self.pool_path, exc)
+                return pool
+            if pool is not None:
+                pool.close()
+            self._pool = fresh
+            logger.info("pool lookup: attached pool %s at %s", fresh.uuid, self.pool_path)
+            return fresh
