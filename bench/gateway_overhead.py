@@ -21,7 +21,9 @@ when asked, then [DONE]):
                                steadier than the two above on a shared machine
   added_ttft_p50_ms / _p99_ms  (`stream`) the same for the time to the first event; each
                                stream must end with [DONE]
-No prompt is sent twice in any workload (`--workloads` picks some).
+No prompt is sent twice in any workload (`--workloads` picks some). `--remote-pool`: the
+workers' pool is not mapped on the gateway's host, so each request is keyed whole and the
+stand-in's real pool lookup endpoint is asked (`pool_lookups`: their results, cumulative).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ from beluga.registry import (  # noqa: E402
     worker_key,
 )
 from beluga.settings import Settings  # noqa: E402
+from kvpool import KVPool  # noqa: E402
+
+FINGERPRINT = bytes.fromhex("ab" * 32)
 from engine.worker import CPU_BLOCK_SIZE  # noqa: E402
 
 STAND_IN = '''
@@ -251,11 +256,22 @@ async def throughput(gw: str, bodies: list[dict[str, Any]], concurrency: int,
         return done / (time.perf_counter() - t0), errors, done + errors
 
 
+STAND_IN_WITH_LOOKUP = '''
+from beluga.settings import Settings
+from engine.pool_lookup_endpoint import PoolLookupMiddleware
+from standin import app as plain
+
+app = PoolLookupMiddleware(plain, Settings(pool_path=%r))
+'''
+
+
 def start_stand_in(settings: Settings, tmp: Path, procs: list[subprocess.Popen[bytes]],
-                   block_tokens: int) -> tuple[int, str]:
+                   block_tokens: int, remote_pool: KVPool | None = None) -> tuple[int, str]:
     """A private Redis and the stand-in upstream, registered there as a worker with routing
     hints for the default model: (the Redis port, the stand-in's URL). Started processes
-    go into `procs`."""
+    go into `procs`. With `remote_pool`, the hints name that pool at a path that does not
+    exist here, so the gateway cannot attach it and asks the stand-in, which answers with
+    the worker's real lookup endpoint."""
     server = shutil.which("redis-server")
     if server is None:
         raise SystemExit("redis-server is missing: run `make setup`")
@@ -263,9 +279,14 @@ def start_stand_in(settings: Settings, tmp: Path, procs: list[subprocess.Popen[b
     procs.append(subprocess.Popen([server, "--port", str(redis_port), "--save", "",
                                    "--appendonly", "no"], stdout=subprocess.DEVNULL))
     (tmp / "standin.py").write_text(STAND_IN)
+    module = "standin:app"
+    if remote_pool is not None:
+        (tmp / "standin_lookup.py").write_text(STAND_IN_WITH_LOOKUP % remote_pool.path)
+        module = "standin_lookup:app"
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "standin:app", "--port", str(up_port),
-         "--log-level", "warning", "--no-access-log"], cwd=tmp))
+        [sys.executable, "-m", "uvicorn", module, "--port", str(up_port),
+         "--log-level", "warning", "--no-access-log"], cwd=tmp,
+        env=dict(os.environ, PYTHONPATH=str(ROOT))))
     direct = f"http://127.0.0.1:{up_port}"
     wait_http(direct)
     r = redis.Redis(port=redis_port)
@@ -275,8 +296,11 @@ def start_stand_in(settings: Settings, tmp: Path, procs: list[subprocess.Popen[b
         "schema": 1, "id": "standin", "url": direct, "model": settings.served_model_name,
         "capacity": 10_000, "pid": procs[-1].pid, "started_at": now, "heartbeat_at": now})
     r.set(worker_key(prefix, "standin"), rec.to_json(), ex=3600)
-    hints = HintsRecord(worker_id="standin", fingerprint="ab" * 32, block_tokens=block_tokens,
-                        pool_uuid=None, keys=0, updated_at=now)
+    hints = HintsRecord(worker_id="standin", fingerprint=FINGERPRINT.hex(),
+                        block_tokens=block_tokens,
+                        pool_uuid=None if remote_pool is None else str(remote_pool.uuid),
+                        pool_path=None if remote_pool is None else "/nowhere/on/this/host",
+                        keys=0, updated_at=now)
     r.set(hints_key(prefix, "standin"), hints.to_json(), ex=3600)
     return redis_port, direct
 
@@ -323,6 +347,9 @@ def main() -> int:
                     help="load generator of the rps run (auto: wrk when installed)")
     ap.add_argument("--workloads", nargs="+", default=["unique", "shared", "stream"],
                     choices=["unique", "shared", "stream"])
+    ap.add_argument("--remote-pool", action="store_true",
+                    help="the workers' pool is not mapped on the gateway's host: every "
+                    "request also asks the stand-in's pool lookup endpoint")
     args = ap.parse_args()
 
     client = args.client
@@ -331,8 +358,11 @@ def main() -> int:
     settings = Settings()
     tmp = Path(tempfile.mkdtemp(prefix="beluga-gwbench-"))
     procs: list[subprocess.Popen[bytes]] = []
+    pool_file = Path(f"/dev/shm/beluga-gwbench-{os.getpid()}.elsewhere")
+    pool = (KVPool.create(pool_file, slot_size=4096, slot_count=64, fingerprint=FINGERPRINT)
+            if args.remote_pool else None)
     try:
-        redis_port, direct = start_stand_in(settings, tmp, procs, args.block_tokens)
+        redis_port, direct = start_stand_in(settings, tmp, procs, args.block_tokens, pool)
         gw, gateway = start_gateway(procs, redis_port, args.policy, ROOT)
         from gateway.tokenize import PromptTokenizer
         tok = PromptTokenizer({settings.served_model_name: settings.model_path})
@@ -363,12 +393,22 @@ def main() -> int:
                 f"{what}_p99_ms": round(added[int(0.99 * (len(added) - 1))], 3),
                 "rps": round(rps, 1), "errors": errors,
                 "cpu_ms_per_request": round(1000 * cpu_s / max(1, total), 3)}
+            if args.remote_pool:  # every lookup so far, by result (cumulative)
+                text = httpx.get(f"{gw}/metrics", timeout=10).text
+                results[scenario]["pool_lookups"] = {
+                    line.split('"')[1]: int(float(line.split()[-1]))
+                    for line in text.splitlines()
+                    if line.startswith("beluga_gateway_pool_lookups_total{")}
             print(scenario, json.dumps(results[scenario]), flush=True)
     finally:
         stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
+        if pool is not None:
+            pool.close()
+            pool_file.unlink(missing_ok=True)
     summary: dict[str, Any] = {
         "policy": args.policy, "block_tokens": args.block_tokens,
+        "remote_pool": args.remote_pool,
         "concurrency": args.concurrency, "cpus": os.cpu_count(),
         "load_generator": client, "scenarios": results,
     }

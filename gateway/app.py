@@ -141,7 +141,8 @@ class Gateway:
                                 self.key_memo)
         keys, local, pooled = self.prefixes.match(keying, [w.id for w in workers], later)
         remote = self.prefixes.remote_pool(keying)
-        if remote is not None and self.settings.pool_lookup_timeout_s > 0:
+        if (remote is not None and self.policy.uses_pool
+                and self.settings.pool_lookup_timeout_s > 0):
             # The pool is not mapped here: a worker is asked, for the whole prompt (its
             # prefix in the pool may run past every worker's own).
             keys.extend(later)

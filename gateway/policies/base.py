@@ -46,6 +46,8 @@ class Choice:
 class Policy(Protocol):
     name: ClassVar[str]
     uses_prefixes: ClassVar[bool]  # False: the gateway skips tokenizing for it
+    # False: a pool not mapped on this host is not asked about (a round trip to a worker)
+    uses_pool: ClassVar[bool]
 
     def select(self, workers: Sequence[WorkerState], request: RequestInfo) -> Choice | None:
         """Pick one of `workers` (all healthy, all serving the model); None if empty."""

@@ -92,6 +92,7 @@ class Split:
 class PoolAware:
     name: ClassVar[str] = "pool_aware"
     uses_prefixes: ClassVar[bool] = True
+    uses_pool: ClassVar[bool] = True
 
     def __init__(self, model: CostModel | None = None) -> None:
         self.model = model or CostModel()

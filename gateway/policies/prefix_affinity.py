@@ -22,6 +22,7 @@ from gateway.workers import WorkerState
 class PrefixAffinity:
     name: ClassVar[str] = "prefix_affinity"
     uses_prefixes: ClassVar[bool] = True
+    uses_pool: ClassVar[bool] = False
 
     def __init__(self, max_imbalance: float = 0.5) -> None:
         self.max_imbalance = max_imbalance  # in occupancy (requests per slot)

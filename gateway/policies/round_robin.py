@@ -13,6 +13,7 @@ from gateway.workers import WorkerState
 class RoundRobin:
     name: ClassVar[str] = "round_robin"
     uses_prefixes: ClassVar[bool] = False
+    uses_pool: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._turn = itertools.count()
