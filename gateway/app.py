@@ -143,10 +143,15 @@ class Gateway:
         remote = self.prefixes.remote_pool(keying)
         if (remote is not None and self.policy.uses_pool
                 and self.settings.pool_lookup_timeout_s > 0):
-            # The pool is not mapped here: a worker is asked, for the whole prompt (its
-            # prefix in the pool may run past every worker's own).
-            keys.extend(later)
+            # The pool is not mapped here: a worker is asked about the keys read so far
+            # (up to the first block no worker holds). Only if the pool holds all of them
+            # is the rest of the prompt keyed and asked about: a new prompt costs one
+            # round trip and no more tokenizing, a pooled one two round trips.
             pooled = await self.ask_pool(remote, keys, workers)
+            if keys and pooled == len(keys):
+                rest = list(later)
+                keys.extend(rest)
+                pooled += await self.ask_pool(remote, rest, workers)
         return RequestInfo(
             model=req.model, endpoint=req.endpoint, stream=req.stream,
             prompt_tokens=prompt.estimate_total(), block_tokens=keying.block_tokens,
