@@ -133,6 +133,19 @@ def test_the_pool_is_asked_of_a_worker_when_it_is_not_mapped_here(
         assert resp.headers["x-beluga-route"] == "pool"
         assert metric(gw, 'beluga_gateway_prompt_tokens_total{source="pool"}') \
             == pooled + 6 * 16
+        # Lookups are lazy: a new prompt is asked about once (its first key), one the pool
+        # holds twice (the keys read so far, then the rest of the prompt).
+        asked = metric(gw, 'beluga_gateway_pool_lookups_total{result="ok"}')
+        new = [t + 9000 for t in TOKENS]
+        resp = gw.post("/v1/completions", json={"model": "m", "prompt": new, "max_tokens": 1})
+        assert resp.headers["x-beluga-route"] == "cold"
+        assert metric(gw, 'beluga_gateway_pool_lookups_total{result="ok"}') == asked + 1
+        third = [t + 13000 for t in TOKENS]
+        pool.put(block_keys(third, 16, FP)[:4], [b"x" * 100] * 4)
+        resp = gw.post("/v1/completions", json={"model": "m", "prompt": third,
+                                                "max_tokens": 1})
+        assert resp.headers["x-beluga-route"] == "pool"
+        assert metric(gw, 'beluga_gateway_pool_lookups_total{result="ok"}') == asked + 3
 
 
 def test_a_worker_without_the_endpoint_costs_routing_nothing_but_the_pool(
