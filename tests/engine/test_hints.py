@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
-
-import pytest
+from collections.abc import Callable
 
 from beluga.registry import hint_blocks_key, hint_key, hints_key, parse_hints
 from engine.hints import HintPublisher
@@ -18,13 +16,6 @@ PREFIX = "beluga:test"
 
 def keys(n: int) -> list[bytes]:
     return [hashlib.sha256(b"%d" % i).digest() for i in range(n)]
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    s = RedisServer().start()
-    yield s
-    s.stop()
 
 
 def eventually(check: Callable[[], bool], timeout: float = 10) -> None:

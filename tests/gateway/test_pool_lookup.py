@@ -49,13 +49,6 @@ def worker_app() -> FastAPI:
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    s = RedisServer().start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
 def pool() -> Iterator[KVPool]:
     # Not where a gateway looks (/dev/shm/*.pool and the like): "another host's" pool.
     path = Path(f"/dev/shm/beluga-test-lookup-{os.getpid()}.elsewhere")

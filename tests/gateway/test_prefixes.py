@@ -28,13 +28,6 @@ PREFIX = "beluga:test"
 TOKENS = list(range(1000, 1000 + 16 * 6))  # 6 blocks of 16
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    s = RedisServer().start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture
 def shm_pool() -> Iterator[KVPool]:
     path = Path(f"/dev/shm/beluga-test-prefixes-{os.getpid()}.pool")
