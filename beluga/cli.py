@@ -31,7 +31,7 @@ WORKER_FIELDS = (
     "max_num_seqs", "block_size", "tool_call_parser", "vllm_extra_args", "heartbeat_interval_s",
     "worker_ttl_s",
     "worker_start_timeout_s", "pool", "pool_path", "pool_size_gib", "pool_coherence",
-    "hints_interval_s", "hints_ttl_s", "max_hint_keys",
+    "hints_interval_s", "hints_ttl_s", "max_hint_keys", "worker_api_key",
 )
 GATEWAY_FIELDS = (
     "state_dir", "model", "served_model_name", "redis_url", "redis_key_prefix",
@@ -39,9 +39,14 @@ GATEWAY_FIELDS = (
     "routing_policy", "registry_refresh_s", "connect_timeout_s", "upstream_timeout_s",
     "max_request_bytes", "unhealthy_cooldown_s", "health_check_interval_s",
     "health_check_timeout_s", "health_check_failures", "dashboard_interval_s", "max_attempts",
+    "trust_request_chat_template", "routing_timeout_s", "routing_max_chars",
+    "max_concurrent_requests", "upstream_queue_timeout_s", "client_header_timeout_s",
+    "client_body_timeout_s", "drain_timeout_s", "server_secret", "worker_api_key",
+    "pool_search_dirs", "pool_lookup_timeout_s",
 )
 UP_FIELDS = tuple(dict.fromkeys(
-    WORKER_FIELDS + GATEWAY_FIELDS + ("num_workers", "start_redis")))
+    WORKER_FIELDS + GATEWAY_FIELDS + ("num_workers", "start_redis", "up_metrics_port",
+                                        "restart_backoff_max_s")))
 MODEL_FIELDS = ("state_dir", "model")
 
 

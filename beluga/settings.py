@@ -184,6 +184,60 @@ class Settings(BaseSettings):
         "none past that). 0: never ask; route on the workers' hints alone."
     )
 
+    trust_request_chat_template: bool = Field(
+        False,
+        description="Render a chat template sent with a request (`chat_template` in the body "
+        "or in chat_template_kwargs) to key its prompt, as vLLM's "
+        "--trust-request-chat-template does (same meaning, same default: off). Off, such a "
+        "request is still forwarded (vLLM decides) but routed without prefix information.",
+    )
+    routing_timeout_s: float = Field(
+        0.25, gt=0, description="Most CPU time one request's prompt keying (chat template, "
+        "tokenizing, block keys) may take, off the event loop; past it the request is routed "
+        "without prefix information (counted in beluga_gateway_routing_skipped_total)."
+    )
+    routing_max_chars: int = Field(
+        262_144, ge=1024, description="Most characters of one prompt the gateway reads to "
+        "key it (rendered template or prompt text); the rest is never tokenized here. "
+        "vLLM refuses prompts longer than max_model_len tokens anyway."
+    )
+    max_concurrent_requests: int = Field(
+        1024, ge=0, description="Most requests one gateway serves at once; past it a request "
+        "gets 503 with Retry-After at once. 0: no limit."
+    )
+    upstream_queue_timeout_s: float = Field(
+        5.0, gt=0, description="Most time a request waits for a connection to a worker "
+        "when all are in use; then 503 with Retry-After."
+    )
+    client_header_timeout_s: float = Field(
+        10.0, gt=0, description="Most time a client may take to send a request's headers "
+        "(the connection is closed past it)."
+    )
+    client_body_timeout_s: float = Field(
+        30.0, gt=0, description="Most time a client may take to send a request body "
+        "(408 past it)."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long the gateway lets requests in flight "
+        "finish before it stops (new ones are refused at once; /health/ready says 503)."
+    )
+    server_secret: str = Field(
+        "", description="Secret that keys tenant cache salts (HMAC), so knowing a tenant's "
+        "name is not enough to share its cache. Every gateway of a deployment needs the same "
+        "one. Empty: `beluga up` and the gateway use one generated once and kept in "
+        "<state_dir>/secret (mode 0600)."
+    )
+    worker_api_key: str = Field(
+        "", description="Credential a worker requires on vLLM's /v1 routes and the pool "
+        "lookup endpoint, and the gateway sends (Authorization: Bearer). `beluga up` "
+        "generates one per run when empty; empty for a worker on its own: none required."
+    )
+    pool_search_dirs: str = Field(
+        "/dev/shm,/dev/hugepages,/mnt/huge,/dev", description="Comma-separated directories "
+        "where a gateway may look for a pool a worker's Redis record names (a path "
+        "elsewhere is ignored and the record counted as invalid)."
+    )
+
     # --- KV pool (BelugaConnector) -----------------------------------------------------
     pool: bool = Field(
         True,
@@ -216,6 +270,14 @@ class Settings(BaseSettings):
     num_workers: int = Field(2, ge=1, le=64, description="Workers started by `beluga up`.")
     start_redis: bool = Field(
         True, description="`beluga up` starts redis-server when none answers at redis_url."
+    )
+    up_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port where `beluga up` serves its own Prometheus "
+        "metrics (restarts per process, beluga_up_restarts_total). 0: off."
+    )
+    restart_backoff_max_s: float = Field(
+        30.0, gt=0, description="Longest wait of `beluga up` before restarting a process "
+        "that died (the wait doubles per quick death from 1 s, and resets once it ran 60 s)."
     )
 
     @model_validator(mode="before")
