@@ -140,16 +140,9 @@ def run(args: argparse.Namespace) -> int:
 
         return run_up(settings_from_args(args, UP_FIELDS))
     if args.command == "gateway":
-        import uvicorn
+        from gateway.server import run as run_gateway
 
-        from gateway.app import create_app
-
-        settings = settings_from_args(args, GATEWAY_FIELDS)
-        # No access log, proxy-header rewriting or Server/Date headers: per-request work
-        # nothing here reads (the gateway keeps its own metrics).
-        uvicorn.run(create_app(settings), host=settings.gateway_host,
-                    port=settings.gateway_port, log_level="warning", access_log=False,
-                    proxy_headers=False, server_header=False, date_header=False)
+        run_gateway(settings_from_args(args, GATEWAY_FIELDS))
         return 0
     if args.command == "worker":
         from engine.worker import run_worker

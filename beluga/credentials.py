@@ -72,6 +72,6 @@ def tenant_salt(secret: bytes, tenant: str, client_salt: str | None) -> str:
     """A tenant's cache salt: HMAC(secret, tenant [, the client's own salt]). Without the
     secret, knowing the tenant's name gives nobody its salt."""
     mac = hmac.new(secret, b"beluga-tenant-v2", hashlib.sha256)
-    for part in (tenant.encode(), (client_salt or "").encode()):
+    for part in (tenant.encode(), (client_salt or "").encode("utf-8", "surrogatepass")):
         mac.update(len(part).to_bytes(8, "little") + part)  # length-prefixed: unambiguous
     return mac.hexdigest()

@@ -6,8 +6,10 @@ Every failure the gateway reports is an :class:`APIError` rendered as
     APIError
     ├── BadRequest          400 invalid_request_error   malformed JSON, wrong types
     ├── NotFound            404 invalid_request_error   unknown model (code model_not_found)
+    ├── RequestTimeout      408 invalid_request_error   body not sent within client_body_timeout_s
     ├── PayloadTooLarge     413 invalid_request_error   body over max_request_bytes
     ├── NoHealthyWorker     503 service_unavailable     nothing can serve the model now
+    ├── Overloaded          503 service_unavailable     over a limit now (Retry-After), or draining
     ├── UpstreamFailure     502 upstream_error          worker refused, reset or 5xx'd
     └── UpstreamTimeout     504 upstream_timeout        worker went silent too long
 """
@@ -23,6 +25,7 @@ from fastapi.responses import JSONResponse
 class APIError(Exception):
     status_code = 500
     error_type = "internal_error"
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -34,7 +37,8 @@ class APIError(Exception):
         return error_body(self.message, self.error_type, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code)
+        return JSONResponse(self.body(), status_code=self.status_code,
+                            headers=self.headers or None)
 
     def sse_event(self) -> bytes:
         """The error as one server-sent event, for failures after a stream has started."""
@@ -56,14 +60,29 @@ class NotFound(APIError):
     error_type = "invalid_request_error"
 
 
+class RequestTimeout(APIError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    headers = {"connection": "close"}
+
+
 class PayloadTooLarge(APIError):
     status_code = 413
     error_type = "invalid_request_error"
+    headers = {"connection": "close"}
 
 
 class NoHealthyWorker(APIError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class Overloaded(APIError):
+    """Refused at once: a limit of this gateway is reached; try again shortly."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    headers = {"retry-after": "1"}
 
 
 class UpstreamFailure(APIError):

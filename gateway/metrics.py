@@ -69,6 +69,22 @@ class GatewayMetrics:
                                     registry=r)
         self.tokens = Counter("beluga_gateway_tokens", "Tokens of answered requests, from "
                               "the workers' usage reports.", ["kind"], registry=r)
+        self.unkeyed = Counter("beluga_gateway_prompts_unkeyed",
+                               "Requests routed without prefix information, by reason: "
+                               "timeout (routing_timeout_s), request_template (a template "
+                               "sent with the request, not trusted), untokenizable, error.",
+                               ["reason"], registry=r)
+        self.truncated = Counter("beluga_gateway_prompts_truncated",
+                                 "Prompts keyed on their first routing_max_chars characters "
+                                 "only.", registry=r)
+        self.refused = Counter("beluga_gateway_refused",
+                               "Requests refused before reaching a worker, by reason: "
+                               "overloaded (max_concurrent_requests or the body memory "
+                               "budget), queue_timeout (no worker connection in time), "
+                               "body_timeout, too_large.", ["reason"], registry=r)
+        self.background_errors = Counter("beluga_gateway_background_errors",
+                                         "Exceptions caught in a background loop (which "
+                                         "goes on), by task.", ["task"], registry=r)
         # Labelled children by label values, looked up once: `labels()` validates, converts
         # and locks on every call, several times per request. (Bounded like the registry
         # itself: one per label combination ever used.)
@@ -96,6 +112,18 @@ class GatewayMetrics:
             value = usage.get(f"{kind}_tokens")
             if isinstance(value, int) and value >= 0:
                 self.child(self.tokens, kind).inc(value)
+
+    def prompt_unkeyed(self, reason: str) -> None:
+        self.child(self.unkeyed, reason).inc()
+
+    def prompt_truncated(self) -> None:
+        self.truncated.inc()
+
+    def refusal(self, reason: str) -> None:
+        self.child(self.refused, reason).inc()
+
+    def background_error(self, task: str) -> None:
+        self.child(self.background_errors, task).inc()
 
     def pool_lookup(self, result: str) -> None:
         self.child(self.pool_lookups, result).inc()

@@ -72,6 +72,9 @@ SAMPLE_ASCII = ("The  quick brown fox, 12345 jumps over 3.14 lazy dogs; don't ST
                 "e.g. www.x.org/a?b=c&d=%20 #hash @at $5 ~`^|\\ 'quoted' \"dq\"   \n ") * 20
 
 
+MAX_WORD_CHARS = 64  # longer pre-tokens are tokenized every time, not kept
+
+
 class WordIds:
     """Token ids of plain-ASCII text, pre-token by pre-token, from a bounded dictionary that
     the tokenizer fills (the misses of one text in one batch call)."""
@@ -114,6 +117,7 @@ class WordIds:
         words = self._findall(text)
         get = self._ids.get
         missing = [w for w in words if get(w) is None]
+        fresh: dict[str, list[int]] = {}
         if missing:
             if len(self._ids) + len(missing) > self._entries:
                 self._ids.clear()
@@ -121,10 +125,13 @@ class WordIds:
             new = list(dict.fromkeys(missing))
             for w, enc in zip(new, self._encode_batch(new, add_special_tokens=False),
                               strict=True):
-                self._ids[w] = enc.ids
+                fresh[w] = enc.ids
+                if len(w) <= MAX_WORD_CHARS:  # bounded by bytes: long "words" not kept
+                    self._ids[w] = enc.ids
         out: list[int] = []
         for w in words:
-            out += self._ids[w]
+            ids = get(w)
+            out += ids if ids is not None else fresh[w]
         return out
 
 
@@ -178,6 +185,9 @@ for _name in dir(str):
         setattr(_Content, _name, _noting(_name))
 
 
+MAX_SHAPE = 256  # chats with more messages are rendered by the template (shapes not kept)
+
+
 class ChatSkeletons:
     """A chat template's text for plain messages (a role and a string content each) without
     running the template: per shape (the roles in order, `add_generation_prompt`) the text
@@ -200,7 +210,7 @@ class ChatSkeletons:
 
     def render(self, messages: Any, add_generation_prompt: bool) -> str | None:
         """The template's text for `messages`, or None when this path does not apply."""
-        if not self.enabled or type(messages) is not list:
+        if not self.enabled or type(messages) is not list or len(messages) > MAX_SHAPE:
             return None
         shape: list[Any] = [add_generation_prompt]
         contents: list[str] = []
@@ -266,7 +276,8 @@ class ChatSkeletons:
 class SegmentCache:
     """Token ids of text pieces between added tokens, LRU-bounded, produced lazily."""
 
-    def __init__(self, tok: Any, entries: int = 4096, max_chars: int = 65536) -> None:
+    def __init__(self, tok: Any, entries: int = 4096, max_chars: int = 65536,
+                 total_chars: int = 4 * 1024 * 1024) -> None:
         self._tok = tok
         # The Rust tokenizer itself, without offsets: a third faster than tok(...) (whose
         # Python wrapping adds nothing these ids need). Checked equal by PromptTokenizer.
@@ -277,6 +288,9 @@ class SegmentCache:
         self._split = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
         self._entries, self._max_chars = entries, max_chars
+        # Bounded by size, not only by entries: the pieces' text plus their ids (~40 bytes
+        # per id as Python ints) stays under total_chars * ~11 bytes.
+        self._total_chars, self._chars = total_chars, 0
         self.chunk_chars = CHUNK_CHARS
         self.first_chunk_chars = FIRST_CHUNK_CHARS
         exact = all(not getattr(t, "lstrip", False) and not getattr(t, "rstrip", False)
@@ -331,10 +345,13 @@ class SegmentCache:
             for chunk, chars in self._chunks(piece):
                 whole.extend(chunk)
                 yield chunk, chars, None
-            if len(piece) <= self._max_chars:  # read to its end: remember it
-                self._cache[piece] = whole
-                if len(self._cache) > self._entries:
-                    self._cache.popitem(last=False)
+            if len(piece) <= self._max_chars and piece not in self._cache:
+                self._cache[piece] = whole  # read to its end: remember it
+                self._chars += len(piece)
+                while self._cache and (len(self._cache) > self._entries
+                                       or self._chars > self._total_chars):
+                    old, _ = self._cache.popitem(last=False)
+                    self._chars -= len(old)
 
     def encode(self, text: str) -> list[int]:
         return [t for ids, _, _ in self.pieces(text) for t in ids]
@@ -346,9 +363,10 @@ class Prompt:
     the length from what was read so far."""
 
     def __init__(self, pieces: Iterator[tuple[list[int], int, str | None]],
-                 total_chars: int) -> None:
+                 total_chars: int, truncated: bool = False) -> None:
         self._pieces: Iterator[tuple[list[int], int, str | None]] | None = pieces
         self._total_chars = total_chars
+        self.truncated = truncated  # only the prompt's start is read (routing_max_chars)
         self._chars = 0
         self._tokens = 0
         self._last = (0, 0)  # tokens and characters of the last chunk read
@@ -394,6 +412,14 @@ class Prompt:
         # system prompt read first may tokenize quite differently from it).
         tokens, chars = self._last if self._last[1] >= 64 else (self._tokens, self._chars)
         return self._tokens + round(rest * tokens / chars)
+
+
+# Arguments of apply_chat_template itself: never taken from a request's chat_template_kwargs
+# (vLLM does not pass them on either; here they would change what is rendered or returned).
+TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "messages"})
 
 
 class PromptTokenizer:
@@ -458,6 +484,11 @@ class PromptTokenizer:
                 template if isinstance(template, str) else None)
         return tok
 
+    def vocab_size(self, model: str) -> int | None:
+        """How many token ids the model's tokenizer knows, once it is loaded (else None)."""
+        tok = self._loaded.get(model)
+        return len(tok) if tok is not None else None
+
     def tokens(self, model: str, endpoint: str, payload: dict[str, Any]) -> list[int] | None:
         """All token ids of the request's prompt (None: not computable here)."""
         prompt = self.prompt(model, endpoint, payload)
@@ -469,44 +500,65 @@ class PromptTokenizer:
             logger.debug("cannot tokenize a %s request for %s: %s", endpoint, model, exc)
             return None
 
-    def prompt(self, model: str, endpoint: str, payload: dict[str, Any]) -> Prompt | None:
+    def prompt(self, model: str, endpoint: str, payload: dict[str, Any],
+               max_chars: int | None = None, trust_templates: bool = False) -> Prompt | None:
         """The request's prompt, tokenized as far as it is read (chat prompts; others are
-        tokenized at once). None: not computable here."""
+        tokenized at once), and only its first `max_chars` characters (token ids: that
+        many ids) when given: routing reads no further (the tokens at the cut may differ
+        from the whole prompt's; routing keys are hints). A template sent with the request
+        is rendered only when `trust_templates`. None: not computable here."""
         tok = self._tokenizer(model)
         if tok is None:
             return None
+        cap = max_chars if max_chars is not None else sys.maxsize
         try:
             if endpoint == "chat":
                 generation = payload.get("add_generation_prompt", True)
+                kwargs = payload.get("chat_template_kwargs") or {}
+                if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+                    return None
+                kwargs = {k: v for k, v in kwargs.items() if k not in TEMPLATE_ARGUMENTS}
+                template = payload.get("chat_template")
+                if not trust_templates and (template is not None or "chat_template" in kwargs):
+                    return None
+                if template is not None:
+                    kwargs["chat_template"] = template
                 text = None
                 skeletons = self._skeletons.get(model)
                 if (skeletons is not None and type(generation) is bool
                         and payload.get("tools") is None
                         and not payload.get("continue_final_message", False)
-                        and not payload.get("chat_template_kwargs")):
+                        and not kwargs):
                     text = skeletons.render(payload["messages"], generation)
                 if text is None:
                     text = tok.apply_chat_template(
                         payload["messages"], tools=payload.get("tools"), tokenize=False,
                         add_generation_prompt=generation,
                         continue_final_message=payload.get("continue_final_message", False),
-                        **(payload.get("chat_template_kwargs") or {}))
+                        **kwargs)
                 if not isinstance(text, str):
                     return None
+                total = len(text)
+                text = text[:cap]
                 cache = self._segments.get(model)
                 if cache is not None and cache.enabled:
-                    return Prompt(cache.pieces(text), len(text))
-                return Prompt.of([int(t) for t in tok(text, add_special_tokens=False)[
-                    "input_ids"]])
+                    return Prompt(cache.pieces(text), total, truncated=total > cap)
+                ids = [int(t) for t in tok(text, add_special_tokens=False)["input_ids"]]
+                return Prompt(iter([(ids, len(text), None)]), total, truncated=total > cap)
             prompt = payload["prompt"]
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):
                 prompt = prompt[0]  # a batch: route on its first prompt
             if isinstance(prompt, list):
-                ids = [int(t) for t in prompt]
-            else:
-                add = payload.get("add_special_tokens", True)
-                ids = [int(t) for t in tok(prompt, add_special_tokens=add)["input_ids"]]
-            return Prompt.of(ids)
+                ids = [int(t) for t in prompt[:cap]]
+                return Prompt(iter([(ids, len(ids), None)]), len(prompt),
+                              truncated=len(prompt) > cap)
+            if not isinstance(prompt, str):
+                return None
+            add = payload.get("add_special_tokens", True)
+            ids = [int(t) for t in tok(prompt[:cap], add_special_tokens=add is not False)[
+                "input_ids"]]
+            return Prompt(iter([(ids, min(cap, len(prompt)), None)]), len(prompt),
+                          truncated=len(prompt) > cap)
         except Exception as exc:  # noqa: BLE001 - templates raise anything; never fail routing
             logger.debug("cannot tokenize a %s request for %s: %s", endpoint, model, exc)
             return None

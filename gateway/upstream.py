@@ -14,6 +14,8 @@ Failures are typed for the gateway's retry rules:
     UpstreamError
     ├── ConnectFailed   no connection could be made (refused, unreachable, connect timeout):
     │                   nothing was sent
+    ├── Saturated       every connection slot stayed in use for the queue timeout: nothing
+    │                   was sent, and another worker would not do better
     ├── Disconnected    the connection closed or broke before the response ended;
     │                   `before_response` and `reused` tell whether the worker may have
     │                   got the request at all
@@ -42,6 +44,10 @@ class UpstreamError(Exception):
 
 class ConnectFailed(UpstreamError):
     """No connection to the worker: the request was not sent."""
+
+
+class Saturated(UpstreamError):
+    """No connection slot came free within the queue timeout: the request was not sent."""
 
 
 class Disconnected(UpstreamError):
@@ -242,8 +248,10 @@ class UpstreamClient:
     """Kept-alive connections to workers, at most `limit` open at once."""
 
     def __init__(self, connect_timeout_s: float, read_timeout_s: float | None,
-                 keepalive_s: float = 4.0, limit: int = 1000) -> None:
+                 keepalive_s: float = 4.0, limit: int = 1000,
+                 queue_timeout_s: float | None = None) -> None:
         self.connect_timeout_s = connect_timeout_s
+        self.queue_timeout_s = queue_timeout_s
         self.read_timeout_s = read_timeout_s
         self.keepalive_s = keepalive_s
         self._idle: dict[Origin, list[_Connection]] = {}
@@ -322,7 +330,11 @@ class UpstreamClient:
             self._close_one_idle()
         self._waiting += 1
         try:
-            await self._slots.acquire()
+            async with asyncio.timeout(self.queue_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise Saturated(f"all {len(self._open)} connections stayed busy for "
+                            f"{self.queue_timeout_s:g} s") from None
         finally:
             self._waiting -= 1
         loop = asyncio.get_running_loop()

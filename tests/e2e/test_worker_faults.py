@@ -230,7 +230,7 @@ def test_sigkill_a_worker_mid_traffic(stack: Stack) -> None:
         if s.worker == victim.id:
             assert s.done.wait(60), "a stream from the dead worker hangs"
             assert s.error is not None and not s.finished, s
-            assert f"worker {victim.id} failed mid-stream" in s.error.message, s.error.message
+            assert "failed mid-stream" in s.error.message, s.error.message
     deadline = time.monotonic() + 60
     for s in streams:
         if s.worker == survivor.id:

@@ -12,7 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from beluga.settings import Settings
-from gateway.app import Relay, create_app
+from gateway.app import create_app
+from gateway.front import Relay
 
 
 def closed_port() -> int:

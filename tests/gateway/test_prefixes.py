@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from beluga.registry import hint_blocks_key, hints_key
 from engine.hints import HintPublisher
-from gateway.app import lazy_block_keys
+from gateway.routing import lazy_block_keys
 from gateway.prefixes import BlockKeyMemo, Keying, PrefixIndex
 from gateway.tokenize import Prompt
 from kvpool import KVPool, block_keys

@@ -1,0 +1,295 @@
+"""Forwarding a routed request to a worker: tries, retries, answers and streams.
+
+A request is tried on at most `max_attempts` workers. Each try is an `Attempt`: it opens the
+worker's bookkeeping (in-flight count, prefill tokens the router expects) when it is sent
+and closes it exactly once, whatever happens (an answer, a failure, a retry, a client gone,
+a stream handed over to the relay and ended there). If connecting to (or reading from) a
+worker fails before the client got any byte, the worker is taken out for
+`unhealthy_cooldown_s` and the request is tried on another one. When every connection to
+the workers stays busy for `upstream_queue_timeout_s`, the request is refused with 503 and
+`Retry-After` instead of waiting longer.
+
+Messages to clients name no worker address: what failed where goes to the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+from typing import Any
+
+from beluga.settings import Settings
+from gateway.errors import (
+    APIError,
+    NoHealthyWorker,
+    NotFound,
+    Overloaded,
+    UpstreamFailure,
+    UpstreamTimeout,
+    normalize_upstream_error,
+)
+from gateway.front import Answer, Relay
+from gateway.metrics import GatewayMetrics
+from gateway.policies import Choice, Policy, RequestInfo
+from gateway.requests import Endpoint, ParsedRequest
+from gateway.routing import Router
+from gateway.sse import UsageFilter, with_usage_body
+from gateway.upstream import (
+    ConnectFailed,
+    Disconnected,
+    Saturated,
+    UpstreamClient,
+    UpstreamError,
+)
+from gateway.upstream import Response as UpstreamResponse
+from gateway.workers import WorkerPool, WorkerState
+
+logger = logging.getLogger(__name__)
+
+UPSTREAM_PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions",
+                                       "completions": "/v1/completions"}
+# Errors after which nothing reached the client and the worker is presumed down.
+RETRYABLE = (ConnectFailed, Disconnected)
+
+
+def failure_kind(exc: BaseException) -> str:
+    """What went wrong with a worker, in words that name no address (for clients)."""
+    if isinstance(exc, ConnectFailed):
+        return "could not be reached"
+    if isinstance(exc, Disconnected):
+        return "closed the connection"
+    return "failed"
+
+
+class Attempt:
+    """One try of a request on one worker. Opened when sent, `close()`d exactly once: as a
+    context manager it closes on leaving, unless the stream relay took it over."""
+
+    def __init__(self, worker: WorkerState, prefill: int) -> None:
+        self.worker = worker
+        self.unprefilled = prefill
+        self.open = True
+        self.handed_over = False
+        worker.begin(prefill)
+
+    def prefilled(self) -> None:
+        """The first token came back: the worker computed the prompt."""
+        self.worker.prefilled(self.unprefilled)
+        self.unprefilled = 0
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.worker.done(self.unprefilled)
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, _t: type[BaseException] | None, _e: BaseException | None,
+                 _tb: TracebackType | None) -> None:
+        if not self.handed_over:
+            self.close()
+
+
+def _close_unstarted(attempt: Attempt, resp: UpstreamResponse) -> None:
+    """Finalizer of a relay generator: if it never ran, nobody closed its attempt."""
+    if not resp.relayed:
+        attempt.close()
+        resp.release()
+
+
+class Forwarder:
+    def __init__(self, settings: Settings, workers: WorkerPool, policy: Policy,
+                 router: Router, metrics: GatewayMetrics, headers: dict[str, str]) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.policy = policy
+        self.router = router
+        self.metrics = metrics
+        self.headers = headers  # what every request to a worker carries
+        self.client: UpstreamClient | None = None
+
+    def candidates(self, req: ParsedRequest, tried: set[str]) -> list[WorkerState]:
+        workers = self.workers.for_model(req.model)
+        if not workers:
+            if not self.workers.snapshot():
+                raise NoHealthyWorker("no worker is registered; is any worker running?",
+                                      code="no_worker")
+            raise NotFound(f"The model '{req.model}' does not exist; available: "
+                           f"{', '.join(self.workers.models())}", param="model",
+                           code="model_not_found")
+        now = time.monotonic()
+        return [w for w in workers if w.healthy(now) and w.id not in tried]
+
+    async def forward(self, req: ParsedRequest, body: bytes) -> Any:
+        """The worker's answer (an `Answer`, a `Relay` or an error response); an APIError
+        when no worker could give one."""
+        strip_usage = False
+        if req.stream:  # ask for usage (metrics); removed again if the client did not ask
+            body, strip_usage = with_usage_body(body, req.payload)
+        tried: set[str] = set()
+        info: RequestInfo | None = None
+        later: Iterator[bytes] = iter(())
+        last_error: APIError | None = None
+        started = time.perf_counter()
+        for _ in range(self.settings.max_attempts):
+            candidates = self.candidates(req, tried)
+            if info is None:
+                info, later = await self.router.route_info(
+                    req, self.workers.for_model(req.model))
+            choice = self.policy.select(candidates, info)
+            if choice is None:
+                break
+            worker = choice.worker
+            tried.add(worker.id)
+            if logger.isEnabledFor(logging.DEBUG):  # its arguments cost per request
+                logger.debug("routed to %s (%s, estimate %s): %d tokens, first key %s, "
+                             "local %s, pool %d, candidates %s", worker.id, choice.reason,
+                             choice.estimate_s, info.prompt_tokens,
+                             info.keys[0].hex()[:12] if info.keys else None,
+                             dict(info.local_blocks), info.pool_blocks,
+                             [w.id for w in candidates])
+            # Bookkeeping that can wait (this gateway's record of what the worker will hold,
+            # the routing metrics) runs once this task waits for the worker's answer, that
+            # is after the request is written: off the request's critical path. The rest of
+            # the prompt's keys stay unread unless the prompt comes back.
+            asyncio.get_running_loop().call_soon(self.router.record, choice, info, later)
+            later = iter(())  # one reader; a retry elsewhere records what routing read
+            headers = {"x-beluga-worker": worker.id, "x-beluga-route": choice.reason}
+            with Attempt(worker, choice.prefill_tokens) as attempt:
+                try:
+                    resp = await self.post(worker, req.endpoint, body)
+                except RETRYABLE as exc:
+                    last_error = self.failed(worker, exc)
+                    continue
+                except Saturated as exc:
+                    logger.warning("no connection to %s came free: %s", worker.id, exc)
+                    self.metrics.refusal("queue_timeout")
+                    raise Overloaded("every connection to the workers is busy; try again "
+                                     "shortly", code="overloaded") from None
+                except TimeoutError:
+                    raise UpstreamTimeout("the worker did not answer in time") from None
+                if resp.status != 200 or not req.stream:
+                    try:
+                        content = await resp.read()
+                    except RETRYABLE as exc:
+                        last_error = self.failed(worker, exc)
+                        continue
+                    except TimeoutError:
+                        raise UpstreamTimeout("the worker did not answer in time") from None
+                    finally:
+                        resp.release()
+                    attempt.close()
+                    if resp.status == 200:
+                        return Answer(content, resp.headers.get("content-type",
+                                                                "application/json"),
+                                      headers, functools.partial(
+                                          self.answered, req.endpoint, worker.id, started,
+                                          content))
+                    out = self.buffered_response(resp, content, headers)
+                    self.metrics.answered(req.endpoint, out.status_code, worker.id,
+                                          time.perf_counter() - started)
+                    return out
+                stream = self.relay(resp, attempt, choice, info, started,
+                                    UsageFilter(strip_usage))
+                attempt.handed_over = True
+                # A client gone before the stream starts leaves the generator never run (its
+                # finally too): close the attempt and the connection when it is collected.
+                weakref.finalize(stream, _close_unstarted, attempt, resp)
+                return Relay(stream, headers)
+        raise last_error or NoHealthyWorker(
+            f"no healthy worker can serve '{req.model}' right now", code="no_healthy_worker")
+
+    def failed(self, worker: WorkerState, exc: BaseException) -> APIError:
+        self.workers.mark_unhealthy(worker, f"failed ({exc!r})")
+        return UpstreamFailure(f"the worker {failure_kind(exc)}; no other worker could "
+                               "serve the request", code="worker_failed")
+
+    async def post(self, worker: WorkerState, endpoint: Endpoint,
+                   body: bytes) -> UpstreamResponse:
+        """POST to a worker. Workers close idle kept-alive connections (vLLM after 5 s), and
+        one can close just as it is reused: the worker never got that request, so it is
+        sent again once, to the same worker (another would lose the prefix it was routed
+        for). A worker that cannot be connected to at all is not retried here."""
+        assert self.client is not None
+        url = worker.url + UPSTREAM_PATHS[endpoint]
+        try:
+            return await self.client.request("POST", url, body, self.headers)
+        except Disconnected as exc:
+            if not (exc.reused and exc.before_response):
+                raise
+            logger.info("worker %s closed a kept-alive connection (%s); sending again",
+                        worker.id, exc)
+            return await self.client.request("POST", url, body, self.headers)
+
+    def answered(self, endpoint: Endpoint, worker_id: str, started: float,
+                 content: bytes) -> None:
+        """Count a worker's 200 answer (once the client has it)."""
+        with contextlib.suppress(ValueError, RecursionError):
+            answer = json.loads(content)
+            if isinstance(answer, dict):
+                self.metrics.usage(answer.get("usage"))
+        self.metrics.answered(endpoint, 200, worker_id, time.perf_counter() - started)
+
+    @staticmethod
+    def buffered_response(resp: UpstreamResponse, content: bytes,
+                          headers: dict[str, str]) -> Any:
+        """A worker's error answer, in the OpenAI error format."""
+        from fastapi.responses import JSONResponse
+
+        if resp.status >= 500:
+            detail = normalize_upstream_error(resp.status, content)["error"]["message"]
+            logger.warning("worker %s answered %d: %s", headers.get("x-beluga-worker"),
+                           resp.status, detail[:500])
+            return UpstreamFailure(f"the worker failed (HTTP {resp.status}): {detail[:500]}",
+                                   code="worker_error").response()
+        return JSONResponse(normalize_upstream_error(resp.status, content),
+                            status_code=resp.status, headers=headers)
+
+    async def relay(self, resp: UpstreamResponse, attempt: Attempt, choice: Choice,
+                    info: RequestInfo, started: float,
+                    usage: UsageFilter) -> AsyncIterator[bytes]:
+        """Pass SSE bytes through; a worker failure mid-stream ends with an error event.
+        The first chunk's arrival is the request's TTFT, which the policy learns from once
+        the chunk is on its way to the client (the learning is off the client's TTFT)."""
+        worker = attempt.worker
+        last: float | None = None
+        resp.relayed = True  # see _close_unstarted
+        try:
+            async for chunk in resp.chunks():
+                now = time.perf_counter()
+                out = usage.feed(chunk)
+                if out:
+                    yield out
+                if last is None:
+                    attempt.prefilled()
+                    ttft = now - started
+                    self.policy.observe(choice, info, ttft)
+                    self.metrics.child(self.metrics.ttft, worker.id,
+                                       self.metrics.policy).observe(ttft)
+                else:
+                    self.metrics.child(self.metrics.itl, worker.id).observe(now - last)
+                last = now
+            rest = usage.flush()
+            if rest:
+                yield rest
+            self.metrics.usage(usage.usage)
+            self.metrics.answered(info.endpoint, 200, worker.id, time.perf_counter() - started)
+        except TimeoutError:
+            self.metrics.answered(info.endpoint, UpstreamTimeout.status_code, worker.id, None)
+            yield UpstreamTimeout("the worker went silent mid-stream").sse_event()
+        except UpstreamError as exc:
+            self.workers.mark_unhealthy(worker, f"failed mid-stream ({exc!r})")
+            self.metrics.answered(info.endpoint, UpstreamFailure.status_code, worker.id, None)
+            yield UpstreamFailure(f"the worker failed mid-stream (it {failure_kind(exc)})",
+                                  code="worker_failed").sse_event()
+        finally:
+            attempt.close()
+            resp.release()

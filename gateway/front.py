@@ -1,0 +1,300 @@
+"""The gateway's ASGI front: the two completion routes, read and answered without FastAPI.
+
+POSTs to `/v1/chat/completions` and `/v1/completions` go straight to `Gateway.serve`;
+everything else (and the lifespan) goes to the FastAPI app. The hot routes skip FastAPI's
+router, dependency solving, Request objects and the Starlette middleware that wraps every
+`send`: on a slow core that was about a fifth of the gateway's CPU per request (py-spy,
+bench/README.md). The FastAPI app still declares both routes (the OpenAPI schema).
+
+What the front bounds, before any routing:
+* concurrency: past `max_concurrent_requests` in flight, 503 with `Retry-After` at once;
+* memory: a body over `max_request_bytes` is 413, and the bodies held at once share a
+  budget (past it, 503 with `Retry-After`);
+* time: a body not received within `client_body_timeout_s` is 408 (headers have their own
+  timeout in the server, gateway/server.py);
+* a refused body is still read (and dropped) up to a bound before the answer is sent, so
+  a client that sends the whole body before reading (urllib, the OpenAI SDK) reads the
+  413 instead of a broken pipe;
+* a client that goes away while its (non-streamed) answer is computed cancels the request:
+  the worker's connection is closed, which makes vLLM abort it, as for streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from starlette.types import Message, Receive, Scope, Send
+
+from beluga.settings import Settings
+from gateway.errors import (
+    APIError,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    error_body,
+)
+from gateway.metrics import GatewayMetrics
+from gateway.requests import Endpoint
+
+logger = logging.getLogger(__name__)
+
+HOT_ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat",
+                                   "/v1/completions": "completions"}
+DRAIN_BYTES = 128 * 1024 * 1024  # most of a refused body read (and dropped) before answering
+DRAIN_S = 10.0                   # most time spent on that
+MIN_BODY_BUDGET = 64 * 1024 * 1024
+
+
+def raw_headers(media_type: str, headers: dict[str, str],
+                content_length: bytes | None = None) -> list[tuple[bytes, bytes]]:
+    """An answer's ASGI headers: its type, its length when known, then `headers`."""
+    raw = [(b"content-type", media_type.encode("latin-1"))]
+    if content_length is not None:
+        raw.append((b"content-length", content_length))
+    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    return raw
+
+
+class Answer(Response):
+    """A worker's 200 answer, passed on as it came: two ASGI messages, without Starlette's
+    header building. `after` (the bookkeeping) runs once the body is handed to the server,
+    off the client's critical path."""
+
+    def __init__(self, body: bytes, media_type: str, headers: dict[str, str],
+                 after: Callable[[], None]) -> None:
+        self.status_code = 200
+        self.body = body
+        self.background = None
+        self.raw_headers = raw_headers(media_type, headers, b"%d" % len(body))
+        self._after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self.body})
+        finally:
+            self._after()
+        if self.background is not None:
+            await self.background()
+
+
+class Relay(Response):
+    """A worker's stream passed on as raw ASGI messages. A client that goes away (an
+    `http.disconnect` on `receive`) cancels the relay wherever it waits, the worker's next
+    event included, and the stream is closed, which closes the worker's connection: vLLM
+    aborts the request. (Starlette's StreamingResponse does the same with a task group of
+    two tasks per stream under uvicorn's ASGI 2.3; this is one small task.)"""
+
+    def __init__(self, stream: Any, headers: dict[str, str]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body_iterator = stream
+        self.raw_headers = raw_headers("text/event-stream; charset=utf-8", headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.current_task()
+        assert relay is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            relay.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            try:
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": self.raw_headers})
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                # Cancelled before it runs again: the disconnect uvicorn reports once the
+                # response is complete never reaches it.
+                watcher.cancel()
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:  # (a stream cancelled or ended is closed already)
+                    await aclose()
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            relay.uncancel()  # the client left: nothing more to send
+            return
+        if self.background is not None:
+            await self.background()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+class BodyStream:
+    """A request's `receive` channel, and whether its body has ended."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.ended = False
+
+    async def next(self) -> bytes:
+        """The next chunk of the body (b"" once it ended); ClientGone if the client left."""
+        if self.ended:
+            return b""
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            self.ended = True
+            raise ClientGone
+        self.ended = not message.get("more_body", False)
+        chunk: bytes = message.get("body", b"")
+        return chunk
+
+
+class Front:
+    """The gateway's ASGI app (see the module's doc)."""
+
+    def __init__(self, app: FastAPI, gateway: Any, settings: Settings,
+                 metrics: GatewayMetrics) -> None:
+        self.fastapi = app
+        self.gateway = gateway
+        self.settings = settings
+        self.metrics = metrics
+        self.in_flight = 0
+        self.body_bytes = 0  # bytes of request bodies held now
+        self.body_budget = max(MIN_BODY_BUDGET, 8 * settings.max_request_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = HOT_ROUTES.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None or scope["method"] != "POST":
+            await self.fastapi(scope, receive, send)
+            return
+        authorization, declared = "", None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                declared = value.decode("latin-1")
+        limit = self.settings.max_concurrent_requests
+        if self.gateway.draining or (limit and self.in_flight >= limit):
+            self.metrics.refusal("overloaded")
+            why = "shutting down" if self.gateway.draining else "at its concurrency limit"
+            await self.refuse(Overloaded(f"this gateway is {why}; try again shortly",
+                                         code="overloaded"), endpoint, BodyStream(receive),
+                              scope, send)
+            return
+        self.in_flight += 1
+        held = 0
+        stream = BodyStream(receive)
+        try:
+            try:
+                body = await self.read_body(declared, stream)
+                held = len(body)
+            except APIError as exc:
+                await self.refuse(exc, endpoint, stream, scope, send)
+                return
+            except ClientGone:
+                return
+            try:
+                response = await self.serve_watched(endpoint, authorization, body, receive)
+            except ClientGone:
+                return
+            except APIError as exc:
+                response = exc.response()
+            except Exception:
+                logger.exception("unexpected error while serving a request")
+                response = JSONResponse(error_body("internal gateway error",
+                                                   "internal_error"), status_code=500)
+            del body
+            self.body_bytes -= held
+            held = 0
+            await response(scope, receive, send)
+        finally:
+            self.body_bytes -= held
+            self.in_flight -= 1
+
+    async def read_body(self, declared: str | None, stream: BodyStream) -> bytes:
+        """The request body: at most `max_request_bytes` of it (413 past that, declared or
+        not), within `client_body_timeout_s` (408), within the shared body budget (503)."""
+        limit = self.settings.max_request_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            self.metrics.refusal("too_large")
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.settings.client_body_timeout_s):
+                while not stream.ended:
+                    chunk = await stream.next()
+                    if chunk:
+                        size += len(chunk)
+                        if size > limit:
+                            self.metrics.refusal("too_large")
+                            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                        if self.body_bytes + len(chunk) > self.body_budget:
+                            self.metrics.refusal("overloaded")
+                            raise Overloaded("this gateway holds too many request bodies "
+                                             "now; try again shortly", code="overloaded")
+                        self.body_bytes += len(chunk)
+                        chunks.append(chunk)
+        except TimeoutError:
+            self.metrics.refusal("body_timeout")
+            raise RequestTimeout(f"the request body was not received within "
+                                 f"{self.settings.client_body_timeout_s:g} s",
+                                 code="request_timeout") from None
+        except BaseException:
+            self.body_bytes -= sum(len(c) for c in chunks)
+            raise
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+    async def serve_watched(self, endpoint: Endpoint, authorization: str, body: bytes,
+                            receive: Receive) -> Any:
+        """`Gateway.serve`, cancelled if the client disconnects meanwhile (ClientGone)."""
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            message: Message = await receive()
+            while message["type"] != "http.disconnect":
+                message = await receive()
+            gone = True
+            task.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await self.gateway.serve(endpoint, authorization, body)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()
+            self.metrics.answered(endpoint, 499, None, None)  # nginx's "client closed"
+            raise ClientGone from None
+        finally:
+            watcher.cancel()
+
+    async def refuse(self, exc: APIError, endpoint: Endpoint, stream: BodyStream,
+                     scope: Scope, send: Send) -> None:
+        """Answer `exc` after reading what is left of the body (dropped), up to DRAIN_BYTES
+        and DRAIN_S, so a client still sending it can read the answer."""
+        self.metrics.answered(endpoint, exc.status_code, None, None)
+        drained = 0 if not isinstance(exc, RequestTimeout) else DRAIN_BYTES  # (too slow)
+        try:
+            async with asyncio.timeout(DRAIN_S):
+                while not stream.ended and drained < DRAIN_BYTES:
+                    drained += len(await stream.next())
+        except TimeoutError:
+            pass
+        except ClientGone:
+            return
+        response = exc.response()
+        response.headers["connection"] = "close"
+        await response(scope, stream.receive, send)

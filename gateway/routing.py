@@ -1,0 +1,227 @@
+"""What routing knows of a request's prompt: its length, its block keys, and how many of its
+leading blocks each worker and the shared KV pool hold.
+
+The CPU work on the client's input (the chat template, tokenizing, hashing block keys) runs
+on the gateway's routing thread (gateway/worker_thread.py), within `routing_timeout_s` and
+on at most `routing_max_chars` characters of the prompt. Past either bound the request is
+still served, routed with what is known (nothing past a timeout, the prompt's start past the
+size), and `beluga_gateway_prompts_unkeyed_total` / `..._truncated_total` say so. The prefix
+index's per-request state (this gateway's record of what it routed where, the prompts' unread
+keys) is only touched on that thread too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import ValidationError
+
+from beluga.pool_lookup import LOOKUP_PATH, MAX_KEYS, LookupReply, request_body
+from beluga.settings import Settings
+from gateway.metrics import GatewayMetrics
+from gateway.policies import Choice, Policy, RequestInfo
+from gateway.prefixes import BlockKeyMemo, Keying, PrefixIndex
+from gateway.requests import ParsedRequest
+from gateway.tokenize import Prompt, PromptTokenizer
+from gateway.upstream import UpstreamClient, UpstreamError
+from gateway.worker_thread import JobTimeout, WorkerThread
+from gateway.workers import WorkerState
+from kvpool.keys import next_key
+
+logger = logging.getLogger(__name__)
+
+LOOKUP_BACKOFF_S = 5.0
+
+
+def request_template(payload: dict[str, Any]) -> bool:
+    """Whether the request brings a chat template of its own (vLLM's `chat_template`, or
+    one inside `chat_template_kwargs`)."""
+    if payload.get("chat_template") is not None:
+        return True
+    kwargs = payload.get("chat_template_kwargs")
+    return isinstance(kwargs, dict) and kwargs.get("chat_template") is not None
+
+
+class Router:
+    """Per-process routing state: the tokenizer, the key memo, the routing thread."""
+
+    def __init__(self, settings: Settings, policy: Policy, prefixes: PrefixIndex,
+                 tokenizer: PromptTokenizer, metrics: GatewayMetrics,
+                 headers: dict[str, str]) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.prefixes = prefixes
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.headers = headers  # what every request to a worker carries
+        self.client: UpstreamClient | None = None
+        self.thread = WorkerThread()
+        self.key_memo = BlockKeyMemo()
+        self.lookup_backoff: dict[str, float] = {}  # worker id -> when to ask it again
+
+    def close(self) -> None:
+        self.thread.stop()
+
+    def _unkeyed(self, req: ParsedRequest, reason: str) -> tuple[RequestInfo, Iterator[bytes]]:
+        self.metrics.prompt_unkeyed(reason)
+        return RequestInfo(model=req.model, endpoint=req.endpoint, stream=req.stream), iter(())
+
+    async def route_info(self, req: ParsedRequest, workers: list[WorkerState]
+                         ) -> tuple[RequestInfo, Iterator[bytes]]:
+        """The request's prompt as the policies see it: length, block keys, and how many
+        leading blocks each worker and the pool hold; and the prompt's later block keys, not
+        read yet (nobody holds them), to be read off the request's critical path (on the
+        routing thread)."""
+        base = RequestInfo(model=req.model, endpoint=req.endpoint, stream=req.stream)
+        if not self.policy.uses_prefixes:
+            return base, iter(())
+        ids = [w.id for w in workers]
+        keying = self.prefixes.keying(ids)
+        if keying is None or not self.tokenizer.knows(req.model):
+            return base, iter(())
+        trusted = self.settings.trust_request_chat_template
+        if req.endpoint == "chat" and not trusted and request_template(req.payload):
+            # vLLM decides whether to render it; the gateway never does unless told to.
+            return self._unkeyed(req, "request_template")
+        salt = req.payload.get("cache_salt")
+        salt = salt if isinstance(salt, str) else ""
+        max_chars = self.settings.routing_max_chars
+
+        def keyed() -> tuple[Prompt, list[bytes], dict[str, int], int, Iterator[bytes]] | None:
+            prompt = self.tokenizer.prompt(req.model, req.endpoint, req.payload,
+                                           max_chars=max_chars, trust_templates=trusted)
+            if prompt is None:
+                return None
+            # Tokenized and keyed only as far as some worker or the pool holds the prefix.
+            later = lazy_block_keys(prompt, keying, salt, self.key_memo)
+            keys, local, pooled = self.prefixes.match(keying, ids, later)
+            return prompt, keys, local, pooled, later
+
+        deadline = time.monotonic() + self.settings.routing_timeout_s
+        try:
+            done = await self.thread.run(keyed, self.settings.routing_timeout_s)
+        except JobTimeout:
+            return self._unkeyed(req, "timeout")
+        except Exception:  # a bug: logged, the request routed without keys
+            logger.exception("keying a %s prompt failed", req.endpoint)
+            return self._unkeyed(req, "error")
+        if done is None:
+            return self._unkeyed(req, "untokenizable")
+        prompt, keys, local, pooled, later = done
+        if prompt.truncated:
+            self.metrics.prompt_truncated()
+        remote = self.prefixes.remote_pool(keying)
+        if (remote is not None and self.policy.uses_pool
+                and self.settings.pool_lookup_timeout_s > 0):
+            # The pool is not mapped here: a worker is asked about the keys read so far
+            # (up to the first block no worker holds). Only if the pool holds all of them
+            # is the rest of the prompt keyed and asked about: a new prompt costs one
+            # round trip and no more tokenizing, a pooled one two round trips.
+            pooled = await self.ask_pool(remote, keys, workers)
+            if keys and pooled == len(keys):
+                try:
+                    rest = await self.thread.run(
+                        lambda: list(later), max(0.0, deadline - time.monotonic()))
+                except JobTimeout:
+                    rest = []
+                    self.metrics.prompt_unkeyed("timeout")
+                keys.extend(rest)
+                pooled += await self.ask_pool(remote, rest, workers)
+                later = iter(())
+        return RequestInfo(
+            model=req.model, endpoint=req.endpoint, stream=req.stream,
+            prompt_tokens=prompt.estimate_total(), block_tokens=keying.block_tokens,
+            keys=tuple(keys), local_blocks=local, pool_blocks=pooled), later
+
+    async def ask_pool(self, pool_uuid: str, keys: list[bytes],
+                       workers: list[WorkerState]) -> int:
+        """How many leading `keys` the pool holds, as a worker sharing it says within
+        `pool_lookup_timeout_s`; 0 when none can say. A worker that fails to answer is not
+        asked again for LOOKUP_BACKOFF_S."""
+        assert self.client is not None
+        now = time.monotonic()
+        sharers = [w for w in workers if w.healthy(now) and self.prefixes.shares_pool(
+            w.id, pool_uuid) and self.lookup_backoff.get(w.id, 0.0) <= now]
+        if not keys or not sharers:
+            return 0
+        worker = min(sharers, key=lambda w: w.in_flight)
+        keys = keys[:MAX_KEYS]
+        try:
+            async with asyncio.timeout(self.settings.pool_lookup_timeout_s):
+                resp = await self.client.request("POST", worker.url + LOOKUP_PATH,
+                                                 request_body(pool_uuid, keys), self.headers)
+                try:
+                    content = await resp.read()
+                finally:
+                    resp.release()
+            if resp.status != 200:
+                raise UpstreamError(f"HTTP {resp.status}: {content[:200]!r}")
+            reply = LookupReply.model_validate_json(content)
+            if reply.pool_uuid != pool_uuid or reply.blocks > len(keys):
+                raise UpstreamError(f"an answer for another lookup: {reply}")
+        except (UpstreamError, TimeoutError, OSError, ValidationError) as exc:
+            result = "timeout" if isinstance(exc, TimeoutError) else "error"
+            self.metrics.pool_lookup(result)
+            self.lookup_backoff[worker.id] = now + LOOKUP_BACKOFF_S
+            logger.warning("pool lookup on %s failed (%s: %s); not asking it for %gs",
+                           worker.id, result, exc, LOOKUP_BACKOFF_S)
+            return 0
+        self.metrics.pool_lookup("ok")
+        return reply.blocks
+
+    def record(self, choice: Choice, info: RequestInfo, later: Iterator[bytes]) -> None:
+        """This gateway's record of what the worker will hold (on the routing thread, which
+        alone touches the prefix index's per-request state), and the routing metrics."""
+        worker_id = choice.worker.id
+        self.thread.post(lambda: self.prefixes.routed(worker_id, info.keys, later))
+        self.metrics.routed(choice, info)
+
+
+def lazy_block_keys(prompt: Prompt, keying: Keying, cache_salt: str,
+                    memo: BlockKeyMemo) -> Iterator[bytes]:
+    """The prompt's block keys (kvpool.block_keys), each tokenized only when asked for. A
+    whole piece the memo has seen from the same chain state costs no hashing. Ends early,
+    without an error, at the first piece that cannot be tokenized or keyed (routing on the
+    keys before it)."""
+    bt = keying.block_tokens
+    prev = memo.root(keying.fingerprint, cache_salt)
+    buf: list[int] = []
+    parts = prompt.parts()
+    while True:
+        try:
+            ids, piece = next(parts)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: route without it
+            logger.debug("cannot tokenize the rest of a prompt: %s", exc)
+            return
+        state = None
+        if piece is not None and len(ids) >= bt:
+            state = (prev, bt, tuple(buf), piece)
+            known = memo.get(state)
+            if known is not None:
+                keys, rest = known
+                yield from keys
+                if keys:
+                    prev = keys[-1]
+                buf = list(rest)
+                continue
+        buf.extend(ids)
+        start = 0
+        made: list[bytes] = []
+        while len(buf) - start >= bt:
+            try:
+                prev = next_key(prev, buf[start:start + bt])
+            except ValueError as exc:  # a token id no tokenizer makes: keys end here
+                logger.debug("cannot key a prompt block: %s", exc)
+                return
+            start += bt
+            made.append(prev)
+            yield prev
+        del buf[:start]
+        if state is not None:
+            memo.put(state, (tuple(made), tuple(buf)))

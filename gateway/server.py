@@ -1,0 +1,120 @@
+"""Running the gateway: uvicorn with the limits a public endpoint needs.
+
+* Headers have a deadline: a connection that has not sent a whole request head within
+  `client_header_timeout_s` of opening (or of its previous answer) is closed, so clients
+  trickling bytes or holding half-open connections cannot pile up (bodies have their own
+  timeout in gateway/front.py). The open-file limit is raised to its hard limit, so a few
+  hundred idle sockets cannot stop the gateway from accepting more.
+* SIGTERM drains: the listening socket closes, new requests on kept-alive connections get
+  503, `/health/ready` says 503, requests in flight get up to `drain_timeout_s` to finish,
+  then the lifespan closes the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from beluga.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on every request's head."""
+
+    header_timeout_s = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            logger.debug("closing a connection that sent no request head in %g s",
+                         self.header_timeout_s)
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server that tells the app when it starts to drain."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        gateway = getattr(self.app, "gateway", None)
+        if gateway is not None and not gateway.draining:
+            logger.info("draining: refusing new requests, %d in flight get up to %g s",
+                        getattr(self.app, "in_flight", 0),
+                        self.config.timeout_graceful_shutdown or 0)
+            gateway.draining = True
+        super().handle_exit(sig, frame)
+
+
+def raise_open_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                        else max(soft, 65536), hard))
+        except (ValueError, OSError) as exc:
+            logger.info("cannot raise the open-file limit from %d: %s", soft, exc)
+
+
+def protocol_class(settings: Settings) -> type[HeaderTimeoutProtocol]:
+    return type("GatewayHttpProtocol", (HeaderTimeoutProtocol,),
+                {"header_timeout_s": settings.client_header_timeout_s})
+
+
+def config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    # No access log, proxy-header rewriting or Server/Date headers: per-request work
+    # nothing here reads (the gateway keeps its own metrics).
+    options: dict[str, Any] = dict(
+        host=settings.gateway_host, port=settings.gateway_port, log_level="warning",
+        access_log=False, proxy_headers=False, server_header=False, date_header=False,
+        http=protocol_class(settings), timeout_graceful_shutdown=settings.drain_timeout_s,
+        timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def run(settings: Settings) -> None:
+    from gateway.app import create_app
+
+    raise_open_files_limit()
+    app = create_app(settings)
+    GatewayServer(config(app, settings), app).run()
