@@ -40,8 +40,9 @@ GATEWAY_FIELDS = (
     "max_request_bytes", "unhealthy_cooldown_s", "health_check_interval_s",
     "health_check_timeout_s", "health_check_failures", "dashboard_interval_s", "max_attempts",
     "trust_request_chat_template", "routing_timeout_s", "routing_max_chars",
-    "max_concurrent_requests", "upstream_queue_timeout_s", "client_header_timeout_s",
-    "client_body_timeout_s", "drain_timeout_s", "server_secret", "worker_api_key",
+    "max_concurrent_requests", "max_upstream_connections", "upstream_queue_timeout_s",
+    "client_header_timeout_s", "client_body_timeout_s", "drain_timeout_s", "server_secret",
+    "worker_api_key",
     "pool_search_dirs", "pool_lookup_timeout_s",
 )
 UP_FIELDS = tuple(dict.fromkeys(

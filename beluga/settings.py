@@ -205,6 +205,10 @@ class Settings(BaseSettings):
         1024, ge=0, description="Most requests one gateway serves at once; past it a request "
         "gets 503 with Retry-After at once. 0: no limit."
     )
+    max_upstream_connections: int = Field(
+        1000, ge=1, description="Most connections one gateway keeps open to its workers "
+        "for requests (health checks and pool lookups have their own)."
+    )
     upstream_queue_timeout_s: float = Field(
         5.0, gt=0, description="Most time a request waits for a connection to a worker "
         "when all are in use; then 503 with Retry-After."

@@ -181,6 +181,7 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> Front:
         # request connection cannot make the checks fail and take healthy workers out.
         client = UpstreamClient(connect_timeout_s=settings.connect_timeout_s,
                                 read_timeout_s=settings.upstream_timeout_s, keepalive_s=4.0,
+                                limit=settings.max_upstream_connections,
                                 queue_timeout_s=settings.upstream_queue_timeout_s)
         control = UpstreamClient(connect_timeout_s=settings.connect_timeout_s,
                                  read_timeout_s=settings.health_check_timeout_s,

@@ -17,8 +17,8 @@ import redis.asyncio as aioredis
 
 from beluga.registry import hint_blocks_key, hints_key
 from engine.hints import HintPublisher
-from gateway.routing import lazy_block_keys
 from gateway.prefixes import BlockKeyMemo, Keying, PrefixIndex
+from gateway.routing import lazy_block_keys
 from gateway.tokenize import Prompt
 from kvpool import KVPool, block_keys
 from tests.support import RedisServer

@@ -62,3 +62,62 @@ def test_bad_prompts_are_rejected(prompt: Any) -> None:
     with pytest.raises(BadRequest) as exc:
         parse_request(json.dumps(body).encode(), "completions")
     assert exc.value.param == "prompt"
+
+
+def completion(prompt: Any) -> bytes:
+    return json.dumps({"model": "m", "prompt": prompt}).encode()
+
+
+@pytest.mark.parametrize("prompt", [[-1], [2**32], [1, 2, 2**63], [[5], [-7]], [10**30]])
+def test_token_ids_outside_u32_are_400(prompt: Any) -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_request(completion(prompt), "completions")
+    assert err.value.status_code == 400 and err.value.param == "prompt"
+
+
+def test_token_ids_are_checked_against_the_model_vocabulary_when_known() -> None:
+    vocab = {"m": 1000}.get
+    assert parse_request(completion([0, 999]), "completions", vocab).payload["prompt"]
+    with pytest.raises(BadRequest, match=r"\[0, 1000\)"):
+        parse_request(completion([0, 1000]), "completions", vocab)
+    with pytest.raises(BadRequest):
+        parse_request(completion([[1], [5000]]), "completions", vocab)
+    # a model whose tokenizer is not loaded here: u32 bounds only
+    assert parse_request(completion([5000]), "completions", {}.get)
+
+
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for i in range(depth - 1):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("depth", [65, 900, 990, 5000])
+def test_nesting_past_the_limit_is_400_at_any_depth(depth: int) -> None:
+    # (written out by hand: json.dumps itself cannot nest this deep)
+    body = (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": '
+            + b'[{"k": ' * (depth // 2) + b"1" + b"}]" * (depth // 2) + b"}")
+    with pytest.raises(BadRequest) as err:
+        parse_request(body, "chat")
+    assert err.value.status_code == 400
+
+
+def test_nesting_within_the_limit_passes() -> None:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                       "metadata": nested(60)}).encode()
+    assert parse_request(body, "chat").model == "m"
+
+
+@pytest.mark.parametrize("model", ["m\r\nX-Injected: 1", "m\x00", "x" * 257, "m\u2028"])
+def test_model_names_that_cannot_be_a_header_or_a_label_are_400(model: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_request(chat(model=model), "chat")
+    assert err.value.param == "model"
+
+
+def test_an_invalid_json_message_does_not_quote_the_body() -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_request(b'{"model": "m", "prompt": "' + b"A" * 100_000 + b'", oops}',
+                      "completions")
+    assert len(err.value.message) < 200

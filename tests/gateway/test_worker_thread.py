@@ -1,0 +1,108 @@
+"""The routing thread: CPU work off the event loop, every job within its deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from gateway.worker_thread import JobTimeout, WorkerThread
+
+
+def spin(seconds: float) -> str:
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return "done"
+
+
+def test_a_job_past_its_deadline_is_interrupted_and_the_thread_goes_on() -> None:
+    async def main() -> None:
+        thread = WorkerThread()
+        started = time.monotonic()
+        with pytest.raises(JobTimeout):
+            await thread.run(lambda: spin(60), 0.2)
+        assert time.monotonic() - started < 1.0
+        # the runaway job was stopped: the next one runs at once, on the same thread
+        t0 = time.monotonic()
+        assert await thread.run(lambda: spin(0.01), 2.0) == "done"
+        assert time.monotonic() - t0 < 0.5
+        assert thread.interrupted == 1
+        thread.stop()
+
+    asyncio.run(main())
+
+
+def test_the_event_loop_keeps_running_while_a_job_spins() -> None:
+    async def main() -> None:
+        thread = WorkerThread()
+        ticks: list[float] = []
+
+        async def ticker() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        tick = asyncio.create_task(ticker())
+        with pytest.raises(JobTimeout):
+            await thread.run(lambda: spin(60), 0.5)
+        tick.cancel()
+        gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+        assert len(ticks) > 20 and max(gaps) < 0.1, max(gaps)
+        thread.stop()
+
+    asyncio.run(main())
+
+
+def test_a_job_whose_deadline_passed_in_the_queue_never_runs() -> None:
+    async def main() -> None:
+        thread = WorkerThread()
+        ran = threading.Event()
+        first = asyncio.ensure_future(thread.run(lambda: spin(0.3), 2.0))
+        await asyncio.sleep(0.05)
+        with pytest.raises(JobTimeout):
+            await thread.run(ran.set, 0.1)
+        assert await first == "done"
+        await thread.run(lambda: None, 1.0)  # everything queued before it has been handled
+        assert not ran.is_set() and thread.expired == 1
+        thread.stop()
+
+    asyncio.run(main())
+
+
+def test_exceptions_reach_the_caller_and_posted_work_runs_in_order() -> None:
+    async def main() -> None:
+        thread = WorkerThread()
+
+        def boom() -> None:
+            raise ValueError("bad prompt")
+
+        with pytest.raises(ValueError, match="bad prompt"):
+            await thread.run(boom, 1.0)
+        seen: list[int] = []
+        for i in range(5):
+            thread.post(lambda i=i: seen.append(i))
+        assert await thread.run(lambda: list(seen), 1.0) == [0, 1, 2, 3, 4]
+        names = await thread.run(lambda: threading.current_thread().name, 1.0)
+        assert names == "beluga-routing"
+        thread.stop()
+
+    asyncio.run(main())
+
+
+def test_a_caller_cancelled_stops_its_job() -> None:
+    async def main() -> None:
+        thread = WorkerThread()
+        task = asyncio.ensure_future(thread.run(lambda: spin(60), 30.0))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await thread.run(lambda: "next", 1.0) == "next"
+        assert thread.interrupted == 1
+        thread.stop()
+
+    asyncio.run(main())
