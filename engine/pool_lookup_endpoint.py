@@ -6,11 +6,18 @@ through Settings). The middleware answers ``POST /beluga/v1/pool/lookup`` itself
 the gateway already reaches, and passes every other request to vLLM untouched. It attaches
 the pool on the first lookup (the engine creates it; the API server may answer first), without
 prefaulting: a lookup reads a few index cache lines and takes no pins.
+
+With a worker credential (`worker_api_key`, BELUGA_WORKER_API_KEY), every request but
+`GET /health` and `/metrics` needs `Authorization: Bearer <key>`, else 401 in OpenAI's error
+shape: the lookup endpoint, and vLLM's routes outside /v1 that its own VLLM_API_KEY check
+leaves open (/tokenize, /invocations, /pause, ...). Workers are reached through the gateway.
+Without a pool (`--no-pool`) the lookup path is vLLM's (404).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from typing import Any
@@ -35,10 +42,31 @@ logger = logging.getLogger(f"vllm.{__name__}")  # through vLLM's log handlers
 REATTACH_S = 5.0  # how often a pool of another UUID at our path is looked at again
 
 
-def error(status: int, message: str, code: str) -> JSONResponse:
+# What stays open with a credential: liveness and metrics (scraped by Prometheus).
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+def error(status: int, message: str, code: str,
+          headers: dict[str, str] | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "service_unavailable"
     return JSONResponse({"error": {"message": message, "type": kind, "param": None,
-                                   "code": code}}, status_code=status)
+                                   "code": code}}, status_code=status, headers=headers)
+
+
+def unauthorized() -> JSONResponse:
+    return error(401, "this worker requires its credential: send `Authorization: Bearer "
+                 "<worker_api_key>` (clients go through the gateway)", "invalid_api_key",
+                 headers={"www-authenticate": "Bearer"})
+
+
+def bearer_matches(scope: Scope, key: bytes) -> bool:
+    """True when the request's first Authorization header is `Bearer <key>` (the token is
+    compared in constant time)."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"authorization":
+            scheme, _, token = bytes(value).strip().partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+    return False
 
 
 async def read_body(receive: Receive, limit: int) -> bytes | None:
@@ -64,16 +92,36 @@ class PoolLookupMiddleware:
         s = settings if settings is not None else Settings()
         self.pool_path = s.resolved_pool_path
         self.coherence = s.pool_coherence
+        self.serves_lookups = s.pool
+        self.key = s.worker_api_key.encode() if s.worker_api_key else None
         self._pool: KVPool | None = None
         self._tried_at = float("-inf")  # the last attach attempt (monotonic)
         self._lock = asyncio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != LOOKUP_PATH:
+        if scope["type"] not in ("http", "websocket"):  # lifespan
+            await self.app(scope, receive, send)
+            return
+        if self.key is not None and not self.is_open(scope) \
+                and not bearer_matches(scope, self.key):
+            if scope["type"] == "websocket":  # closed before accept: the client sees 403
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await unauthorized()(scope, receive, send)
+            return
+        if scope["type"] != "http" or scope["path"] != LOOKUP_PATH or not self.serves_lookups:
             await self.app(scope, receive, send)
             return
         response = await self.answer(scope["method"], receive)
         await response(scope, receive, send)
+
+    @staticmethod
+    def is_open(scope: Scope) -> bool:
+        path = str(scope["path"])
+        root = str(scope.get("root_path", ""))
+        if root and path.startswith(root):
+            path = path[len(root):]
+        return scope["type"] == "http" and path in OPEN_PATHS
 
     async def answer(self, method: str, receive: Receive) -> JSONResponse:
         if method != "POST":

