@@ -10,7 +10,7 @@ import httpx
 from transformers import AutoTokenizer
 
 from kvpool import KVPool
-from tests.e2e.conftest import BLOCK, MODEL, MODEL_NAME, Stack
+from tests.e2e.conftest import BLOCK, MODEL, MODEL_NAME, WORKER_HEADERS, Stack
 
 __all__ = ["BLOCK", "complete", "corpus", "delta", "metrics", "pool_of", "prompt"]
 WORDS = ("river mountain quiet engine silver market garden letter winter doctor window "
@@ -39,7 +39,7 @@ def prompt(offset: int, length: int) -> list[int]:
 
 
 def complete(url: str, ids: list[int], max_tokens: int = 12) -> list[int]:
-    r = httpx.post(f"{url}/v1/completions", timeout=300, json={
+    r = httpx.post(f"{url}/v1/completions", timeout=300, headers=WORKER_HEADERS, json={
         "model": MODEL_NAME, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
         "return_token_ids": True})
     assert r.status_code == 200, r.text

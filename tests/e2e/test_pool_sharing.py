@@ -16,7 +16,7 @@ import httpx
 from beluga.pool_lookup import LOOKUP_PATH, request_body
 from beluga.registry import hint_blocks_key, hint_key
 from kvpool import block_keys
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import WORKER_HEADERS, Stack
 from tests.e2e.pool_helpers import BLOCK, complete, delta, metrics, pool_of, prompt
 
 # Lengths around block boundaries: shorter than a block, exactly aligned, just past, long.
@@ -91,7 +91,8 @@ def test_b_loads_the_full_blocks_and_computes_only_the_rest(stack: Stack) -> Non
     # vLLM's API server, with the leading blocks the pool holds.
     for url in (a, b):
         resp = httpx.post(url + LOOKUP_PATH, content=request_body(uuid, keys + unseen),
-                          headers={"content-type": "application/json"}, timeout=10)
+                          headers={"content-type": "application/json", **WORKER_HEADERS},
+                          timeout=10)
         assert resp.status_code == 200, resp.text
         assert resp.json() == {"version": 1, "pool_uuid": uuid, "blocks": full}
 

@@ -16,7 +16,7 @@ import pytest
 from beluga.registry import hint_blocks_key, hint_key, hints_key, parse_hints
 from gateway.tokenize import PromptTokenizer
 from kvpool import block_keys
-from tests.e2e.conftest import MODEL, MODEL_NAME, ROOT, Stack, free_port
+from tests.e2e.conftest import MODEL, MODEL_NAME, ROOT, WORKER_HEADERS, Stack, free_port
 from tests.e2e.pool_helpers import BLOCK, complete, prompt
 
 CHATS = [
@@ -34,13 +34,14 @@ def test_the_gateway_tokenizes_exactly_as_vllm(stack: Stack) -> None:
     worker = stack.worker_urls[0]
     for messages in CHATS:
         vllm = httpx.post(f"{worker}/tokenize", json={"model": MODEL_NAME,
-                                                      "messages": messages}, timeout=30)
+                                                      "messages": messages}, timeout=30,
+                          headers=WORKER_HEADERS)
         assert vllm.status_code == 200, vllm.text
         ours = tok.tokens(MODEL_NAME, "chat", {"messages": messages})
         assert ours == vllm.json()["tokens"]
     for text in ("Once upon a time", "  spaces\tand\nnewlines  ", "x" * 2000):
         vllm = httpx.post(f"{worker}/tokenize", json={"model": MODEL_NAME, "prompt": text},
-                          timeout=30)
+                          timeout=30, headers=WORKER_HEADERS)
         assert tok.tokens(MODEL_NAME, "completions", {"prompt": text}) == \
             vllm.json()["tokens"]
 
@@ -51,7 +52,8 @@ def second_gateway(stack: Stack) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
     env.update({"BELUGA_REDIS_URL": stack.redis_url, "BELUGA_MODEL": str(MODEL),
                 "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(port),
-                "BELUGA_STATE_DIR": str(stack.state_dir)})
+                "BELUGA_STATE_DIR": str(stack.state_dir),
+                "BELUGA_WORKER_API_KEY": stack.worker_key})
     log = stack.state_dir / "gateway2.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "gateway"], stdout=fh,
