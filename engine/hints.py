@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -30,7 +31,9 @@ class HintPublisher:
                                             socket_connect_timeout=2.0)
         self._prefix, self._worker = prefix, worker_id
         self._fingerprint, self._block_tokens = fingerprint.hex(), block_tokens
-        self._pool_uuid, self._pool_path = pool_uuid, pool_path
+        # Absolute and normalized, as gateways require of a pool path (beluga/registry.py).
+        self._pool_uuid = pool_uuid
+        self._pool_path = os.path.abspath(pool_path) if pool_path else None
         self._ttl, self._interval, self._max = ttl_s, interval_s, max_keys
         # Published at once, before the cache holds anything: the record tells gateways how
         # to key prompts for this worker (fingerprint, block size, pool), so they can route
@@ -60,6 +63,7 @@ class HintPublisher:
     def _run(self) -> None:
         published: list[str] | None = None
         healthy = True
+        failures: set[type[BaseException]] = set()
         while not self._stop.is_set():
             self._wake.wait(self._interval)
             self._wake.clear()
@@ -72,10 +76,19 @@ class HintPublisher:
                 if not healthy:
                     logger.info("routing hints: Redis is back, publishing again")
                 healthy = True
-            except redis.RedisError as exc:
+            except (redis.RedisError, OSError) as exc:
                 published = None  # whatever Redis held may be gone when it is back
                 if healthy:
                     logger.warning("routing hints: Redis unreachable (%s); retrying", exc)
+                healthy = False
+            except Exception as exc:
+                # Not Redis being away: a URL option redis-py refuses only when it connects,
+                # a record the registry refuses. The thread goes on (it is the only one
+                # publishing this worker's hints); logged with its traceback once per kind.
+                published = None
+                if type(exc) not in failures:
+                    failures.add(type(exc))
+                    logger.exception("routing hints: publishing failed; retrying")
                 healthy = False
 
     def _publish(self, keys: list[str], changed: bool) -> None:

@@ -14,6 +14,10 @@
     beluga_gateway_worker_load{worker}                       occupancy the router sees
     beluga_gateway_worker_pending_prefill_tokens{worker}     prompt tokens sent, first
                                                              token not yet back
+    beluga_gateway_registry_invalid_records_total{kind, reason}
+                                                             Redis records skipped (worker,
+                                                             hints, hint_keys; reasons:
+                                                             beluga/registry.py REASONS)
     beluga_pool_slots, beluga_pool_used_slots, beluga_pool_pinned_slots,
     beluga_pool_evictions_total, beluga_pool_inserts_total   the shared pool, when this
                                                              gateway maps it (same host)
@@ -31,6 +35,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
+from beluga.registry import KINDS as REGISTRY_KINDS
+from beluga.registry import REASONS as REGISTRY_REASONS
 from gateway.policies import Choice, RequestInfo
 from gateway.workers import WorkerState
 from kvpool import PoolStats
@@ -85,6 +91,10 @@ class GatewayMetrics:
         self.background_errors = Counter("beluga_gateway_background_errors",
                                          "Exceptions caught in a background loop (which "
                                          "goes on), by task.", ["task"], registry=r)
+        self.invalid_records = Counter(
+            "beluga_gateway_registry_invalid_records", "Redis records (worker registry, "
+            "hints, hint-key sets) refused by validation, each time one is read, by kind and "
+            "reason.", ["kind", "reason"], registry=r)
         # Labelled children by label values, looked up once: `labels()` validates, converts
         # and locks on every call, several times per request. (Bounded like the registry
         # itself: one per label combination ever used.)
@@ -124,6 +134,12 @@ class GatewayMetrics:
 
     def background_error(self, task: str) -> None:
         self.child(self.background_errors, task).inc()
+
+    def invalid_record(self, kind: str, reason: str) -> None:
+        """One Redis record refused (`InvalidRecords.count`); labels are bounded sets."""
+        kind = kind if kind in REGISTRY_KINDS else "other"
+        reason = reason if reason in REGISTRY_REASONS else "other"
+        self.child(self.invalid_records, kind, reason).inc()
 
     def pool_lookup(self, result: str) -> None:
         self.child(self.pool_lookups, result).inc()

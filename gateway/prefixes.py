@@ -10,6 +10,12 @@
   (/dev/shm, hugetlbfs, devdax), the gateway attaches it and asks `lookup_prefix` (a few
   microseconds, no pins). Elsewhere (no such pool mapped on this host) the gateway asks a
   worker that shares it (beluga/pool_lookup.py; `remote_pool` says when).
+
+Hints in Redis are untrusted input: each record is validated (beluga/registry.py), a hint
+set is read at most `max_keys` members at a time (SRANDMEMBER: never a whole hostile set),
+members that are not 32 lowercase hex characters are ignored, and a pool path is attached
+only inside `pool_search_dirs` (also once symbolic links are resolved). What is refused is
+logged once and counted (`invalid`); `refresh` never raises (but for cancellation).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,12 +31,32 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from beluga.registry import HintsRecord, hint_blocks_key, hint_key, hints_key, parse_hints
+from beluga.registry import (
+    MAX_RECORD_BYTES,
+    HintsRecord,
+    InvalidRecord,
+    InvalidRecords,
+    hint_blocks_key,
+    hint_key,
+    hints_key,
+    load_hints,
+    pool_dirs,
+    raise_failures,
+    valid_hint_keys,
+)
+from beluga.settings import Settings
 from kvpool import KVPool, PoolError, PoolStats, block_keys
 from kvpool.keys import root_key
 from kvpool.pool import DEFAULT_CANDIDATES
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_POOL_SEARCH_DIRS: str = Settings.model_fields["pool_search_dirs"].default
+DEFAULT_MAX_HINT_KEYS: int = Settings.model_fields["max_hint_keys"].default
+MAX_ATTACH_TRIES = 4  # pool UUIDs tried per refresh (each probes every candidate file)
+# Hint keys read per refresh, all workers together (~100 MB at most): max_keys each for up
+# to 128 workers, fewer each beyond (a registry of thousands of workers is bounded too).
+MAX_HINT_KEYS_TOTAL = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -84,9 +111,14 @@ class BlockKeyMemo:
 
 class PrefixIndex:
     def __init__(self, client: aioredis.Redis, prefix: str, own_capacity: int = 8192,
-                 pending_capacity: int = 1024) -> None:
+                 pending_capacity: int = 1024, *, max_keys: int = DEFAULT_MAX_HINT_KEYS,
+                 pool_search_dirs: str | Sequence[str] = DEFAULT_POOL_SEARCH_DIRS,
+                 invalid: InvalidRecords | None = None) -> None:
         self._client = client
         self._prefix = prefix
+        self._max_keys = max(1, max_keys)  # hint keys read per worker
+        self._pool_dirs = pool_dirs(pool_search_dirs)
+        self.invalid = invalid if invalid is not None else InvalidRecords()
         self._hints: dict[str, WorkerHints] = {}
         self._own: dict[str, OrderedDict[str, None]] = {}
         self._own_cap = own_capacity
@@ -100,23 +132,43 @@ class PrefixIndex:
 
     # -- refresh (background task) -------------------------------------------------------
     async def refresh(self, worker_ids: Iterable[str]) -> bool:
-        ids = list(worker_ids)
+        """Re-read the hints of `worker_ids` (from the validated worker registry). False
+        when Redis did not answer (the last hints stay); never raises: anything unexpected is
+        logged (once per kind of error, with its traceback) and counted."""
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for wid in ids:
-                pipe.get(hints_key(self._prefix, wid))
-                pipe.smembers(hint_blocks_key(self._prefix, wid))
-            raw = await pipe.execute() if ids else []
+            return await self._refresh(list(dict.fromkeys(worker_ids)))
         except (RedisError, OSError):
             return False
+        except Exception as exc:
+            self.invalid.report("hints", f"<refresh: {type(exc).__name__}>", "error",
+                                repr(exc), action="failed", exc=exc)
+            return False
+
+    async def _refresh(self, ids: list[str]) -> bool:
+        raw: list[object] = []
+        per_worker = max(1, min(self._max_keys, MAX_HINT_KEYS_TOTAL // max(1, len(ids))))
+        if ids:
+            pipe = self._client.pipeline(transaction=False)
+            for wid in ids:
+                blocks = hint_blocks_key(self._prefix, wid)
+                # At most MAX_RECORD_BYTES + 1 bytes of the record, at most `per_worker`
+                # members of the set (a random sample of a larger one), and the set's size.
+                pipe.getrange(hints_key(self._prefix, wid), 0, MAX_RECORD_BYTES)
+                pipe.srandmember(blocks, per_worker)
+                pipe.scard(blocks)
+            raw = await pipe.execute(raise_on_error=False)
+            raise_failures(raw)
         hints: dict[str, WorkerHints] = {}
         for i, wid in enumerate(ids):
-            rec = parse_hints(raw[2 * i]) if raw[2 * i] is not None else None
-            if rec is None or rec.worker_id != wid:
+            try:
+                record, members, size = raw[3 * i: 3 * i + 3]
+                found = self._worker_hints(wid, record, members, size, per_worker)
+            except Exception as exc:  # a bug here must not cost the other workers' hints
+                self.invalid.report("hints", hints_key(self._prefix, wid), "error", repr(exc),
+                                    exc=exc)
                 continue
-            keys = frozenset(k.decode() if isinstance(k, bytes) else str(k)
-                             for k in raw[2 * i + 1])
-            hints[wid] = WorkerHints(rec, keys)
+            if found is not None:
+                hints[wid] = found
         self._hints = hints
         for wid in list(self._own):
             if wid not in ids:
@@ -126,18 +178,65 @@ class PrefixIndex:
         await self._maybe_attach_pool()
         return True
 
+    def _worker_hints(self, wid: str, raw: object, members: object, size: object,
+                      read: int) -> WorkerHints | None:
+        """One worker's hints from what Redis answered (None: none, or refused)."""
+        key = hints_key(self._prefix, wid)
+        if not raw and not isinstance(raw, BaseException):
+            return None  # nothing published (yet), or expired
+        try:
+            if isinstance(raw, BaseException):  # WRONGTYPE: a set or list at that key
+                raise InvalidRecord("wrong_type", str(raw))
+            rec, dropped = load_hints(raw, self._pool_dirs)
+            if rec.worker_id != wid:
+                raise InvalidRecord("key_mismatch", f"hints of worker {rec.worker_id!r}")
+        except InvalidRecord as exc:
+            self.invalid.refused("hints", key, exc)
+            return None
+        if dropped is not None:
+            self.invalid.report("hints", key, "pool_path", dropped, action="pool path dropped")
+        blocks = hint_blocks_key(self._prefix, wid)
+        if isinstance(members, BaseException) or not isinstance(members, list):
+            # The record is fine: keep routing on it (keying, pool), without worker keys.
+            self.invalid.report("hint_keys", blocks, "wrong_type", str(members),
+                                action="ignored")
+            return WorkerHints(rec, frozenset())
+        keys, bad = valid_hint_keys(members)
+        if bad:
+            self.invalid.report("hint_keys", blocks, "hint_key",
+                                f"{bad} of {len(members)} members are not hint keys",
+                                action="partly ignored")
+        if isinstance(size, int) and size > self._max_keys:  # more than a worker publishes
+            self.invalid.report("hint_keys", blocks, "too_many",
+                                f"{size} members, {read} read", action="sampled")
+        return WorkerHints(rec, keys)
+
     async def _maybe_attach_pool(self) -> None:
         uuids = {h.record.pool_uuid for h in self._hints.values() if h.record.pool_uuid}
+        # What failed is remembered only while some worker names it: bounded memory, and a
+        # pool that comes back under a known UUID (a worker restarted) is tried again.
+        self._pool_failed &= uuids
         if self._pool_uuid in uuids or not uuids:
             return
-        for uuid in sorted(uuids - self._pool_failed):
+        for uuid in sorted(uuids - self._pool_failed)[:MAX_ATTACH_TRIES]:
             # Where the workers map it first (the same path on a shared host), then the
-            # usual places (a CXL device has another /dev/dax name on every host).
-            paths = sorted({glob.escape(h.record.pool_path) for h in self._hints.values()
-                            if h.record.pool_uuid == uuid and h.record.pool_path})
+            # usual places (a CXL device has another /dev/dax name on every host). A path
+            # is only used inside pool_search_dirs once symbolic links are resolved.
+            named = {(wid, h.record.pool_path) for wid, h in self._hints.items()
+                     if h.record.pool_uuid == uuid and h.record.pool_path}
+            paths = []
+            for wid, path in sorted(named):
+                assert path is not None
+                if await asyncio.to_thread(_really_inside, path, self._pool_dirs):
+                    paths.append(glob.escape(path))
+                else:
+                    self.invalid.report("hints", hints_key(self._prefix, wid), "pool_path",
+                                        "leads outside pool_search_dirs (symbolic link)",
+                                        action="pool path dropped")
             try:
                 pool = await asyncio.to_thread(KVPool.attach_by_uuid, uuid,
-                                               [*paths, *DEFAULT_CANDIDATES], prefault=False)
+                                               [*sorted(set(paths)), *DEFAULT_CANDIDATES],
+                                               prefault=False)
             except PoolError as exc:
                 logger.info("pool %s is not mapped on this host (%s); routing on hints only",
                             uuid, exc)
@@ -277,3 +376,9 @@ def _pool_prefix(pool: KVPool, keys: list[bytes]) -> int:
         return pool.lookup_prefix(keys)
     except PoolError:
         return 0
+
+
+def _really_inside(path: str, dirs: Sequence[str]) -> bool:
+    """Whether `path`, symbolic links resolved, is inside one of `dirs` (also resolved)."""
+    real = os.path.realpath(path)
+    return any(real.startswith(os.path.realpath(d).rstrip("/") + "/") for d in dirs)

@@ -4,6 +4,10 @@ A background task re-reads the registry every `registry_refresh_s`. The request 
 reads an immutable snapshot (a tuple swapped in by that task), so nothing is locked per
 request. When Redis is unreachable the last snapshot stays in use and the gateway keeps
 serving; it recovers as soon as Redis answers again.
+
+Redis is untrusted input: one refresh reads at most `MAX_WORKER_RECORDS` records of at most
+`MAX_RECORD_BYTES` each, validates each (beluga/registry.py) and skips, logs once and counts
+(`WorkerPool.invalid`) what does not pass; `refresh` never raises (but for cancellation).
 """
 
 from __future__ import annotations
@@ -16,11 +20,25 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from beluga.registry import WorkerRecord, parse_record, worker_pattern
+from beluga.registry import (
+    MAX_RECORD_BYTES,
+    InvalidRecord,
+    InvalidRecords,
+    WorkerRecord,
+    load_worker,
+    raise_failures,
+    redacted_url,
+    worker_key,
+    worker_pattern,
+)
 from beluga.settings import Settings
 from gateway.upstream import UpstreamClient, UpstreamError
 
 logger = logging.getLogger(__name__)
+
+MAX_WORKER_RECORDS = 4096  # registry records read per refresh (more are ignored, counted)
+SCAN_COUNT = 1000          # keys Redis examines per SCAN call
+MAX_SCAN_CALLS = 1024      # SCAN calls per refresh: ~1M keys examined in a shared Redis
 
 
 @dataclass
@@ -87,6 +105,10 @@ class WorkerPool:
     _snapshot: tuple[WorkerState, ...] = ()
     redis_ok: bool = False
     last_refresh: float = 0.0
+    # Refused records: logged once, counted through `invalid.count` (the gateway sets it to
+    # its metrics' `invalid_record`).
+    invalid: InvalidRecords = field(default_factory=InvalidRecords)
+    _down_logged: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerPool:
@@ -142,31 +164,88 @@ class WorkerPool:
         return None if status == 200 else f"HTTP {status}"
 
     async def refresh(self) -> None:
+        """Re-read the registry. Never raises: Redis errors keep the last snapshot, anything
+        unexpected is logged (once per kind of error, with its traceback) and counted."""
         try:
-            records: list[WorkerRecord] = []
-            keys = [k async for k in self.client.scan_iter(
-                match=worker_pattern(self.settings.redis_key_prefix), count=500)]
-            values = await self.client.mget(keys) if keys else []
-            for raw in values:
-                if raw is not None and (rec := parse_record(raw)) is not None:
-                    records.append(rec)
+            await self._refresh()
+        except Exception as exc:
+            self.invalid.report("worker", f"<refresh: {type(exc).__name__}>", "error",
+                                repr(exc), action="failed", exc=exc)
+
+    async def _read_registry(self) -> list[WorkerRecord]:
+        """The valid worker records in Redis (RedisError/OSError when it is unreachable)."""
+        prefix = self.settings.redis_key_prefix
+        keys: dict[bytes | str, None] = {}  # SCAN may return a key twice
+        cursor, calls = 0, 0
+        while True:
+            cursor, batch = await self.client.scan(cursor=cursor, match=worker_pattern(prefix),
+                                                   count=SCAN_COUNT)
+            calls += 1
+            keys.update(dict.fromkeys(batch))
+            if cursor == 0 or len(keys) >= MAX_WORKER_RECORDS or calls >= MAX_SCAN_CALLS:
+                break
+        if cursor != 0 or len(keys) > MAX_WORKER_RECORDS:
+            self.invalid.report("worker", worker_pattern(prefix), "too_many",
+                                f"over {MAX_WORKER_RECORDS} keys or {MAX_SCAN_CALLS} SCAN "
+                                "calls: the rest ignored this refresh", action="truncated")
+        names = list(keys)[:MAX_WORKER_RECORDS]
+        if not names:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in names:
+            # At most MAX_RECORD_BYTES + 1 bytes: a longer value is refused, never read whole.
+            pipe.getrange(key, 0, MAX_RECORD_BYTES)
+        values = await pipe.execute(raise_on_error=False)
+        raise_failures(values)
+        records: list[WorkerRecord] = []
+        for key, raw in zip(names, values, strict=True):
+            try:
+                if isinstance(raw, BaseException):  # WRONGTYPE: a set or list at that key
+                    raise InvalidRecord("wrong_type", str(raw))
+                if not raw:
+                    continue  # expired since the SCAN
+                rec = load_worker(raw)
+                name = key if isinstance(key, bytes) else str(key).encode()
+                if name != worker_key(prefix, rec.id).encode():
+                    raise InvalidRecord("key_mismatch", f"record of worker {rec.id!r}")
+                records.append(rec)
+            except InvalidRecord as exc:
+                self.invalid.refused("worker", key, exc)
+            except Exception as exc:  # a bug here must not cost the other records
+                self.invalid.report("worker", key, "error", repr(exc), exc=exc)
+        return records
+
+    async def _refresh(self) -> None:
+        try:
+            records = await self._read_registry()
         except (RedisError, OSError) as exc:
-            if self.redis_ok:
-                logger.warning("Redis unreachable (%s); routing on the last known workers", exc)
+            if self.redis_ok or not self._down_logged:
+                logger.warning("Redis at %s unreachable (%s: %s); routing on the last known "
+                               "workers", redacted_url(self.settings.redis_url),
+                               type(exc).__name__, exc)
+                self._down_logged = True
             self.redis_ok = False
             return
         if not self.redis_ok:
             logger.info("Redis reachable; %d workers registered", len(records))
         self.redis_ok = True
+        self._down_logged = False
         self.last_refresh = time.monotonic()
         fresh: dict[str, WorkerState] = {}
         # A worker missing from the registry is dropped once its last heartbeat is older
         # than the registry TTL (what key expiry means), not at once: after a Redis restart
-        # the registry is empty until the workers' next heartbeats, and they are alive.
+        # the registry is empty until the workers' next heartbeats, and they are alive. (A
+        # heartbeat from the future does not keep it forever: that counts as old too.)
+        # At most MAX_WORKER_RECORDS in all: what Redis holds now first (ids rotating in a
+        # hostile registry cannot pile up here).
         now = time.time()
+        current = {rec.id for rec in records}
+        room = MAX_WORKER_RECORDS - len(current)
         for wid, known in self._workers.items():
-            if now - known.record.heartbeat_at < self.settings.worker_ttl_s:
+            if (abs(now - known.record.heartbeat_at) < self.settings.worker_ttl_s
+                    and (wid in current or room > 0)):
                 fresh[wid] = known
+                room -= wid not in current
         for rec in records:
             old = self._workers.get(rec.id)
             if old is not None and old.url == rec.url and old.record.pid == rec.pid:
