@@ -43,7 +43,7 @@ GATEWAY_FIELDS = (
     "max_concurrent_requests", "max_upstream_connections", "upstream_queue_timeout_s",
     "client_header_timeout_s", "client_body_timeout_s", "drain_timeout_s", "server_secret",
     "worker_api_key",
-    "pool_search_dirs", "pool_lookup_timeout_s",
+    "pool_search_dirs", "pool_lookup_timeout_s", "max_hint_keys",
 )
 UP_FIELDS = tuple(dict.fromkeys(
     WORKER_FIELDS + GATEWAY_FIELDS + ("num_workers", "start_redis", "up_metrics_port",

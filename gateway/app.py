@@ -81,7 +81,11 @@ class Gateway:
         self.draining = False  # SIGTERM: new requests refused, /health/ready 503
         self.metrics = GatewayMetrics(policy.name)
         self.metrics.watch_workers(self.workers.snapshot)
-        self.prefixes = PrefixIndex(workers.client, settings.redis_key_prefix)
+        workers.invalid.count = self.metrics.invalid_record
+        self.prefixes = PrefixIndex(workers.client, settings.redis_key_prefix,
+                                    max_keys=settings.max_hint_keys,
+                                    pool_search_dirs=settings.pool_search_dirs,
+                                    invalid=workers.invalid)
         self.metrics.watch_pool(self.prefixes.pool_stats)
         self.dashboard = Dashboard(self.metrics.registry, self.workers.snapshot,
                                    self.prefixes.pool_stats,

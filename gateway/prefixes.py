@@ -25,7 +25,7 @@ import glob
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -74,6 +74,9 @@ class Keying:
     pool_uuid: str | None
 
 
+PENDING_MAX_BYTES = 64 * 1024 * 1024  # unread prompts kept for routing's follow-ups
+
+
 class BlockKeyMemo:
     """Block keys of whole text pieces (a system prompt, an earlier turn), by the state of
     the key chain they start from: (previous key, block size, the tokens left over from
@@ -81,11 +84,13 @@ class BlockKeyMemo:
     A prompt that comes back is hashed once, not on every request. Bounded, least recently
     used out; also the root keys per (fingerprint, cache salt)."""
 
-    def __init__(self, entries: int = 512, roots: int = 1024) -> None:
+    def __init__(self, entries: int = 512, roots: int = 1024,
+                 max_bytes: int = 16 * 1024 * 1024) -> None:
         self._memo: OrderedDict[tuple[bytes, int, tuple[int, ...], str],
                                 tuple[tuple[bytes, ...], tuple[int, ...]]] = OrderedDict()
         self._roots: dict[tuple[bytes, str], bytes] = {}
         self._entries, self._max_roots = entries, roots
+        self._max_bytes, self._bytes = max_bytes, 0  # bounded by size, not only entries
 
     def root(self, fingerprint: bytes, cache_salt: str) -> bytes:
         key = self._roots.get((fingerprint, cache_salt))
@@ -104,9 +109,20 @@ class BlockKeyMemo:
 
     def put(self, state: tuple[bytes, int, tuple[int, ...], str],
             result: tuple[tuple[bytes, ...], tuple[int, ...]]) -> None:
+        if state in self._memo:
+            return
         self._memo[state] = result
-        if len(self._memo) > self._entries:
-            self._memo.popitem(last=False)
+        self._bytes += _memo_bytes(state, result)
+        while self._memo and (len(self._memo) > self._entries
+                              or self._bytes > self._max_bytes):
+            old, old_result = self._memo.popitem(last=False)
+            self._bytes -= _memo_bytes(old, old_result)
+
+
+def _memo_bytes(state: tuple[bytes, int, tuple[int, ...], str],
+                result: tuple[tuple[bytes, ...], tuple[int, ...]]) -> int:
+    """About what one memo entry holds: the piece's text, ~70 bytes a key, ~40 an id."""
+    return len(state[3]) + 70 * len(result[0]) + 40 * (len(state[2]) + len(result[1]))
 
 
 class PrefixIndex:
@@ -124,8 +140,15 @@ class PrefixIndex:
         self._own_cap = own_capacity
         # (worker, hint key of the last block routing read) -> the prompt's later block keys,
         # not tokenized yet: read only if the prompt comes back (most never do).
-        self._pending: OrderedDict[tuple[str, str], Iterator[bytes]] = OrderedDict()
+        # Bounded by entries and by what the prompts behind them hold (`routed`'s `size`).
+        self._pending: OrderedDict[tuple[str, str], tuple[Iterator[bytes], int]] = (
+            OrderedDict())
         self._pending_cap = pending_capacity
+        self._pending_bytes, self._pending_max_bytes = 0, PENDING_MAX_BYTES
+        # Where the per-request state (`_own`, `_pending`, the pool's use) is touched: the
+        # gateway's routing thread. Refresh hands its changes to it through `owner` (None:
+        # run them at once, for a caller that uses one thread).
+        self.owner: Callable[[Callable[[], None]], None] | None = None
         self._pool: KVPool | None = None
         self._pool_uuid: str | None = None
         self._pool_failed: set[str] = set()
@@ -170,11 +193,7 @@ class PrefixIndex:
             if found is not None:
                 hints[wid] = found
         self._hints = hints
-        for wid in list(self._own):
-            if wid not in ids:
-                del self._own[wid]
-        for key in [k for k in self._pending if k[0] not in ids]:
-            del self._pending[key]
+        self._on_owner(lambda: self._prune(ids))
         await self._maybe_attach_pool()
         return True
 
@@ -242,13 +261,28 @@ class PrefixIndex:
                             uuid, exc)
                 self._pool_failed.add(uuid)
                 continue
-            if self._pool is not None:
-                self._pool.close()
-            self._pool, self._pool_uuid = pool, uuid
+            old, self._pool, self._pool_uuid = self._pool, pool, uuid
+            if old is not None:  # closed where it may still be in use, once it is not
+                self._on_owner(old.close)
             logger.info("attached pool %s at %s for routing", uuid, pool.path)
             return
 
+    def _on_owner(self, fn: Callable[[], None]) -> None:
+        if self.owner is None:
+            fn()
+        else:
+            self.owner(fn)
+
+    def _prune(self, ids: list[str]) -> None:
+        """Forget what this gateway routed to workers no longer registered."""
+        for wid in list(self._own):
+            if wid not in ids:
+                del self._own[wid]
+        for key in [k for k in self._pending if k[0] not in ids]:
+            self._drop_pending(key)
+
     def close(self) -> None:
+        """(On the owner thread, when there is one.)"""
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -307,7 +341,6 @@ class PrefixIndex:
                               and keying.pool_uuid == self._pool_uuid) else None
         in_pool = 0
         read: list[bytes] = []
-        pending = self._pending
         for k in keys:
             read.append(k)
             h = hint_key(k)
@@ -319,7 +352,7 @@ class PrefixIndex:
                         continue
                     kept.append(w)
                     local[w] += 1
-                    later = pending.pop((w, h), None)
+                    later = self._drop_pending((w, h))
                     if later is not None:  # w was sent this prompt before: key the rest now
                         self.routed(w, list(later))
                         held[w] = (published, self._own[w])
@@ -354,13 +387,18 @@ class PrefixIndex:
             return 0
 
     def routed(self, worker_id: str, keys: Sequence[bytes],
-               later: Iterator[bytes] | None = None) -> None:
+               later: Iterator[bytes] | None = None, size: int = 0) -> None:
         """Remember that `keys` will be in this worker's cache once it has served them, and
-        so will `later` (the prompt's remaining keys, read only if it comes back)."""
-        if later is not None and keys:
-            self._pending[(worker_id, hint_key(keys[-1]))] = later
-            while len(self._pending) > self._pending_cap:
-                self._pending.popitem(last=False)
+        so will `later` (the prompt's remaining keys, read only if it comes back; `size`:
+        about how many bytes the unread prompt behind it holds)."""
+        if later is not None and keys and size <= self._pending_max_bytes:
+            entry = (worker_id, hint_key(keys[-1]))
+            self._drop_pending(entry)
+            self._pending[entry] = (later, size)
+            self._pending_bytes += size
+            while self._pending and (len(self._pending) > self._pending_cap
+                                     or self._pending_bytes > self._pending_max_bytes):
+                self._drop_pending(next(iter(self._pending)))
         own = self._own.setdefault(worker_id, OrderedDict())
         for k in keys:
             h = hint_key(k)
@@ -368,6 +406,14 @@ class PrefixIndex:
             own.move_to_end(h)
         while len(own) > self._own_cap:
             own.popitem(last=False)
+
+
+    def _drop_pending(self, entry: tuple[str, str]) -> Iterator[bytes] | None:
+        found = self._pending.pop(entry, None)
+        if found is None:
+            return None
+        self._pending_bytes -= found[1]
+        return found[0]
 
 
 def _pool_prefix(pool: KVPool, keys: list[bytes]) -> int:

@@ -37,6 +37,20 @@ logger = logging.getLogger(__name__)
 LOOKUP_BACKOFF_S = 5.0
 
 
+class Later(Iterator[bytes]):
+    """A prompt's block keys not read yet, and about how many bytes reading them needs
+    kept alive (the prompt's text or ids)."""
+
+    def __init__(self, keys: Iterator[bytes], size: int) -> None:
+        self.keys, self.size = keys, size
+
+    def __iter__(self) -> Later:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self.keys)
+
+
 def request_template(payload: dict[str, Any]) -> bool:
     """Whether the request brings a chat template of its own (vLLM's `chat_template`, or
     one inside `chat_template_kwargs`)."""
@@ -60,6 +74,7 @@ class Router:
         self.headers = headers  # what every request to a worker carries
         self.client: UpstreamClient | None = None
         self.thread = WorkerThread()
+        prefixes.owner = self.thread.post  # its per-request state: only on this thread
         self.key_memo = BlockKeyMemo()
         self.lookup_backoff: dict[str, float] = {}  # worker id -> when to ask it again
 
@@ -97,7 +112,8 @@ class Router:
             if prompt is None:
                 return None
             # Tokenized and keyed only as far as some worker or the pool holds the prefix.
-            later = lazy_block_keys(prompt, keying, salt, self.key_memo)
+            later = Later(lazy_block_keys(prompt, keying, salt, self.key_memo),
+                          prompt.held_bytes)
             keys, local, pooled = self.prefixes.match(keying, ids, later)
             return prompt, keys, local, pooled, later
 
@@ -177,7 +193,8 @@ class Router:
         """This gateway's record of what the worker will hold (on the routing thread, which
         alone touches the prefix index's per-request state), and the routing metrics."""
         worker_id = choice.worker.id
-        self.thread.post(lambda: self.prefixes.routed(worker_id, info.keys, later))
+        size = later.size if isinstance(later, Later) else 0
+        self.thread.post(lambda: self.prefixes.routed(worker_id, info.keys, later, size))
         self.metrics.routed(choice, info)
 
 

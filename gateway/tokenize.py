@@ -367,6 +367,7 @@ class Prompt:
         self._pieces: Iterator[tuple[list[int], int, str | None]] | None = pieces
         self._total_chars = total_chars
         self.truncated = truncated  # only the prompt's start is read (routing_max_chars)
+        self.held_bytes = total_chars  # about what this object keeps alive (see `of_ids`)
         self._chars = 0
         self._tokens = 0
         self._last = (0, 0)  # tokens and characters of the last chunk read
@@ -542,23 +543,31 @@ class PromptTokenizer:
                 text = text[:cap]
                 cache = self._segments.get(model)
                 if cache is not None and cache.enabled:
-                    return Prompt(cache.pieces(text), total, truncated=total > cap)
+                    out = Prompt(cache.pieces(text), total, truncated=total > cap)
+                    out.held_bytes = 2 * len(text)  # the text and its pieces
+                    return out
                 ids = [int(t) for t in tok(text, add_special_tokens=False)["input_ids"]]
-                return Prompt(iter([(ids, len(text), None)]), total, truncated=total > cap)
+                out = Prompt(iter([(ids, len(text), None)]), total, truncated=total > cap)
+                out.held_bytes = 40 * len(ids)
+                return out
             prompt = payload["prompt"]
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):
                 prompt = prompt[0]  # a batch: route on its first prompt
             if isinstance(prompt, list):
                 ids = [int(t) for t in prompt[:cap]]
-                return Prompt(iter([(ids, len(ids), None)]), len(prompt),
-                              truncated=len(prompt) > cap)
+                out = Prompt(iter([(ids, len(ids), None)]), len(prompt),
+                             truncated=len(prompt) > cap)
+                out.held_bytes = 40 * len(ids)  # Python ints in a list
+                return out
             if not isinstance(prompt, str):
                 return None
             add = payload.get("add_special_tokens", True)
             ids = [int(t) for t in tok(prompt[:cap], add_special_tokens=add is not False)[
                 "input_ids"]]
-            return Prompt(iter([(ids, min(cap, len(prompt)), None)]), len(prompt),
-                          truncated=len(prompt) > cap)
+            out = Prompt(iter([(ids, min(cap, len(prompt)), None)]), len(prompt),
+                         truncated=len(prompt) > cap)
+            out.held_bytes = 40 * len(ids)
+            return out
         except Exception as exc:  # noqa: BLE001 - templates raise anything; never fail routing
             logger.debug("cannot tokenize a %s request for %s: %s", endpoint, model, exc)
             return None

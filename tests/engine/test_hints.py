@@ -12,6 +12,7 @@ from tests.support import RedisServer
 
 FP = hashlib.sha256(b"model").digest()
 PREFIX = "beluga:test"
+POOL_UUID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0fabcdef01"
 
 
 def keys(n: int) -> list[bytes]:
@@ -26,7 +27,7 @@ def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
 
 
 def publisher(server: RedisServer, max_keys: int = 100) -> HintPublisher:
-    return HintPublisher(server.url, PREFIX, "w1", FP, 128, "u-1", ttl_s=5, interval_s=0.1,
+    return HintPublisher(server.url, PREFIX, "w1", FP, 128, POOL_UUID, ttl_s=5, interval_s=0.1,
                          max_keys=max_keys)
 
 
@@ -41,7 +42,7 @@ def test_publishes_the_latest_keys_with_ttls(server: RedisServer) -> None:
         assert raw is not None
         rec = parse_hints(raw)
         assert rec is not None and rec.keys == 3 and rec.block_tokens == 128
-        assert rec.fingerprint == FP.hex() and rec.pool_uuid == "u-1"
+        assert rec.fingerprint == FP.hex() and rec.pool_uuid == POOL_UUID
         assert 0 < client.ttl(hint_blocks_key(PREFIX, "w1")) <= 5
         assert 0 < client.ttl(hints_key(PREFIX, "w1")) <= 5
         pub.offer(keys(1))
@@ -60,7 +61,7 @@ def test_publishes_its_keying_before_the_cache_holds_anything(server: RedisServe
         eventually(lambda: client.get(hints_key(PREFIX, "w1")) is not None, timeout=2)
         rec = parse_hints(client.get(hints_key(PREFIX, "w1")) or b"")
         assert rec is not None and rec.keys == 0 and rec.block_tokens == 128
-        assert rec.fingerprint == FP.hex() and rec.pool_uuid == "u-1"
+        assert rec.fingerprint == FP.hex() and rec.pool_uuid == POOL_UUID
         assert client.exists(hint_blocks_key(PREFIX, "w1")) == 0
         time.sleep(0.3)  # refreshed, not rewritten into something else
         assert client.ttl(hints_key(PREFIX, "w1")) > 0

@@ -54,10 +54,11 @@ def publish(server: RedisServer, wid: str, keys: list[bytes], pool_uuid: str | N
 
 
 @contextlib.asynccontextmanager
-async def index_on(server: RedisServer, **client_args: Any) -> AsyncIterator[PrefixIndex]:
+async def index_on(server: RedisServer, pool_search_dirs: str = "/dev/shm",
+                   **client_args: Any) -> AsyncIterator[PrefixIndex]:
     """A PrefixIndex reading `server`, closed (pool and Redis client) afterwards."""
     client = aioredis.Redis.from_url(server.url, **client_args)
-    index = PrefixIndex(client, PREFIX)
+    index = PrefixIndex(client, PREFIX, pool_search_dirs=pool_search_dirs)
     try:
         yield index
     finally:
@@ -130,7 +131,7 @@ def test_the_pool_is_found_where_the_workers_map_it(server: RedisServer,
         publish(server, "w1", keys[:1], str(pool.uuid), str(path))
 
         async def go() -> None:
-            async with index_on(server) as index:
+            async with index_on(server, pool_search_dirs=str(tmp_path)) as index:
                 assert await index.refresh(["w1"])
                 keying = index.keying(["w1"])
                 assert keying is not None

@@ -451,6 +451,13 @@ def test_the_gateway_starts_and_answers_with_redis_holding_only_garbage(
         while [w["id"] for w in http.get("/health").json()["workers"]] != ["good"]:
             assert time.monotonic() < deadline, "the valid worker was never picked up"
             time.sleep(0.05)
+        # every refusal is on /metrics, by kind and reason
+        counted = {line.split(" ")[0]: float(line.split(" ")[1])
+                   for line in http.get("/metrics").text.splitlines()
+                   if line.startswith("beluga_gateway_registry_invalid_records_total{")}
+        kinds = {name.split('kind="')[1].split('"')[0] for name in counted}
+        assert "worker" in kinds, counted  # (hints are read only for valid workers)
+        assert all(v >= 1 for v in counted.values())
 
 
 def test_uuid_text_is_canonical() -> None:
