@@ -96,6 +96,14 @@ def check_worker_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def check_worker_id(worker_id: str) -> str:
+    """`worker_id` when it is printable ASCII without spaces, 1-200 characters (it goes into
+    HTTP headers and Prometheus labels); else ValueError."""
+    if not _WORKER_ID_RE.fullmatch(worker_id):
+        raise ValueError("not 1-200 printable ASCII characters without spaces")
+    return worker_id
+
+
 def check_pool_path(path: str, allowed_dirs: str | Iterable[str]) -> str | None:
     """None when `path` may be attached, else why not (a few words): absolute, normalized,
     no control characters, strictly inside one of `allowed_dirs` (lexically; the gateway

@@ -104,7 +104,8 @@ class Settings(BaseSettings):
     )
     max_model_len: int = Field(4096, ge=16, description="Longest prompt + output, in tokens.")
     max_num_seqs: int = Field(
-        32, ge=1, description="Most concurrent sequences one worker runs (its capacity)."
+        32, ge=1, le=100_000,
+        description="Most concurrent sequences one worker runs (its capacity)."
     )
     tool_call_parser: str = Field(
         "hermes", pattern=r"^[a-z0-9_]*$",
@@ -315,6 +316,22 @@ class Settings(BaseSettings):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return value
 
+    @model_validator(mode="after")
+    def _worker_identity_fits_the_registry(self) -> Settings:
+        """A worker's id and URL as the registry will check them (beluga/registry.py), so a
+        bad value fails at start, not in every heartbeat."""
+        from beluga.registry import check_worker_id, check_worker_url
+
+        try:
+            check_worker_id(self.resolved_worker_id)
+        except ValueError as exc:
+            raise ValueError(f"worker_id {self.resolved_worker_id!r}: {exc}") from None
+        try:
+            check_worker_url(self.worker_url)
+        except ValueError as exc:
+            raise ValueError(f"worker URL {self.worker_url!r}: {exc}") from None
+        return self
+
     # --- derived -------------------------------------------------------------------------
     @property
     def log_dir(self) -> Path:
@@ -372,6 +389,10 @@ class Settings(BaseSettings):
         if self.worker_advertise_url:
             return self.worker_advertise_url.rstrip("/")
         host = "127.0.0.1" if self.worker_host in ("0.0.0.0", "") else self.worker_host
+        if host == "::":
+            host = "::1"
+        if ":" in host:  # an IPv6 address
+            host = f"[{host}]"
         return f"http://{host}:{self.worker_port}"
 
 

@@ -37,13 +37,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import httpx
 import redis
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from beluga.credentials import new_token
+from beluga.registry import redacted_url
 from beluga.settings import Settings
 from engine.model import ModelError, check_model_folder, prepare_default_model
 
@@ -130,6 +131,7 @@ def redacted(settings: Settings) -> dict[str, Any]:
     for name in SECRET_FIELDS:
         if out.get(name):
             out[name] = "***"
+    out["redis_url"] = redacted_url(settings.redis_url)
     return out
 
 
@@ -362,19 +364,32 @@ class Stack:
         host = parsed.hostname or "127.0.0.1"
         data_dir = (self.settings.state_dir / "redis").resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
+        command = [server]
+        if parsed.password:
+            # The password in a config file only this user reads, never on a command line.
+            conf = data_dir / "redis.conf"
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"requirepass {unquote(parsed.password)}\n")
+            command.append(str(conf))
         return Spec("redis", [
-            server, "--port", str(parsed.port or 6379), "--bind", host, "--save", "",
+            *command, "--port", str(parsed.port or 6379), "--bind", host, "--save", "",
             "--appendonly", "no", "--dir", str(data_dir), "--protected-mode", "yes"],
             "redis", None, REDIS_STOP_S)
 
     def start_redis(self) -> None:
         url = self.settings.redis_url
         if redis_alive(url):
-            logger.info("using the Redis at %s", url)
+            logger.info("using the Redis at %s", redacted_url(url))
             return
         host = urlparse(url).hostname or "127.0.0.1"
         if not self.settings.start_redis or host not in LOOPBACK:
-            raise UpError(f"no Redis answers at {url}; start one or fix --redis-url")
+            raise UpError(f"no Redis answers at {redacted_url(url)}; start one or fix "
+                          "--redis-url")
+        if not url.startswith("redis://"):
+            raise UpError(f"no Redis answers at {redacted_url(url)}, and `beluga up` starts "
+                          "only a plain TCP Redis (redis://): start a TLS or socket Redis "
+                          "yourself")
         server = shutil.which("redis-server")
         if server is None:
             raise UpError("redis-server is not installed: run `make setup` (as root it installs "

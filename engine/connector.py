@@ -95,6 +95,9 @@ class ConnectorConfig(BaseModel):
     coherence: Literal["none", "flush"] = "none"
     worker_id: str = "worker"
     redis_url: str | None = None
+    # True: the URL is the worker's own setting (BELUGA_REDIS_URL in vLLM's environment),
+    # kept off vLLM's command line, where a password would be visible to every user.
+    redis_url_in_env: bool = False
     redis_key_prefix: str = "beluga:v1"
     hints_interval_s: float = Field(1.0, gt=0)
     hints_ttl_s: int = Field(15, ge=2)
@@ -321,10 +324,14 @@ class _SchedulerSide:
                            exc, hint)
             self.block_tokens = vllm_config.cache_config.block_size
         self.stats.set_enabled(self.pool is not None)
-        if cfg.redis_url and self.pool is not None:
+        redis_url = cfg.redis_url
+        if redis_url is None and cfg.redis_url_in_env:
+            from beluga.settings import Settings
+            redis_url = Settings().redis_url
+        if redis_url and self.pool is not None:
             from engine.hints import HintPublisher
             self.hints = HintPublisher(
-                cfg.redis_url, cfg.redis_key_prefix, cfg.worker_id, self.geo.fingerprint,
+                redis_url, cfg.redis_key_prefix, cfg.worker_id, self.geo.fingerprint,
                 self.block_tokens, str(self.pool.uuid), cfg.hints_ttl_s,
                 cfg.hints_interval_s, cfg.max_hint_keys, pool_path=self.pool.path)
 

@@ -31,7 +31,7 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from beluga.registry import SCHEMA_VERSION, WorkerRecord, worker_key
+from beluga.registry import SCHEMA_VERSION, WorkerRecord, redacted_url, worker_key
 from beluga.settings import Settings
 from engine.model import check_model_folder
 
@@ -133,7 +133,7 @@ def kv_transfer_config(settings: Settings) -> dict[str, object]:
             "pool_size_gib": settings.pool_size_gib,
             "coherence": settings.pool_coherence,
             "worker_id": settings.resolved_worker_id,
-            "redis_url": settings.redis_url,
+            "redis_url_in_env": True,  # BELUGA_REDIS_URL (vllm_env): no password in `ps`
             "redis_key_prefix": settings.redis_key_prefix,
             "hints_interval_s": settings.hints_interval_s,
             "hints_ttl_s": settings.hints_ttl_s,
@@ -145,6 +145,7 @@ def kv_transfer_config(settings: Settings) -> dict[str, object]:
 def vllm_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     # KV space of a CPU worker, in GiB: capped on purpose so several workers fit.
+    env["BELUGA_REDIS_URL"] = settings.redis_url  # for the connector (kv_transfer_config)
     env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_space_gib:g}"
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.cpu_reserved_cores)
     env["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
@@ -300,7 +301,7 @@ class Worker:
         except redis.RedisError as exc:
             if self._redis_ok:
                 logger.warning("cannot register in Redis at %s: %s (retrying)",
-                               self.settings.redis_url, exc)
+                               redacted_url(self.settings.redis_url), exc)
             self._redis_ok = False
 
     def unregister(self) -> None:

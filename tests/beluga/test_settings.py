@@ -84,3 +84,17 @@ def test_flag_help_names_the_environment_variable(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         build_parser().parse_args(["gateway", "--help"])
     assert "BELUGA_GATEWAY_PORT" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("over", [{"worker_id": "a b"}, {"worker_id": "w\r\nX: 1"},
+                                  {"worker_advertise_url": "http://h:1/path"},
+                                  {"worker_advertise_url": "file:///etc/passwd"},
+                                  {"max_num_seqs": 200_000}])
+def test_a_worker_identity_the_registry_would_refuse_fails_at_start(
+        over: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**over)
+
+
+def test_an_ipv6_worker_host_makes_a_valid_url() -> None:
+    assert Settings(worker_host="::1", worker_port=8100).worker_url == "http://[::1]:8100"

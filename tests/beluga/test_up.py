@@ -478,3 +478,42 @@ def test_a_metrics_port_in_use_is_a_warning(caplog: pytest.LogCaptureFixture) ->
         metrics.serve(busy.getsockname()[1])
         metrics.close()
     assert "cannot serve beluga up's metrics" in caplog.text
+
+
+def test_a_redis_with_a_password_is_started_with_it_in_a_private_file(tmp_path: Path) -> None:
+    import shutil
+
+    from beluga.up import redis_alive
+    from tests.support import free_port
+
+    port = free_port()
+    url = f"redis://:s3cret%21@127.0.0.1:{port}/0"
+    stack = Stack(Settings(state_dir=tmp_path, redis_url=url))
+    server = shutil.which("redis-server")
+    assert server is not None
+    spec = stack.redis_spec(server)
+    assert not any("s3cret" in arg for arg in spec.cmd)  # never on a command line
+    conf = tmp_path / "redis" / "redis.conf"
+    assert (conf.stat().st_mode & 0o777) == 0o600
+    assert conf.read_text() == "requirepass s3cret!\n"
+    proc = subprocess.Popen(spec.cmd, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not redis_alive(url):
+            assert time.monotonic() < deadline, "the Redis with a password did not answer"
+            time.sleep(0.05)
+        assert not redis_alive(f"redis://127.0.0.1:{port}/0")  # without it: refused
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_tls_redis_is_not_started_by_beluga_up(tmp_path: Path) -> None:
+    from beluga.up import UpError
+    from tests.support import free_port
+
+    stack = Stack(Settings(state_dir=tmp_path,
+                           redis_url=f"rediss://:pw@127.0.0.1:{free_port()}/0"))
+    with pytest.raises(UpError, match="TLS") as err:
+        stack.start_redis()
+    assert "pw" not in str(err.value)

@@ -117,6 +117,16 @@ def test_the_connector_is_configured_by_default_and_can_be_switched_off() -> Non
     assert "--kv-transfer-config" not in vllm_command(Settings(pool=False))
 
 
+def test_the_redis_url_reaches_the_connector_in_the_environment_not_the_command_line(
+) -> None:
+    s = Settings(redis_url="redis://:hunter2@10.0.0.5:6379/0")
+    assert not any("hunter2" in arg for arg in vllm_command(s))
+    assert vllm_env(s)["BELUGA_REDIS_URL"] == s.redis_url
+    extra = json.loads(vllm_command(s)[vllm_command(s).index("--kv-transfer-config") + 1])[
+        "kv_connector_extra_config"]
+    assert ConnectorConfig.model_validate(extra).redis_url_in_env
+
+
 def test_block_size_is_32_on_cpu_vllms_own_on_cuda_or_as_set(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import engine.worker as worker
