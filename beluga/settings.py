@@ -198,7 +198,7 @@ class Settings(BaseSettings):
         "without prefix information (counted in beluga_gateway_routing_skipped_total)."
     )
     routing_max_chars: int = Field(
-        262_144, ge=1024, description="Most characters of one prompt the gateway reads to "
+        65_536, ge=1024, description="Most characters of one prompt the gateway reads to "
         "key it (rendered template or prompt text); the rest is never tokenized here. "
         "vLLM refuses prompts longer than max_model_len tokens anyway."
     )

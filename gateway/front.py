@@ -47,7 +47,9 @@ HOT_ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat",
                                    "/v1/completions": "completions"}
 DRAIN_BYTES = 128 * 1024 * 1024  # most of a refused body read (and dropped) before answering
 DRAIN_S = 10.0                   # most time spent on that
-MIN_BODY_BUDGET = 64 * 1024 * 1024
+# Bodies held at once: a parsed body takes up to ~8x its bytes (gateway/requests.py bounds
+# its values), so this keeps what requests hold to a few hundred MiB.
+MIN_BODY_BUDGET = 32 * 1024 * 1024
 
 
 def raw_headers(media_type: str, headers: dict[str, str],
@@ -169,7 +171,7 @@ class Front:
         self.metrics = metrics
         self.in_flight = 0
         self.body_bytes = 0  # bytes of request bodies held now
-        self.body_budget = max(MIN_BODY_BUDGET, 8 * settings.max_request_bytes)
+        self.body_budget = max(MIN_BODY_BUDGET, 4 * settings.max_request_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = HOT_ROUTES.get(scope["path"]) if scope["type"] == "http" else None

@@ -8,6 +8,7 @@ to the worker untouched, and the worker's own validation errors come back as 4xx
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,15 @@ from gateway.errors import BadRequest
 Endpoint = Literal["chat", "completions"]
 
 MAX_DEPTH = 64          # JSON nesting a request may have (OpenAI's own bodies need < 10)
+# Parsing happens on the event loop, and a parsed body takes up to ~20x its bytes: bound
+# what a body may make the parser build (~50 ms and ~60 MiB at the limits). Counted on the
+# bytes before parsing (brackets and commas inside strings count too: an upper bound).
+MAX_CONTAINERS = 100_000  # objects and arrays (a 10,000-message chat has ~10,000)
+MAX_VALUES = 1_000_000    # values in all (a token-id prompt of 1M ids)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")                    # maybe outside int64
+# maybe a lone surrogate: escaped, or encoded (json.loads decodes bytes with surrogatepass)
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf]")
 TOKEN_ID_LIMIT = 2**32  # token ids are u32 everywhere (vLLM, block keys)
 
 
@@ -79,18 +89,44 @@ def _check_prompt(prompt: Any, vocab: int | None) -> None:
                      param="prompt", code="invalid_type")
 
 
-def _depth_ok(value: Any, limit: int) -> bool:
-    """Whether `value` nests containers at most `limit` deep (iterative: any depth)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
+def _walk(payload: Any, ints: bool, texts: bool) -> str | None:
+    """What is wrong with the parsed body's structure, if anything: nesting past MAX_DEPTH,
+    (`ints`) an integer outside int64, (`texts`) a string with a lone surrogate (it has no
+    UTF-8 encoding: the worker fails on it). Iterative: any depth."""
+    stack: list[tuple[Any, int]] = [(payload, 1)]
     while stack:
         item, depth = stack.pop()
-        if depth > limit:
-            return False
+        if depth > MAX_DEPTH:
+            return f"request body nests deeper than {MAX_DEPTH} levels"
+        values: Any
         if type(item) is dict:
-            stack.extend((v, depth + 1) for v in item.values()
-                         if type(v) is dict or type(v) is list)
-        elif type(item) is list:
-            stack.extend((v, depth + 1) for v in item if type(v) is dict or type(v) is list)
+            if texts:
+                for key in item:
+                    if not _encodable(key):
+                        return "a key in the request body is not valid Unicode"
+            values = item.values()
+        else:
+            values = item
+        for v in values:
+            t = type(v)
+            if t is dict or t is list:
+                stack.append((v, depth + 1))
+            elif t is int:
+                if ints and not INT64_MIN <= v <= INT64_MAX:
+                    return "a number in the request body is outside the 64-bit integer range"
+            elif t is str and texts and not _encodable(v):
+                return ("a string in the request body is not valid Unicode (a lone "
+                        "surrogate escape such as \\ud800)")
+    return None
+
+
+def _encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
     return True
 
 
@@ -115,6 +151,10 @@ def parse_request(body: bytes, endpoint: Endpoint,
     are checked against it; else against 2^32)."""
     if not body.strip():
         raise BadRequest("request body is empty; send a JSON object", code="invalid_json")
+    containers = body.count(b"{") + body.count(b"[")
+    if containers > MAX_CONTAINERS or body.count(b",") >= MAX_VALUES:
+        raise BadRequest(f"request body has too many JSON values (at most {MAX_CONTAINERS} "
+                         f"objects and arrays, {MAX_VALUES} values)", code="invalid_json")
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -126,9 +166,12 @@ def parse_request(body: bytes, endpoint: Endpoint,
                          code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
-    if not _depth_ok(payload, MAX_DEPTH):
-        raise BadRequest(f"request body nests deeper than {MAX_DEPTH} levels",
-                         code="invalid_json")
+    ints = _LONG_NUMBER.search(body) is not None
+    texts = _SURROGATE.search(body) is not None
+    if containers > MAX_DEPTH or ints or texts:  # (else nothing can be wrong: no walk)
+        problem = _walk(payload, ints, texts)
+        if problem is not None:
+            raise BadRequest(problem, code="invalid_json")
     model = payload.get("model")
     if model is None:
         raise BadRequest("missing required parameter 'model'", param="model",

@@ -26,6 +26,7 @@ bench/README.md). Also self-checked per tokenizer on a sample of hard cases.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -430,6 +431,10 @@ class PromptTokenizer:
         self._loaded: dict[str, Any] = {}
         self._segments: dict[str, SegmentCache] = {}
         self._skeletons: dict[str, ChatSkeletons] = {}
+        # The special tokens the tokenizer puts before a completions prompt (e.g. a BOS),
+        # when that is all it adds (checked per tokenizer): such prompts are then tokenized
+        # in chunks, lazily, like chat prompts.
+        self._prefix_ids: dict[str, list[int]] = {}
 
     def knows(self, model: str) -> bool:
         return model in self._dirs
@@ -477,6 +482,11 @@ class PromptTokenizer:
                         logger.info("%s: its split pattern does not reproduce the tokenizer; "
                                     "no word cache", model)
             self._segments[model] = cache
+            if cache.enabled:
+                start = [int(t) for t in tok("", add_special_tokens=True)["input_ids"]]
+                bare = tok(SAMPLE_LONG, add_special_tokens=False)["input_ids"]
+                if tok(SAMPLE_LONG, add_special_tokens=True)["input_ids"] == start + bare:
+                    self._prefix_ids[model] = start
             template = getattr(tok, "chat_template", None)
             self._skeletons[model] = ChatSkeletons(
                 lambda messages, generation: tok.apply_chat_template(
@@ -561,9 +571,18 @@ class PromptTokenizer:
                 return out
             if not isinstance(prompt, str):
                 return None
-            add = payload.get("add_special_tokens", True)
-            ids = [int(t) for t in tok(prompt[:cap], add_special_tokens=add is not False)[
-                "input_ids"]]
+            add = payload.get("add_special_tokens", True) is not False
+            text = prompt[:cap]
+            start = self._prefix_ids.get(model)
+            cache = self._segments.get(model)
+            if start is not None and cache is not None and cache.enabled:
+                pieces = cache.pieces(text)
+                if add and start:
+                    pieces = itertools.chain([(list(start), 0, None)], pieces)
+                out = Prompt(pieces, len(prompt), truncated=len(prompt) > cap)
+                out.held_bytes = 2 * len(text)
+                return out
+            ids = [int(t) for t in tok(text, add_special_tokens=add)["input_ids"]]
             out = Prompt(iter([(ids, min(cap, len(prompt)), None)]), len(prompt),
                          truncated=len(prompt) > cap)
             out.held_bytes = 40 * len(ids)

@@ -296,3 +296,19 @@ def test_a_skeleton_that_stops_matching_turns_the_fast_path_off() -> None:
     assert skeletons.render(chat, True) == real(chat, True) + "!"  # recheck: differs
     assert not skeletons.enabled
     assert skeletons.render(chat, True) is None
+
+
+def test_a_completions_text_is_tokenized_in_chunks_as_far_as_it_is_read(
+        tok: PromptTokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(MODEL)
+    text = ("Once upon a time, in 1999, a fox said: <|im_start|> 'hi' \u00fc\u2713  " * 400)
+    for add in (True, False):
+        payload = {"prompt": text, "add_special_tokens": add}
+        assert tok.tokens("m", "completions", payload) == ref(
+            text, add_special_tokens=add)["input_ids"]
+    prompt = tok.prompt("m", "completions", {"prompt": text * 10})
+    assert prompt is not None
+    next(prompt.chunks())
+    assert prompt.tokens_read < 200  # a first chunk, not the whole text

@@ -51,7 +51,8 @@ def test_the_event_loop_keeps_running_while_a_job_spins() -> None:
             await thread.run(lambda: spin(60), 0.5)
         tick.cancel()
         gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
-        assert len(ticks) > 20 and max(gaps) < 0.1, max(gaps)
+        # a loop blocked by the job would show one gap as long as the job (0.5 s)
+        assert len(ticks) > 10 and max(gaps) < 0.4, max(gaps)
         thread.stop()
 
     asyncio.run(main())
