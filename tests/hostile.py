@@ -362,6 +362,15 @@ def huge_json(model: str, s: Scale) -> list[Req]:
               b'{"model": "%s", "prompt": "Hi", "max_tokens": 1, "x": [' % model.encode()
               + b",".join([b"{}"] * (big // 3 - 40)) + b"]}", expect="any", bound_s=120)
           for i in range(s.concurrency)],
+        *[Req(f"990k short strings in an extra field (6.6 MiB, held while forwarded) #{i}",
+              (json.dumps(completion(model, max_tokens=1))[:-1] + ', "x": ['
+               + ",".join(f'"{base36(k)}"' for k in range(990_000)) + "]}").encode(),
+              expect="any", bound_s=120)
+          for i in range(s.concurrency)],
+        Req("820k distinct short keys (7.8 MiB, 1 object: under every count limit)",
+            (json.dumps(completion(model))[:-1] + ","
+             + ",".join(f'"_{base36(i)}":0' for i in range(820_000)) + "}").encode(),
+            expect="any", bound_s=90),
         Req("300k extra keys (7 MiB)", (json.dumps(completion(model))[:-1] + ", "
             + ", ".join(f'"k{i}": {i}' for i in range(big // 24)) + "}").encode(),
             expect="any", bound_s=90),
@@ -370,6 +379,16 @@ def huge_json(model: str, s: Scale) -> list[Req]:
             dumps(completion(model, "a" * (9 * MIB))), chunked=True),
     ]
     return reqs
+
+
+def base36(i: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        i, r = divmod(i, 36)
+        out = digits[r] + out
+        if not i:
+            return out
 
 
 def nested(depth: int, kind: str = "list") -> str:
