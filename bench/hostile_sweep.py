@@ -132,6 +132,9 @@ def sweep(args: argparse.Namespace, url: str, redis_url: str) -> int:
             outs = [h.Outcome(name, "the class itself", None, time.monotonic() - t0,
                               message=repr(exc), problem=f"class failed to run: {exc!r}")]
         t1 = time.monotonic()
+        for o in outs:  # a fast refusal under overload is what the gateway should do:
+            if o.kind == "overloaded" and o.elapsed_s < 5:  # counted, not a problem
+                o.problem = None
         results.append((name, outs, probe.stats(t0, t1), t0, t1))
         print(f" {len(outs)} requests, {t1 - t0:.0f} s", flush=True)
         now_pid = h.gateway_pid(url) if not args.gateway_pid else (
