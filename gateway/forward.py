@@ -15,7 +15,6 @@ Messages to clients name no worker address: what failed where goes to the log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -66,6 +65,23 @@ def failure_kind(exc: BaseException) -> str:
     if isinstance(exc, Disconnected):
         return "closed the connection"
     return "failed"
+
+
+def usage_of(content: bytes) -> object:
+    """The `usage` object of a worker's JSON answer, read without parsing the rest (an
+    answer with echoed prompts and logprobs runs to megabytes; vLLM writes `usage` last)."""
+    at = content.rfind(b'"usage"')
+    if at < 0:
+        return None
+    colon = content.find(b":", at + 7, at + 64)
+    if colon < 0:
+        return None
+    try:
+        value, _end = json.JSONDecoder().raw_decode(
+            content[colon + 1:colon + 4096].decode("utf-8", "replace").lstrip())
+    except (ValueError, RecursionError):
+        return None
+    return value
 
 
 class Attempt:
@@ -232,10 +248,7 @@ class Forwarder:
     def answered(self, endpoint: Endpoint, worker_id: str, started: float,
                  content: bytes) -> None:
         """Count a worker's 200 answer (once the client has it)."""
-        with contextlib.suppress(ValueError, RecursionError):
-            answer = json.loads(content)
-            if isinstance(answer, dict):
-                self.metrics.usage(answer.get("usage"))
+        self.metrics.usage(usage_of(content))
         self.metrics.answered(endpoint, 200, worker_id, time.perf_counter() - started)
 
     @staticmethod

@@ -144,8 +144,9 @@ def test_valid_unicode_and_64_bit_numbers_pass() -> None:
 
 
 @pytest.mark.parametrize("body", [
-    b'{"model": "m", "prompt": [' + b",".join([b"[]"] * 200_000) + b"]}",
-    b'{"model": "m", "prompt": [' + b",".join([b"1"] * 1_000_001) + b"]}",
+    b'{"model": "m", "prompt": [' + b",".join([b"[]"] * 300_000) + b"]}",
+    b'{"model": "m", "prompt": [' + b",".join([b"1"] * 1_200_000) + b"]}",
+    b"{" + b",".join(b'"k%d": 1' % i for i in range(150_000)) + b"}",
 ])
 def test_bodies_that_would_build_millions_of_objects_are_400_before_parsing(
         body: bytes) -> None:
@@ -155,3 +156,38 @@ def test_bodies_that_would_build_millions_of_objects_are_400_before_parsing(
     with pytest.raises(BadRequest, match="too many JSON values"):
         parse_request(body, "completions")
     assert time.perf_counter() - started < 0.05  # refused on the bytes, nothing parsed
+
+
+def test_the_parse_work_bound_keeps_parsing_short_and_lets_real_requests_through() -> None:
+    import time
+
+    from gateway.requests import MAX_PARSE_WORK, parse_work
+
+    chat10k = json.dumps({"model": "m", "messages": [
+        {"role": "user", "content": "Hello, how are you? " * 20}] * 10_000}).encode()
+    ids = json.dumps({"model": "m", "prompt": list(range(500_000))}).encode()
+    for body in (chat10k, ids):
+        assert parse_work(body) < MAX_PARSE_WORK
+        parse_request(body, "chat" if b"messages" in body else "completions")
+    # the worst shapes just under the bound parse in well under 100 ms
+    keys = b"{" + b",".join(b'"k%d": 1' % i for i in range(MAX_PARSE_WORK // 10)) + b"}"
+    assert parse_work(keys) <= MAX_PARSE_WORK
+    started = time.perf_counter()
+    json.loads(keys)
+    assert time.perf_counter() - started < 0.5  # (~50 ms on this 2-core VM)
+
+
+def test_not_utf8_is_400_saying_so() -> None:
+    with pytest.raises(BadRequest, match="UTF-8"):
+        parse_request(b'{"model": "m", "prompt": "\xff"}', "completions")
+
+
+def test_usage_is_read_off_the_end_of_an_answer_without_parsing_it() -> None:
+    from gateway.forward import usage_of
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    answer = {"id": "x", "choices": [{"text": '"usage": {"fake": 1}' * 1000}], "usage": usage}
+    assert usage_of(json.dumps(answer).encode()) == usage
+    assert usage_of(json.dumps({"usage": None}).encode()) is None
+    assert usage_of(b'{"usage": {broken') is None
+    assert usage_of(b"not json at all") is None
