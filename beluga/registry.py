@@ -72,6 +72,36 @@ class InvalidRecord(ValueError):
         self.detail = detail
 
 
+# Hosts no worker is at, where a record naming one would send the worker credential and
+# clients' prompts: cloud metadata services (by name; their addresses are link-local).
+METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "instance-data",
+                            "instance-data.ec2.internal", "metadata.azure.com"})
+
+
+def _not_a_worker_host(host: str) -> None:
+    """ValueError for a host no worker can be at: unspecified, link-local (cloud metadata
+    services), multicast or reserved addresses, and metadata service names."""
+    if host.lower().rstrip(".") in METADATA_HOSTS:
+        raise ValueError("a cloud metadata service, not a worker")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a name
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    if ip.is_loopback:
+        return
+    if ip.is_unspecified or ip.is_link_local or ip.is_multicast or ip.is_reserved:
+        raise ValueError(f"{ip} is an unspecified, link-local, multicast or reserved "
+                         "address, not a worker's")
+    if isinstance(ip, ipaddress.IPv6Address) and ip in _AWS_METADATA_V6:
+        raise ValueError(f"{ip} is a cloud metadata service, not a worker")
+
+
+_AWS_METADATA_V6 = ipaddress.ip_network("fd00:ec2::/32")
+
+
 def check_worker_url(url: str) -> str:
     """The URL without a trailing "/", or ValueError; see the module doc for the rules."""
     m = _URL_RE.fullmatch(url)
@@ -85,6 +115,7 @@ def check_worker_url(url: str) -> str:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise ValueError("bad IPv6 literal") from None
+    _not_a_worker_host(host.strip("[]"))
     if m["port"] is not None and not 1 <= int(m["port"]) <= 65535:
         raise ValueError("port outside 1-65535")
     # Belt and braces: the standard parser must read the same host and port.

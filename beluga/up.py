@@ -509,8 +509,18 @@ class Stack:
         with self._lock:
             if self.stop_event.is_set():  # stop() has begun: start nothing new
                 return
+            try:
+                proc, _log = self._popen(child.spec, f"restart {child.restarts + 1}")
+            except (OSError, subprocess.SubprocessError) as exc:
+                # A full disk, no file descriptors or memory left: try again later, and
+                # keep supervising the rest (only Ctrl-C or SIGTERM stops the stack).
+                delay = child.backoff.next_delay(0.0)
+                child.restart_at = now + delay
+                child.dead_group = None
+                logger.error("cannot restart %s (%s); trying again in %.1f s", child.name,
+                             exc, delay)
+                return
             child.restarts += 1
-            proc, _log = self._popen(child.spec, f"restart {child.restarts}")
             child.proc = proc
             child.started_at = time.monotonic()
             child.restart_at = None

@@ -44,7 +44,7 @@ from gateway.errors import (
     status_error_type,
 )
 from gateway.forward import Forwarder
-from gateway.front import BodyStream, Front
+from gateway.front import HOP_HEADER, BodyStream, Front
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import CHAT_REQUEST, COMPLETION_REQUEST, operation
 from gateway.policies import Policy, make_policy
@@ -63,7 +63,8 @@ LOG_EVERY_S = 60.0     # a background loop failing again and again logs this oft
 
 def upstream_headers(settings: Settings) -> dict[str, str]:
     """Headers of every request to a worker: JSON, no compression, the worker credential."""
-    headers = {"content-type": "application/json", "accept-encoding": "identity"}
+    headers = {"content-type": "application/json", "accept-encoding": "identity",
+               HOP_HEADER.decode(): "1"}  # a gateway that gets this refuses it (508)
     if settings.worker_api_key:
         headers["authorization"] = f"Bearer {settings.worker_api_key}"
     return headers
@@ -116,7 +117,8 @@ class Gateway:
                                "<key>` with a key this gateway knows.", code="invalid_api_key")
         return tenant
 
-    def salted(self, req: ParsedRequest, tenant: str) -> tuple[ParsedRequest, bytes]:
+    def salted(self, req: ParsedRequest, tenant: str, body: bytes
+               ) -> tuple[ParsedRequest, bytes]:
         """The request with the tenant's cache salt (keyed with the server secret, combined
         with any salt the client sent), so no two tenants ever share a cached prefix, in
         vLLM or in the pool, and a tenant's name alone does not give its salt."""
@@ -124,6 +126,14 @@ class Gateway:
         salt = tenant_salt(self.secret, tenant,
                            client_salt if isinstance(client_salt, str) else None)
         payload = dict(req.payload, cache_salt=salt)
+        if "cache_salt" not in req.payload:
+            # Spliced in front of the body's first key, not serialized again (a long prompt
+            # costs that much); the body has no such key (it would be in the payload).
+            start = body.lstrip()
+            rest = start[1:].lstrip()
+            return replace(req, payload=payload), (
+                b'{"cache_salt":"' + salt.encode() + b'"'
+                + (b"" if rest.startswith(b"}") else b",") + rest)
         return replace(req, payload=payload), json.dumps(payload).encode()
 
     async def serve(self, endpoint: Endpoint, authorization: str, body: bytes) -> Response:
@@ -133,7 +143,7 @@ class Gateway:
             tenant = self.authorize(authorization)
             req = parse_request(body, endpoint, self.tokenizer.vocab_size)
             if tenant is not None:
-                req, body = self.salted(req, tenant)
+                req, body = self.salted(req, tenant, body)
             response: Response = await self.forward(req, body)
             return response
         except APIError as exc:
@@ -199,8 +209,12 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> Front:
                 await gw.refresh()
             except Exception:
                 logger.exception("the first registry read failed; starting anyway")
-            if gw.policy.uses_prefixes:  # now, not on the first request
-                await asyncio.to_thread(gw.tokenizer.load_all)
+            if gw.policy.uses_prefixes:
+                # Loaded beside serving (a few seconds: transformers): until it is, requests
+                # are routed without prefix information, so a restarted gateway serves at
+                # once.
+                loading = asyncio.create_task(asyncio.to_thread(gw.tokenizer.load_all))
+                tasks.append(loading)
             # Everything loaded so far (the tokenizer's vocabulary, transformers, FastAPI)
             # lives as long as the process: out of the collector's sight, a full collection
             # no longer walks millions of objects every few thousand requests. (vLLM's API
@@ -211,10 +225,10 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> Front:
             async def sample() -> None:
                 gw.dashboard.sample()
 
-            tasks = [asyncio.create_task(gw.supervised("registry", gw.refresh,
-                                                       settings.registry_refresh_s, True)),
-                     asyncio.create_task(gw.supervised("dashboard", sample,
-                                                       settings.dashboard_interval_s))]
+            tasks += [asyncio.create_task(gw.supervised("registry", gw.refresh,
+                                                        settings.registry_refresh_s, True)),
+                      asyncio.create_task(gw.supervised("dashboard", sample,
+                                                        settings.dashboard_interval_s))]
             if settings.health_check_interval_s > 0:
                 tasks.append(asyncio.create_task(gw.supervised(
                     "health_checks", gw.health_checks, settings.health_check_interval_s,
@@ -319,7 +333,8 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> Front:
         return {
             "status": "ok" if any(w.healthy(now) for w in workers) else "no_healthy_worker",
             "redis": gw.workers.redis_ok,
-            "workers": [{"id": w.id, "url": w.url, "model": w.record.model,
+            "workers": [{"id": w.id, "model": w.record.model,
+                         **({} if gw.tenants else {"url": w.url}),  # (not to tenants)
                          "healthy": w.healthy(now), "in_flight": w.in_flight,
                          "pending_prefill_tokens": w.pending_prefill,
                          "running": w.record.running, "waiting": w.record.waiting}

@@ -10,6 +10,7 @@ Every failure the gateway reports is an :class:`APIError` rendered as
     ├── PayloadTooLarge     413 invalid_request_error   body over max_request_bytes
     ├── NoHealthyWorker     503 service_unavailable     nothing can serve the model now
     ├── Overloaded          503 service_unavailable     over a limit now (Retry-After), or draining
+    ├── LoopDetected        508 loop_detected           a gateway's request reached a gateway
     ├── UpstreamFailure     502 upstream_error          worker refused, reset or 5xx'd
     └── UpstreamTimeout     504 upstream_timeout        worker went silent too long
 """
@@ -83,6 +84,14 @@ class Overloaded(APIError):
     status_code = 503
     error_type = "service_unavailable"
     headers = {"retry-after": "1"}
+
+
+class LoopDetected(APIError):
+    """A request a gateway forwarded reached a gateway (a registry record names one)."""
+
+    status_code = 508
+    error_type = "loop_detected"
+    headers = {"connection": "close"}
 
 
 class UpstreamFailure(APIError):

@@ -27,6 +27,7 @@ from typing import Any
 from beluga.settings import Settings
 from gateway.errors import (
     APIError,
+    LoopDetected,
     NoHealthyWorker,
     NotFound,
     Overloaded,
@@ -44,6 +45,7 @@ from gateway.upstream import (
     ConnectFailed,
     Disconnected,
     Saturated,
+    TooLarge,
     UpstreamClient,
     UpstreamError,
 )
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 UPSTREAM_PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions",
                                        "completions": "/v1/completions"}
+MAX_ANSWER_BYTES = 256 * 1024 * 1024  # a worker's whole (non-streamed) answer, at most
 # Errors after which nothing reached the client and the worker is presumed down.
 RETRYABLE = (ConnectFailed, Disconnected)
 
@@ -192,14 +195,27 @@ class Forwarder:
                                      "shortly", code="overloaded") from None
                 except TimeoutError:
                     raise UpstreamTimeout("the worker did not answer in time") from None
+                except UpstreamError as exc:
+                    last_error = self.failed(worker, exc)
+                    continue
+                if resp.status == LoopDetected.status_code:  # a gateway, not a worker
+                    resp.release()
+                    last_error = self.failed(worker, UpstreamError(
+                        "it is a gateway (loop detected)"))
+                    continue
                 if resp.status != 200 or not req.stream:
                     try:
-                        content = await resp.read()
+                        content = await resp.read(MAX_ANSWER_BYTES)
                     except RETRYABLE as exc:
                         last_error = self.failed(worker, exc)
                         continue
                     except TimeoutError:
                         raise UpstreamTimeout("the worker did not answer in time") from None
+                    except TooLarge:
+                        logger.warning("worker %s answered more than %d bytes; dropped",
+                                       worker.id, MAX_ANSWER_BYTES)
+                        raise UpstreamFailure("the worker's answer was too large",
+                                              code="worker_error") from None
                     finally:
                         resp.release()
                     attempt.close()

@@ -33,6 +33,7 @@ from starlette.types import Message, Receive, Scope, Send
 from beluga.settings import Settings
 from gateway.errors import (
     APIError,
+    LoopDetected,
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
@@ -43,6 +44,7 @@ from gateway.requests import Endpoint
 
 logger = logging.getLogger(__name__)
 
+HOP_HEADER = b"x-beluga-forwarded"  # on every request a gateway sends to a worker
 HOT_ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat",
                                    "/v1/completions": "completions"}
 DRAIN_BYTES = 128 * 1024 * 1024  # most of a refused body read (and dropped) before answering
@@ -143,14 +145,19 @@ class ClientGone(Exception):
 class BodyStream:
     """A request's `receive` channel, and whether its body has ended."""
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, expect_continue: bool = False) -> None:
         self.receive = receive
         self.ended = False
+        # `Expect: 100-continue`: the client sends its body only once asked, which the
+        # server does on the first read; an answer before any read means "don't send it".
+        self.expect_continue = expect_continue
+        self.read_any = False
 
     async def next(self) -> bytes:
         """The next chunk of the body (b"" once it ended); ClientGone if the client left."""
         if self.ended:
             return b""
+        self.read_any = True
         message = await self.receive()
         if message["type"] == "http.disconnect":
             self.ended = True
@@ -178,32 +185,44 @@ class Front:
         if endpoint is None or scope["method"] != "POST":
             await self.fastapi(scope, receive, send)
             return
-        authorization, declared = "", None
+        authorization, declared, expect, hop = "", None, False, False
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
             elif name == b"content-length":
                 declared = value.decode("latin-1")
+            elif name == b"expect":
+                expect = value.lower() == b"100-continue"
+            elif name == HOP_HEADER:
+                hop = True
+        stream = BodyStream(receive, expect)
+        if hop:
+            # A gateway's own request came back to a gateway: a registry record names a
+            # gateway as a worker. Refused, so the sender takes that "worker" out.
+            await self.refuse(LoopDetected("this is a Beluga gateway, not a worker; check "
+                                           "the worker registry", code="loop_detected"),
+                              endpoint, stream, scope, send)
+            return
         limit = self.settings.max_concurrent_requests
         if self.gateway.draining or (limit and self.in_flight >= limit):
             self.metrics.refusal("overloaded")
             why = "shutting down" if self.gateway.draining else "at its concurrency limit"
             await self.refuse(Overloaded(f"this gateway is {why}; try again shortly",
-                                         code="overloaded"), endpoint, BodyStream(receive),
-                              scope, send)
+                                         code="overloaded"), endpoint, stream, scope, send)
             return
-        self.in_flight += 1
         held = 0
-        stream = BodyStream(receive)
         try:
-            try:
-                body = await self.read_body(declared, stream)
-                held = len(body)
-            except APIError as exc:
-                await self.refuse(exc, endpoint, stream, scope, send)
-                return
-            except ClientGone:
-                return
+            # (A request counts toward the concurrency limit once its body is in: clients
+            # trickling bodies hold only the body budget, each for at most the body timeout.)
+            body = await self.read_body(declared, stream)
+        except APIError as exc:
+            await self.refuse(exc, endpoint, stream, scope, send)
+            return
+        except ClientGone:
+            return
+        held = len(body)
+        self.in_flight += 1
+        try:
             try:
                 response = await self.serve_watched(endpoint, authorization, body, receive)
             except ClientGone:
@@ -247,6 +266,7 @@ class Front:
                         self.body_bytes += len(chunk)
                         chunks.append(chunk)
         except TimeoutError:
+            self.body_bytes -= sum(len(c) for c in chunks)
             self.metrics.refusal("body_timeout")
             raise RequestTimeout(f"the request body was not received within "
                                  f"{self.settings.client_body_timeout_s:g} s",
@@ -288,7 +308,9 @@ class Front:
         """Answer `exc` after reading what is left of the body (dropped), up to DRAIN_BYTES
         and DRAIN_S, so a client still sending it can read the answer."""
         self.metrics.answered(endpoint, exc.status_code, None, None)
-        drained = 0 if not isinstance(exc, RequestTimeout) else DRAIN_BYTES  # (too slow)
+        # (nothing to drain from a client too slow to send, or one that waits to be asked)
+        drained = DRAIN_BYTES if isinstance(exc, RequestTimeout) or (
+            stream.expect_continue and not stream.read_any) else 0
         try:
             async with asyncio.timeout(DRAIN_S):
                 while not stream.ended and drained < DRAIN_BYTES:

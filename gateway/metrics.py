@@ -78,7 +78,8 @@ class GatewayMetrics:
         self.unkeyed = Counter("beluga_gateway_prompts_unkeyed",
                                "Requests routed without prefix information, by reason: "
                                "timeout (routing_timeout_s), request_template (a template "
-                               "sent with the request, not trusted), untokenizable, error.",
+                               "sent with the request, not trusted), untokenizable, error, "
+                               "tokenizer_loading (the gateway just started).",
                                ["reason"], registry=r)
         self.truncated = Counter("beluga_gateway_prompts_truncated",
                                  "Prompts keyed on their first routing_max_chars characters "

@@ -98,6 +98,8 @@ class Router:
         keying = self.prefixes.keying(ids)
         if keying is None or not self.tokenizer.knows(req.model):
             return base, iter(())
+        if not self.tokenizer.loaded(req.model):  # (still loading, beside serving)
+            return self._unkeyed(req, "tokenizer_loading")
         trusted = self.settings.trust_request_chat_template
         if req.endpoint == "chat" and not trusted and request_template(req.payload):
             # vLLM decides whether to render it; the gateway never does unless told to.

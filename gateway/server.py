@@ -1,6 +1,7 @@
 """Running the gateway: uvicorn with the limits a public endpoint needs.
 
-* Headers have a deadline: a connection that has not sent a whole request head within
+* Headers have a size limit (64 KiB: 431 and the connection closed) and a deadline: a
+  connection that has not sent a whole request head within
   `client_header_timeout_s` of opening (or of its previous answer) is closed, so clients
   trickling bytes or holding half-open connections cannot pile up (bodies have their own
   timeout in gateway/front.py). The open-file limit is raised to its hard limit, so a few
@@ -25,6 +26,8 @@ from beluga.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+MAX_HEAD_BYTES = 64 * 1024  # a request's line and headers, at most (431 past it)
+
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline on every request's head."""
@@ -34,6 +37,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._refused = False
 
     def _arm(self) -> None:
         if self._head_timer is None:
@@ -56,10 +61,43 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._arm()
 
     def on_message_begin(self) -> None:
+        self._head_bytes = 0
         super().on_message_begin()
         self._arm()
 
+    def _count(self, n: int) -> bool:
+        """Count `n` bytes of the request head; False (and the connection answered 431 and
+        closed) past MAX_HEAD_BYTES: uvicorn keeps every header, unbounded."""
+        self._head_bytes += n
+        if self._head_bytes <= MAX_HEAD_BYTES:
+            return not self._refused
+        if not self._refused:
+            self._refused = True
+            logger.debug("closing a connection whose request head passed %d bytes",
+                         MAX_HEAD_BYTES)
+            if not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                     b"content-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.close()
+        return False
+
+    def on_url(self, url: bytes) -> None:
+        if self._count(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._count(len(name) + len(value) + 4):
+            super().on_header(name, value)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # The next request's head is due within the timeout too (the rest of a body the
+        # app did not read, trickled in, would otherwise hold the connection for good).
+        self._arm()
+
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
         self._disarm()
         super().on_headers_complete()
 

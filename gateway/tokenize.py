@@ -358,6 +358,12 @@ class SegmentCache:
         return [t for ids, _, _ in self.pieces(text) for t in ids]
 
 
+def text_bytes(text: str) -> int:
+    """About what a prompt's text and its pieces take in memory (Python keeps a string in
+    1, 2 or 4 bytes a character, by its widest)."""
+    return 2 * sys.getsizeof(text)
+
+
 class Prompt:
     """A prompt's token ids, tokenized on demand and not kept: `chunks()` yields them in
     order (reading the text only as far as the caller goes), `estimate_total()` extrapolates
@@ -455,7 +461,6 @@ class PromptTokenizer:
                                self._dirs[model], exc)
                 self._dirs.pop(model)
                 return None
-            self._loaded[model] = tok
             cache = SegmentCache(tok)
             if cache.enabled:
                 text = tok.apply_chat_template(SAMPLE, tokenize=False,
@@ -493,7 +498,12 @@ class PromptTokenizer:
                     messages, tools=None, tokenize=False, add_generation_prompt=generation,
                     continue_final_message=False),
                 template if isinstance(template, str) else None)
+            self._loaded[model] = tok  # last: `loaded` means ready to use
         return tok
+
+    def loaded(self, model: str) -> bool:
+        """Whether the model's tokenizer is loaded and checked (see `load_all`)."""
+        return model in self._loaded
 
     def vocab_size(self, model: str) -> int | None:
         """How many token ids the model's tokenizer knows, once it is loaded (else None)."""
@@ -554,7 +564,7 @@ class PromptTokenizer:
                 cache = self._segments.get(model)
                 if cache is not None and cache.enabled:
                     out = Prompt(cache.pieces(text), total, truncated=total > cap)
-                    out.held_bytes = 2 * len(text)  # the text and its pieces
+                    out.held_bytes = text_bytes(text)
                     return out
                 ids = [int(t) for t in tok(text, add_special_tokens=False)["input_ids"]]
                 out = Prompt(iter([(ids, len(text), None)]), total, truncated=total > cap)
@@ -580,7 +590,7 @@ class PromptTokenizer:
                 if add and start:
                     pieces = itertools.chain([(list(start), 0, None)], pieces)
                 out = Prompt(pieces, len(prompt), truncated=len(prompt) > cap)
-                out.held_bytes = 2 * len(text)
+                out.held_bytes = text_bytes(text)
                 return out
             ids = [int(t) for t in tok(text, add_special_tokens=add)["input_ids"]]
             out = Prompt(iter([(ids, min(cap, len(prompt)), None)]), len(prompt),

@@ -19,6 +19,7 @@ Failures are typed for the gateway's retry rules:
     ├── Disconnected    the connection closed or broke before the response ended;
     │                   `before_response` and `reused` tell whether the worker may have
     │                   got the request at all
+    ├── TooLarge        a body past the reader's limit
     └── ReadTimeout     (also a TimeoutError) the worker went silent for the read timeout
 """
 
@@ -36,6 +37,7 @@ from urllib.parse import urlsplit
 import httptools
 
 HIGH_WATER = 256 * 1024  # bytes buffered from a worker before its socket stops being read
+MAX_HEADER_BYTES = 64 * 1024  # a worker's response headers, at most
 
 
 class UpstreamError(Exception):
@@ -48,6 +50,10 @@ class ConnectFailed(UpstreamError):
 
 class Saturated(UpstreamError):
     """No connection slot came free within the queue timeout: the request was not sent."""
+
+
+class TooLarge(UpstreamError):
+    """A body longer than the reader's limit."""
 
 
 class Disconnected(UpstreamError):
@@ -85,6 +91,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
+        self._header_bytes = 0
         self.headers_done = False
         self.complete = False
         self.keep_alive = True
@@ -123,6 +130,13 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            if self.error is None:
+                self._fail(Disconnected("the response's headers are too large",
+                                        before_response=True, reused=self.uses > 1))
+                self.close()
+            return
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -235,8 +249,17 @@ class Response:
                 return
             await conn.wait(self._timeout)
 
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; TooLarge past `limit` bytes (the connection is then dropped)."""
+        if limit is None:
+            return b"".join([chunk async for chunk in self.chunks()])
+        chunks, size = [], 0
+        async for chunk in self.chunks():
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"the answer is larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def release(self) -> None:
         conn, self._conn = self._conn, None

@@ -293,3 +293,23 @@ def test_passwords_in_redis_urls_are_masked(url: str, shown: str) -> None:
 def test_the_byte_bound_is_a_few_records_long() -> None:
     assert 8192 <= MAX_RECORD_BYTES <= 65536
     assert len(make_record(model="m" * 256, id="i" * 200).to_json()) < MAX_RECORD_BYTES
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254", "http://169.254.169.254:80/", "http://[fd00:ec2::254]:80",
+    "http://metadata.google.internal", "http://METADATA.google.internal.:80",
+    "http://0.0.0.0:8100", "http://[::]:8100", "http://[::ffff:169.254.169.254]:1",
+    "http://224.0.0.1:8100", "http://[fe80::1]:8100"])
+def test_no_record_sends_traffic_to_a_metadata_service_or_a_non_address(url: str) -> None:
+    from beluga.registry import check_worker_url
+
+    with pytest.raises(ValueError):
+        check_worker_url(url)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8100", "http://[::1]:8100",
+                                 "https://worker-3.internal:443", "http://10.1.2.3:9000"])
+def test_workers_on_loopback_private_and_named_hosts_are_fine(url: str) -> None:
+    from beluga.registry import check_worker_url
+
+    assert check_worker_url(url) == url

@@ -517,3 +517,32 @@ def test_a_tls_redis_is_not_started_by_beluga_up(tmp_path: Path) -> None:
     with pytest.raises(UpError, match="TLS") as err:
         stack.start_redis()
     assert "pw" not in str(err.value)
+
+
+def test_a_restart_that_cannot_start_is_tried_again_and_the_rest_keep_running(
+        tmp_path: Path, stand_ins: StandIns, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="beluga.up")
+    stack = Stack(Settings(state_dir=tmp_path, restart_backoff_max_s=0.4),
+                  first_restart_s=0.2, poll_s=0.05)
+    stack.launch(stand_ins.spec("gateway", "gateway"))
+    stack.launch(stand_ins.spec("worker-1", "worker", "die"))
+    gateway = stack.child("gateway").proc.pid
+    log = stack.log_dir / "worker-1.log"
+
+    def starts() -> int:
+        return sum(1 for _t, n, what, _ in stand_ins.lines()
+                   if n == "worker-1" and what == "start")
+
+    def steps() -> None:
+        wait_for(lambda: starts() >= 1, 30, "the worker never started")
+        log.unlink()
+        log.mkdir()  # its log cannot be opened: every restart fails (as on a full disk)
+        wait_for(lambda: caplog.text.count("cannot restart worker-1") >= 2, 30,
+                 "no failed restart reported")
+        assert stand_ins.answer("gateway") == gateway  # the rest keep running
+        before = starts()
+        log.rmdir()
+        wait_for(lambda: starts() > before, 30, "not restarted once it could be")
+
+    drive(stack, steps)
+    assert stack.child("gateway").restarts == 0

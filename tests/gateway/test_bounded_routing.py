@@ -174,6 +174,7 @@ def test_a_huge_prompt_is_keyed_on_its_start_only_without_stalling_anyone(
 
 def test_token_ids_past_the_vocabulary_are_400(seen: list[dict[str, Any]]) -> None:
     for url in gateway(seen):
+        wait_keyed(url)  # (the vocabulary is known once the tokenizer is loaded)
         for prompt in ([1, 49152], [-1], [2**32], [[1], [10**12]]):
             resp = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": prompt},
                               timeout=10)

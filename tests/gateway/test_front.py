@@ -7,6 +7,7 @@ stand-in worker (uvicorn) behind it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -49,6 +50,8 @@ class StandIn:
         async def chat(request: Request) -> JSONResponse:
             body = await request.json()
             self.started += 1
+            if body["model"] == "huge":
+                return JSONResponse({"choices": [], "pad": "x" * (2 * 1024 * 1024)})
             if body["model"] == "slow":
                 end = time.monotonic() + self.delay_s
                 while time.monotonic() < end:
@@ -86,7 +89,7 @@ def backend() -> Iterator[tuple[RedisServer, StandIn]]:
     redis_server = RedisServer().start()
     worker = StandIn()
     for url in serve(worker.app):
-        for model in ("fast", "slow"):
+        for model in ("fast", "slow", "huge"):
             rec = {"schema": SCHEMA_VERSION, "id": f"w-{model}", "url": url, "model": model,
                    "capacity": 64, "pid": 1, "started_at": 0.0,
                    "heartbeat_at": time.time() + 3600, "running": 0, "waiting": 0}
@@ -247,3 +250,118 @@ def test_ready_is_503_without_a_healthy_worker(backend: tuple[RedisServer, Stand
         assert httpx.get(f"{gw.url}/health/live").json() == {"status": "live"}
         resp = httpx.get(f"{gw.url}/health/ready")
         assert resp.status_code == 503 and resp.json() == {"status": "no_healthy_worker"}
+
+
+def test_bodies_that_timed_out_give_their_budget_back(
+        backend: tuple[RedisServer, StandIn]) -> None:
+    for gw in gateway(backend, client_body_timeout_s=0.5):
+        socks = [raw_request(gw.url, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                                     b"content-length: 1000000\r\n\r\n" + b"x" * 900_000)
+                 for _ in range(4)]
+        for sock in socks:
+            assert read_all(sock).startswith(b"HTTP/1.1 408")
+        assert gw.app.body_bytes == 0 and gw.app.in_flight == 0
+        assert httpx.post(f"{gw.url}/v1/chat/completions", json=chat("fast"),
+                          timeout=10).status_code == 200
+
+
+def test_clients_still_sending_their_bodies_do_not_take_the_concurrency_slots(
+        backend: tuple[RedisServer, StandIn]) -> None:
+    for gw in gateway(backend, max_concurrent_requests=2, client_body_timeout_s=5):
+        slow = [raw_request(gw.url, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                                    b"content-length: 100\r\n\r\n{") for _ in range(20)]
+        time.sleep(0.3)
+        assert httpx.post(f"{gw.url}/v1/chat/completions", json=chat("fast"),
+                          timeout=10).status_code == 200
+        for sock in slow:
+            sock.close()
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /health HTTP/1.1\r\nhost: x\r\n" + b"a: b\r\n" * 20_000,      # many headers
+    b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nhost: x\r\n"])           # a long URL
+def test_a_request_head_past_64_kib_is_431_and_the_connection_closed(
+        backend: tuple[RedisServer, StandIn], head: bytes) -> None:
+    for gw in gateway(backend):
+        sock = raw_request(gw.url, b"")
+        with contextlib.suppress(OSError):  # (it may be closed before all is sent)
+            for i in range(0, len(head), 4096):
+                sock.sendall(head[i:i + 4096])
+        try:
+            answer = read_all(sock)
+        except ConnectionResetError:  # closed while the client still sent: reset, not read
+            answer = b"HTTP/1.1 431 (reset)"
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+        assert httpx.get(f"{gw.url}/health/live", timeout=5).status_code == 200
+
+
+def test_a_connection_trickling_an_unread_body_after_its_answer_is_closed(
+        backend: tuple[RedisServer, StandIn]) -> None:
+    for gw in gateway(backend, client_header_timeout_s=1.0):
+        sock = raw_request(gw.url, b"GET /health/live HTTP/1.1\r\nhost: x\r\n"
+                                   b"content-length: 1000000000\r\n\r\n")
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 8:
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.3)
+            try:
+                if sock.recv(65536) == b"" and time.monotonic() - started > 0.5:
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        assert closed and time.monotonic() - started < 4
+
+
+def test_a_gateway_named_as_a_worker_is_refused_and_taken_out_no_loop(
+        backend: tuple[RedisServer, StandIn]) -> None:
+    redis_server = backend[0]
+    for gw in gateway(backend, health_check_interval_s=0):
+        rec = {"schema": SCHEMA_VERSION, "id": "w-loop", "url": gw.url, "model": "loop",
+               "capacity": 64, "pid": 1, "started_at": 0.0,
+               "heartbeat_at": time.time() + 3600, "running": 0, "waiting": 0}
+        redis_server.client().set(worker_key(PREFIX, "w-loop"), json.dumps(rec), ex=60)
+        try:
+            deadline = time.monotonic() + 5
+            while "w-loop" not in {w["id"] for w in httpx.get(f"{gw.url}/health").json()[
+                    "workers"]}:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            started = time.monotonic()
+            resp = httpx.post(f"{gw.url}/v1/chat/completions", json=chat("loop"), timeout=10)
+            assert resp.status_code in (502, 503) and time.monotonic() - started < 2
+            assert resp.json()["error"]["type"] in ("upstream_error", "service_unavailable")
+            health = {w["id"]: w["healthy"] for w in httpx.get(f"{gw.url}/health").json()[
+                "workers"]}
+            assert health["w-loop"] is False and health["w-fast"] is True
+            assert httpx.post(f"{gw.url}/v1/chat/completions", json=chat("fast"),
+                              timeout=10).status_code == 200
+        finally:
+            redis_server.client().delete(worker_key(PREFIX, "w-loop"))
+
+
+def test_an_expect_100_continue_over_the_limit_gets_its_413_at_once(
+        backend: tuple[RedisServer, StandIn]) -> None:
+    for gw in gateway(backend):
+        started = time.monotonic()
+        sock = raw_request(gw.url, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
+                                   b"content-length: 99999999\r\nexpect: 100-continue\r\n\r\n")
+        answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+        assert time.monotonic() - started < 2
+
+
+def test_a_worker_answer_past_the_limit_is_a_502_not_a_crash(
+        backend: tuple[RedisServer, StandIn], monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import forward
+
+    monkeypatch.setattr(forward, "MAX_ANSWER_BYTES", 1024 * 1024)
+    for gw in gateway(backend):
+        resp = httpx.post(f"{gw.url}/v1/chat/completions", json=chat("huge"), timeout=10)
+        assert resp.status_code == 502, resp.text[:200]
+        assert resp.json()["error"]["code"] == "worker_error"

@@ -164,17 +164,25 @@ def test_the_parse_work_bound_keeps_parsing_short_and_lets_real_requests_through
     from gateway.requests import MAX_PARSE_WORK, parse_work
 
     chat10k = json.dumps({"model": "m", "messages": [
-        {"role": "user", "content": "Hello, how are you? " * 20}] * 10_000}).encode()
-    ids = json.dumps({"model": "m", "prompt": list(range(500_000))}).encode()
+        {"role": "user", "content": "Hello, how are you? " * 20}] * 2_000}).encode()
+    ids = json.dumps({"model": "m", "prompt": list(range(200_000))}).encode()
     for body in (chat10k, ids):
         assert parse_work(body) < MAX_PARSE_WORK
         parse_request(body, "chat" if b"messages" in body else "completions")
     # the worst shapes just under the bound parse in well under 100 ms
-    keys = b"{" + b",".join(b'"k%d": 1' % i for i in range(MAX_PARSE_WORK // 10)) + b"}"
+    keys = b"{" + b",".join(b'"k%d": 1' % i for i in range(MAX_PARSE_WORK // 12)) + b"}"
     assert parse_work(keys) <= MAX_PARSE_WORK
     started = time.perf_counter()
     json.loads(keys)
     assert time.perf_counter() - started < 0.5  # (~50 ms on this 2-core VM)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-16"])
+def test_bodies_in_another_unicode_encoding_are_400(encoding: str) -> None:
+    body = '{"model": "m", "prompt": "Hi", "top_k": 18446744073709551617}'.encode(encoding)
+    with pytest.raises(BadRequest) as err:
+        parse_request(body, "completions")
+    assert err.value.status_code == 400 and err.value.code == "invalid_json"
 
 
 def test_not_utf8_is_400_saying_so() -> None:
