@@ -6,7 +6,8 @@ Each case asserts:
 * no 5xx at all where the input is bad (a 4xx), and none from the gateway's own code
   anywhere (500 internal_error); every answer within its bound (no hang);
 * /health answering within 100 ms while the case runs: a separate process GETs it every
-  50 ms. The bar is p99 < 100 ms and max < 1 s over the probes during which the gateway's
+  50 ms. The bar is p99 < 100 ms (with fewer than 100 probes: at most one over it) and
+  max < 1 s over the probes during which the gateway's
   event-loop thread was not starved of CPU, that is did not wait for a core for half the
   probe or more (/proc/<pid>/schedstat): on this 2-core box the vLLM workers' compute can
   take both cores for a moment, which no gateway can help; a loop that is busy (parsing,
@@ -73,7 +74,10 @@ def checked(stack: Stack, watch: tuple[h.HealthProbe, psutil.Process],
     problems = [f"{o.label}: {o.problem}\n    {o.repro[:400]}" for o in outcomes if o.problem]
     assert not problems, "\n".join(problems)
     assert stats.n > 0 and stats.failed == 0, stats
-    assert stats.own_p99_ms < HEALTH_P99_MS and stats.own_max_ms < HEALTH_MAX_MS, (
+    # p99 over fewer than 100 probes is their maximum: there, one slow probe (under 1 s)
+    # is what p99 allows; the sweep (bench/hostile_sweep.py) holds p99 over thousands.
+    p99_ok = stats.own_p99_ms < HEALTH_P99_MS or (stats.n < 100 and stats.busy <= 1)
+    assert p99_ok and stats.own_max_ms < HEALTH_MAX_MS, (
         f"/health slow while the case ran: {stats}")
     assert rss < RSS_MAX, f"gateway RSS {rss / 2**20:.0f} MiB"
     assert gateway.is_running() and gateway.status() != psutil.STATUS_ZOMBIE, "gateway died"
