@@ -53,7 +53,7 @@ from gateway.requests import Endpoint, ParsedRequest, parse_request
 from gateway.routing import Router
 from gateway.tokenize import PromptTokenizer
 from gateway.upstream import UpstreamClient
-from gateway.workers import WorkerPool
+from gateway.workers import WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def upstream_headers(settings: Settings) -> dict[str, str]:
 class Gateway:
     """State shared by all requests of one gateway process."""
 
-    def __init__(self, settings: Settings, workers: WorkerPool, policy: Policy) -> None:
+    def __init__(self, settings: Settings, workers: WorkerRegistry, policy: Policy) -> None:
         self.settings = settings
         self.workers = workers
         self.policy = policy
@@ -181,10 +181,10 @@ class Gateway:
             await asyncio.sleep(interval_s)
 
 
-def create_app(settings: Settings, workers: WorkerPool | None = None) -> Front:
+def create_app(settings: Settings, workers: WorkerRegistry | None = None) -> Front:
     """Build the gateway app. `workers` defaults to the Redis-backed registry of
     `settings`."""
-    gw = Gateway(settings, workers or WorkerPool.from_settings(settings),
+    gw = Gateway(settings, workers or WorkerRegistry.from_settings(settings),
                  make_policy(settings.routing_policy))
 
     @contextlib.asynccontextmanager

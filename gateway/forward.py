@@ -50,7 +50,7 @@ from gateway.upstream import (
     UpstreamError,
 )
 from gateway.upstream import Response as UpstreamResponse
-from gateway.workers import WorkerPool, WorkerState
+from gateway.workers import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _close_unstarted(attempt: Attempt, resp: UpstreamResponse) -> None:
 
 
 class Forwarder:
-    def __init__(self, settings: Settings, workers: WorkerPool, policy: Policy,
+    def __init__(self, settings: Settings, workers: WorkerRegistry, policy: Policy,
                  router: Router, metrics: GatewayMetrics, headers: dict[str, str]) -> None:
         self.settings = settings
         self.workers = workers

@@ -7,7 +7,7 @@ serving; it recovers as soon as Redis answers again.
 
 Redis is untrusted input: one refresh reads at most `MAX_WORKER_RECORDS` records of at most
 `MAX_RECORD_BYTES` each, validates each (beluga/registry.py) and skips, logs once and counts
-(`WorkerPool.invalid`) what does not pass; `refresh` never raises (but for cancellation).
+(`WorkerRegistry.invalid`) what does not pass; `refresh` never raises (but for cancellation).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class WorkerState:
 
 
 @dataclass
-class WorkerPool:
+class WorkerRegistry:
     settings: Settings
     client: aioredis.Redis
     _workers: dict[str, WorkerState] = field(default_factory=dict)
@@ -111,7 +111,7 @@ class WorkerPool:
     _down_logged: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> WorkerPool:
+    def from_settings(cls, settings: Settings) -> WorkerRegistry:
         client = aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
         )

@@ -23,7 +23,7 @@ from beluga.settings import Settings
 from beluga.up import redis_alive
 from engine.hints import HintPublisher
 from gateway.prefixes import PrefixIndex
-from gateway.workers import WorkerPool
+from gateway.workers import WorkerRegistry
 from tests.conftest import REDIS_PASSWORD, ConfiguredRedis
 
 PREFIX = "beluga:auth"
@@ -66,7 +66,7 @@ def check_everything_reaches(server: ConfiguredRedis) -> None:
         client = server.client()
         eventually(lambda: client.scard(hint_blocks_key(PREFIX, "w1")) == 3
                    and bool(client.exists(hints_key(PREFIX, "w1"))))
-        pool = WorkerPool.from_settings(settings(server.url))
+        pool = WorkerRegistry.from_settings(settings(server.url))
 
         async def go() -> None:
             index = PrefixIndex(pool.client, PREFIX)
@@ -91,7 +91,7 @@ def check_refused_quietly(url: str, caplog: pytest.LogCaptureFixture,
     publisher rides it out too."""
     caplog.clear()
     assert not redis_alive(url)
-    pool = WorkerPool.from_settings(settings(url))
+    pool = WorkerRegistry.from_settings(settings(url))
 
     async def go() -> None:
         index = PrefixIndex(pool.client, PREFIX)

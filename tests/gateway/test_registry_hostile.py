@@ -31,7 +31,7 @@ from beluga.registry import (
 from beluga.settings import Settings
 from gateway.metrics import GatewayMetrics
 from gateway.prefixes import PrefixIndex
-from gateway.workers import MAX_WORKER_RECORDS, WorkerPool
+from gateway.workers import MAX_WORKER_RECORDS, WorkerRegistry
 from tests.support import RedisServer
 
 PREFIX = "beluga:hostile"
@@ -124,7 +124,7 @@ def test_refresh_keeps_the_valid_worker_and_counts_each_bad_record(
         poisoned: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     metrics = GatewayMetrics("round_robin")
-    pool = WorkerPool.from_settings(gateway_settings(poisoned))
+    pool = WorkerRegistry.from_settings(gateway_settings(poisoned))
     pool.invalid.count = metrics.invalid_record
 
     async def go() -> None:
@@ -155,7 +155,7 @@ def test_a_heartbeat_from_the_future_does_not_keep_a_worker_forever(
         server: RedisServer) -> None:
     client = server.client()
     client.set(worker_key(PREFIX, "w"), json.dumps(worker("w", heartbeat_at=9e10)))
-    pool = WorkerPool.from_settings(gateway_settings(server))
+    pool = WorkerRegistry.from_settings(gateway_settings(server))
 
     async def go() -> None:
         try:
@@ -179,7 +179,7 @@ def test_a_registry_with_more_keys_than_the_bound_is_read_only_so_far(
         pipe.set(worker_key(PREFIX, f"w{i}"), json.dumps(worker(f"w{i}")))
     pipe.execute()
     metrics = GatewayMetrics("round_robin")
-    pool = WorkerPool.from_settings(gateway_settings(server))
+    pool = WorkerRegistry.from_settings(gateway_settings(server))
     pool.invalid.count = metrics.invalid_record
 
     async def go() -> None:
@@ -218,7 +218,7 @@ def test_refresh_survives_a_bug_in_one_record_and_in_the_whole_refresh(
     metrics = GatewayMetrics("round_robin")
     client = poisoned.client()
     client.set(worker_key(PREFIX, "other"), json.dumps(worker("other")))
-    pool = WorkerPool.from_settings(gateway_settings(poisoned))
+    pool = WorkerRegistry.from_settings(gateway_settings(poisoned))
     pool.invalid.count = metrics.invalid_record
 
     async def go() -> None:
