@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from tests.support import RedisServer
 
@@ -35,26 +33,7 @@ class ConfiguredRedis(RedisServer):
         self.url = url.format(port=self.port)
         self.port_args = [a.format(port=self.port) for a in port_args]
         self.extra_args = extra_args
-        self.log = log
-
-    def start(self) -> ConfiguredRedis:
-        assert self.binary is not None
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [self.binary, *self.port_args, "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", *self.extra_args], stdout=out, stderr=out)
-        client = self.client()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                if self.proc.poll() is not None:
-                    text = self.log.read_text(errors="replace")
-                    raise RuntimeError(f"redis-server exited: {text[-2000:]}") from None
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
+        self.log: Path | None = log
 
 
 @pytest.fixture

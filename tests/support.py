@@ -8,7 +8,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 import pytest
 import redis
@@ -48,13 +49,22 @@ class RedisServer:
             pytest.fail("redis-server is missing: run `make setup`")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.port_args = ["--port", str(self.port)]
+        self.extra_args: list[str] = []
+        self.log: Path | None = None  # its output (else dropped)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> RedisServer:
+    def start(self) -> Self:
         assert self.binary is not None
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        out = self.log.open("ab") if self.log is not None else None
+        try:
+            self.proc = subprocess.Popen(
+                [self.binary, *self.port_args, "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", *self.extra_args],
+                stdout=out or subprocess.DEVNULL, stderr=out)
+        finally:
+            if out is not None:
+                out.close()
         client = self.client()
         deadline = time.monotonic() + 10
         while True:
@@ -62,6 +72,9 @@ class RedisServer:
                 client.ping()
                 return self
             except redis.ConnectionError:
+                if self.proc.poll() is not None and self.log is not None:
+                    text = self.log.read_text(errors="replace")
+                    raise RuntimeError(f"redis-server exited: {text[-2000:]}") from None
                 assert time.monotonic() < deadline, "redis-server did not start"
                 time.sleep(0.05)
 
