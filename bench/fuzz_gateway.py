@@ -111,20 +111,8 @@ def main() -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(48)
     print(f"seed {seed} (replay: --seed {seed})", flush=True)
 
-    stack: h.OwnStack | None = None
-    if args.url:
-        url = args.url.rstrip("/")
-    else:
-        print("starting a stack (beluga up, default settings) ...", flush=True)
-        stack = h.OwnStack()
-        url = stack.base_url
-        print(f"stack at {url}, log {stack.log}", flush=True)
-    try:
+    with h.stack_at(args.url, None) as (url, _redis_url):
         return run(args, url, seed)
-    finally:
-        if stack is not None:
-            stack.stop()
-            print(f"stack stopped (its log: {stack.log})")
 
 
 def run(args: argparse.Namespace, url: str, seed: int) -> int:

@@ -83,23 +83,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
 
-    stack: h.OwnStack | None = None
-    if args.url:
-        url, redis_url = args.url.rstrip("/"), args.redis_url
-    else:
-        print("starting a stack (beluga up, default settings) ...", flush=True)
-        stack = h.OwnStack()
-        url, redis_url = stack.base_url, stack.redis_url
-        print(f"stack at {url}, Redis {redis_url}, log {stack.log}", flush=True)
-    try:
+    with h.stack_at(args.url, args.redis_url) as (url, redis_url):
         return sweep(args, url, redis_url)
-    finally:
-        if stack is not None:
-            stack.stop()
-            print(f"stack stopped (its log: {stack.log})")
 
 
-def sweep(args: argparse.Namespace, url: str, redis_url: str) -> int:
+def sweep(args: argparse.Namespace, url: str, redis_url: str | None) -> int:
     pid = args.gateway_pid or h.gateway_pid(url)
     if pid is None:
         print(f"cannot find the gateway's process at {url}: pass --gateway-pid",

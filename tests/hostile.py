@@ -1804,6 +1804,23 @@ def _free_port(consecutive: int = 1) -> int:
             continue
 
 
+@contextlib.contextmanager
+def stack_at(url: str | None, redis_url: str | None) -> Iterator[tuple[str, str | None]]:
+    """(gateway URL, Redis URL) of the running stack at `url`, or of an OwnStack started
+    here (and stopped after) when `url` is None: the benchmarks' --url."""
+    if url:
+        yield url.rstrip("/"), redis_url
+        return
+    print("starting a stack (beluga up, default settings) ...", flush=True)
+    stack = OwnStack()
+    print(f"stack at {stack.base_url}, Redis {stack.redis_url}, log {stack.log}", flush=True)
+    try:
+        yield stack.base_url, stack.redis_url
+    finally:
+        stack.stop()
+        print(f"stack stopped (its log: {stack.log})")
+
+
 class OwnStack:
     """`beluga up` as `make run` starts it (Redis, two workers, the gateway; default
     settings), on free ports, with its state in a temporary folder: `base_url`,
