@@ -51,6 +51,7 @@ from gateway.policies import Policy, make_policy
 from gateway.prefixes import PrefixIndex
 from gateway.requests import Endpoint, ParsedRequest, parse_request
 from gateway.routing import Router
+from gateway.sse import with_first_field
 from gateway.tokenize import PromptTokenizer
 from gateway.upstream import UpstreamClient
 from gateway.workers import WorkerRegistry
@@ -126,15 +127,11 @@ class Gateway:
         salt = tenant_salt(self.secret, tenant,
                            client_salt if isinstance(client_salt, str) else None)
         payload = dict(req.payload, cache_salt=salt)
-        if "cache_salt" not in req.payload:
-            # Spliced in front of the body's first key, not serialized again (a long prompt
-            # costs that much); the body has no such key (it would be in the payload).
-            start = body.lstrip()
-            rest = start[1:].lstrip()
-            return replace(req, payload=payload), (
-                b'{"cache_salt":"' + salt.encode() + b'"'
-                + (b"" if rest.startswith(b"}") else b",") + rest)
-        return replace(req, payload=payload), json.dumps(payload).encode()
+        # Spliced in, not serialized again (a long prompt costs that much), when the body
+        # has no such key (it would be in the payload).
+        spliced = (with_first_field(body, b'"cache_salt":"' + salt.encode() + b'"')
+                   if "cache_salt" not in req.payload else None)
+        return replace(req, payload=payload), spliced or json.dumps(payload).encode()
 
     async def serve(self, endpoint: Endpoint, authorization: str, body: bytes) -> Response:
         """One chat or completions request: authorize, parse, route, forward. An APIError is

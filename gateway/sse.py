@@ -32,12 +32,20 @@ def with_usage_body(body: bytes, payload: dict[str, Any]) -> tuple[bytes, bool]:
     if not added:
         return body, False
     if "stream_options" not in payload:
-        start = body.lstrip()
-        if start.startswith(b"{"):
-            rest = start[1:].lstrip()
-            return (b'{"stream_options":{"include_usage":true}'
-                    + (b"" if rest.startswith(b"}") else b",") + rest), True
+        spliced = with_first_field(body, b'"stream_options":{"include_usage":true}')
+        if spliced is not None:
+            return spliced, True
     return json.dumps(new).encode(), True
+
+
+def with_first_field(body: bytes, field: bytes) -> bytes | None:
+    """The JSON object `body` with `field` (`"key":value`, a key it does not have) spliced
+    in before its first key, instead of serializing it again; None if `body` is no object."""
+    start = body.lstrip()
+    if not start.startswith(b"{"):
+        return None
+    rest = start[1:].lstrip()
+    return b"{" + field + (b"" if rest.startswith(b"}") else b",") + rest
 
 
 class UsageFilter:
