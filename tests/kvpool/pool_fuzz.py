@@ -162,7 +162,7 @@ class Tally:
     def add_finding(self, cls: str, detail: dict[str, Any]) -> None:
         self.classes[cls] += 1
         if sum(1 for f in self.findings if f["class"] == cls) < MAX_DETAILS:
-            self.findings.append({"class": cls, **detail})
+            self.findings.append({"class": cls, "at": time.time(), **detail})
 
     def failures(self) -> int:
         return sum(self.classes[c] for c in CLASSES)
@@ -1052,6 +1052,12 @@ def run_epoch(cfg: FuzzConfig, epoch_seed: int, log: Callable[[str], None] = lam
     crng = random.Random(derive(epoch_seed, "control"))
     fd = -1
     geom: Geometry | None = None
+    wall0 = time.time() - (time.monotonic() - t_start)  # wall clock at t_start
+
+    def recent(now: float) -> list[dict[str, Any]]:
+        """The scribbles of the 3 s before `now` (seconds into the epoch)."""
+        return [dict(s, t=round(t, 3)) for t, s in scribble_log if now - 3.0 <= t <= now][-8:]
+
     try:
         create_kw: dict[str, Any] = dict(
             slot_size=cfg.slot_size, slot_count=cfg.slot_count, fingerprint=FP,
@@ -1071,8 +1077,6 @@ def run_epoch(cfg: FuzzConfig, epoch_seed: int, log: Callable[[str], None] = lam
                      "mem_limit_mb": cfg.mem_limit_mb, "badargs": cfg.badargs,
                      "stop": str(workdir / "STOP")}
 
-        def recent(now: float) -> list[dict[str, Any]]:
-            return [dict(s, t=round(t, 3)) for t, s in scribble_log if now - 3.0 <= t <= now][-8:]
 
         def spawn(seat: Seat) -> None:
             seat.gen += 1
@@ -1206,6 +1210,8 @@ def run_epoch(cfg: FuzzConfig, epoch_seed: int, log: Callable[[str], None] = lam
         shutil.rmtree(workdir, ignore_errors=True)
     for f in tally.findings:
         f.setdefault("epoch_seed", epoch_seed)
+        if "recent_scribbles" not in f and "at" in f and scribble_log:
+            f["recent_scribbles"] = recent(f["at"] - wall0)
     return EpochResult(epoch_seed, tally, time.monotonic() - t_start,
                        asdict(geom) if geom else {})
 
