@@ -186,7 +186,8 @@ PYBIND11_MODULE(beluga_native, m) {
                py::gil_scoped_release release;
                r = p.complete_store(slots, lengths, ok, checksums);
              }
-             if (r == beluga::Outcome::kBusy) busy(p);
+             // An abort that meets a busy lock is done by the next call that gets it.
+             if (r == beluga::Outcome::kBusy && ok) busy(p);
            },
            py::arg("slots"), py::arg("lengths"), py::arg("ok"),
            py::arg("checksums") = std::vector<uint32_t>{},
