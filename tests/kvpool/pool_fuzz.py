@@ -1161,6 +1161,8 @@ def run_epoch(cfg: FuzzConfig, epoch_seed: int, log: Callable[[str], None] = lam
                     spawn(seat)
             time.sleep(0.01)
         # -- stop: no more scribbles or signals; operators finish their op and close ------
+        for _, off, n in restores:  # transient header scribbles heal now
+            os.pwrite(fd, pristine[off:off + n], off)
         (workdir / "STOP").touch()
         for _, seat, pid in conts:
             if seat.proc is not None and seat.proc.pid == pid:
