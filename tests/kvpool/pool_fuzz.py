@@ -126,7 +126,7 @@ class FuzzConfig:
     header_share: float = 0.5      # epochs whose header scribbles stay (not healed) ...
     header_tail: float = 0.3       # ... in this last part of their time
     lock_timeout_s: float = 5.0    # the native lock timeout (passed where the API takes it)
-    margin_s: float = 6.0          # added to every call's bound (2 busy cores)
+    margin_s: float = 8.0          # added to every call's bound (2 busy cores)
     mem_limit_mb: int = 768        # RLIMIT_AS of each operator
     badargs: bool = True           # operators also call with out-of-range arguments
     keep_dir: str = ""             # keep the epoch's work files here (debugging)
@@ -400,6 +400,10 @@ def draw_scribble(rng: random.Random, g: Geometry, regions: Sequence[str] = (),
         if name == "pid" and rng.random() < 0.5:
             return Scribble("clients.pid-live", at, b"", "token",
                             (rng.randrange(max(seats, 1)), -1))
+        if name in ("state", "nonce", "host", "pidns", "start_ticks") and rng.random() < 0.4:
+            # another entry's value: a plausible identity, state or nonce
+            src = g.clients + 64 * rng.randrange(g.max_clients) + off
+            return Scribble(f"clients.{name}-copy", at, b"\0" * width, "copy", (src,))
         bound = {"npins": g.max_pins, "active": 1, "state": 3}.get(name, 1 << 20)
         return Scribble(f"clients.{name}", at,
                         _interesting(rng, width, bound).to_bytes(width, "little"))
@@ -435,6 +439,13 @@ def draw_scribble(rng: random.Random, g: Geometry, regions: Sequence[str] = (),
             return Scribble("slots.key-random", at + off2, rng.randbytes(rng.randint(1, 32 - off2)))
         if name == "checksum" and rng.random() < 0.4:
             return Scribble("slots.checksum-copy", at, b"\0" * 4, "copy", (other,))
+        if name in ("owner", "owner_nonce") and rng.random() < 0.4 and g.version >= 3:
+            # a live client's index / nonce: the slot looks written by that client
+            c = rng.randrange(g.max_clients)
+            if name == "owner":
+                return Scribble("slots.owner-client", at, c.to_bytes(4, "little"))
+            return Scribble("slots.owner_nonce-copy", at, b"\0" * 4, "copy",
+                            (g.clients + 64 * c + 12,))
         if name == "state" and rng.random() < 0.4:  # publish whatever the slot holds
             return Scribble("slots.state-ready", at, (2).to_bytes(4, "little"))
         bound = {"state": 3, "owner": g.max_clients, "pins": 1, "ref": 1,
@@ -482,11 +493,13 @@ def apply_scribble(fd: int, sc: Scribble, seat_pids: Callable[[int], int | None]
 # Operators
 # ---------------------------------------------------------------------------------------
 
-OP_WEIGHTS = {"put": 18, "get": 18, "pin_scatter": 10, "pin_read": 6, "gather_store": 10,
+OP_WEIGHTS = {"put": 18, "get": 18, "pin_scatter": 10, "pin_read": 6, "gather_store": 8,
+              "write_store": 4,
               "lookup": 10, "remove": 5, "sweep": 3, "stats": 4, "reattach": 2, "badarg": 3,
               "abrupt": 0.08}
 # Lock acquisitions an operation may make (each may wait up to the lock timeout).
 OP_LOCKS = {"put": 3, "get": 2, "pin_scatter": 2, "pin_read": 2, "gather_store": 3,
+            "write_store": 3,
             "lookup": 1, "remove": 1, "sweep": 1, "stats": 1, "reattach": 2, "badarg": 3,
             "abrupt": 3, "attach": 1, "close": 1}
 WAIT_INIT_S = 1.0
@@ -767,6 +780,28 @@ class Operator:
             self.pool.complete_store([s for s, _ in mine], ok=False)
         else:
             self.pool.complete_store(done, lengths, checksums=sums)
+
+    def op_write_store(self, op: Op) -> None:
+        """prepare_store + write + complete_store, passing the checksums write returned
+        (op.u < 0.5), or none (the pool then computes them from the slots)."""
+        _, keys = self.keys(op)
+        mine = [(s, k) for s, k in ((_reserved_slot(r), k) for r, k in
+                                    zip(self.pool.prepare_store(keys), keys, strict=False))
+                if s >= 0]
+        slots: list[int] = []
+        lengths: list[int] = []
+        sums: list[int] = []
+        try:
+            for s, k in mine:
+                data = content(k, self.slot_size)
+                sums.append(self.pool.write(s, data))
+                slots.append(s)
+                lengths.append(len(data))
+        except BaseException:
+            self.pool.complete_store([s for s, _ in mine], ok=False)
+            raise
+        with_sums = op.u < 0.5 and all(isinstance(c, int) for c in sums)
+        self.pool.complete_store(slots, lengths, checksums=sums if with_sums else ())
 
     def op_remove(self, op: Op) -> None:
         _, keys = self.keys(op)
