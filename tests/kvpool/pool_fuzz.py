@@ -678,11 +678,19 @@ class Operator:
         idx = [(op.start + j) % self.keyspace for j in range(op.n)]
         return idx, [fuzz_key(i) for i in idx]
 
-    def check_slots(self, slots: Sequence[int], n: int, what: str) -> list[int]:
-        ok = [s for s in slots if isinstance(s, int) and 0 <= s < self.slot_count]
-        if len(ok) != len(slots) or len(slots) > n:
-            self.invalid(f"{what}: slot out of range or too many")
-        return ok
+    def pinned_pairs(self, slots: Sequence[int], keys: list[bytes]) -> list[
+            tuple[int, bytes, int]]:
+        """(position, key, slot) of what pin returned (the pinned prefix of `keys`, in
+        order); a slot out of range or past the keys is counted as invalid and skipped."""
+        if len(slots) > len(keys):
+            self.invalid("pin: more slots than keys")
+        out = []
+        for pos, (k, s) in enumerate(zip(keys, slots, strict=False)):
+            if isinstance(s, int) and 0 <= s < self.slot_count:
+                out.append((pos, k, s))
+            else:
+                self.invalid("pin: slot out of range")
+        return out
 
     # -- operations (each runs inside bounded) -------------------------------------------
     def op_put(self, op: Op) -> None:
@@ -705,36 +713,31 @@ class Operator:
         if not 0 <= n <= len(keys):
             self.invalid("lookup_prefix: out of range")
 
-    def _pinned(self, keys: list[bytes]) -> list[int]:
-        slots = list(self.pool.pin(keys))
-        return slots
-
     def op_pin_read(self, op: Op) -> None:
         """pin + read + unpin: the raw path (unverified; a scribbled block may come back,
         counted as information)."""
-        idx, keys = self.keys(op)
-        slots = self._pinned(keys)
+        _, keys = self.keys(op)
+        slots = list(self.pool.pin(keys))
         try:
-            for pos, s in enumerate(self.check_slots(slots, len(keys), "pin")):
+            for _pos, k, s in self.pinned_pairs(slots, keys):
                 n = self.pool.slot_length(s)
                 if not 0 <= n <= self.slot_size:
                     self.invalid("slot_length: beyond the slot")
                     continue
                 buf = bytearray(n)
                 self.pool.read(s, buf)
-                if bytes(buf) != content(keys[pos], self.slot_size):
+                if bytes(buf) != content(k, self.slot_size):
                     self.tally.info["raw read differs (unverified path)"] += 1
         finally:
             self.pool.unpin(slots)
-        del idx
 
     def op_pin_scatter(self, op: Op) -> None:
         """pin + scatter(verify=True) into this process's memory + unpin: a block that
         passes verification must be its key's content."""
         idx, keys = self.keys(op)
-        slots = self._pinned(keys)
+        slots = list(self.pool.pin(keys))
         try:
-            for pos, s in enumerate(self.check_slots(slots, len(keys), "pin")):
+            for pos, k, s in self.pinned_pairs(slots, keys):
                 n = self.pool.slot_length(s)
                 if not 0 < n <= self.slot_size:
                     if n != 0:
@@ -746,7 +749,7 @@ class Operator:
                 if failed:
                     self.tally.info["scatter verification failed"] += 1
                     continue
-                want = content(keys[pos], self.slot_size)
+                want = content(k, self.slot_size)
                 if bytes(buf) != want:
                     self.wrong("pin_scatter", idx[pos], pos, want, bytes(buf), s)
         finally:
@@ -816,8 +819,8 @@ class Operator:
             self.invalid("stats: counts beyond the geometry")
 
     def op_reattach(self, op: Op) -> None:
-        self.pool.close()
-        self.pool = None
+        pool, self.pool = self.pool, None  # dropped even if close raises
+        pool.close()
         self.pool = self.kv.KVPool.attach(self.path, **self.attach_kwargs)
 
     def op_badarg(self, op: Op) -> None:
