@@ -32,7 +32,7 @@
 // length or key changed fails its checksum, which the reader checks against the key it
 // pinned by (kept in its own memory).
 //
-// ACROSS HOSTS (coherence="flush", CXL memory). Each critical section invalidates every
+// ACROSS HOSTS (coherence="flush", CXL memory; docs/pool.md has the user-facing account). Each critical section invalidates every
 // metadata line before its first read and writes back every line it wrote before the
 // release, so a host never acts on its own stale copy of the index or slot states. What
 // this relies on, and what needs CXL 3:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -48,7 +49,6 @@ class Host:
     def read(self, timeout: float = 20) -> dict[str, Any]:
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
-        import select
         while time.monotonic() < deadline:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
             if ready:
