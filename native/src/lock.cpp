@@ -136,7 +136,7 @@ void Pool::claim_client() {
       atomics::store_release(e.state, stamp | kClientLive);
       if (flush_) atomics::writeback(&e, sizeof(e));
       if (st != 0) {
-        atomics::set_bits(hdr_->flags, kNeedsRebuild);
+        mark_rebuild();
         atomics::count(hdr_->stats.reclaimed);
       }
       client_ = c;
@@ -255,14 +255,19 @@ void Pool::unlock() {
   if (!atomics::cas_release(hdr_->lock_word, token_, 0)) {
     // Taken over while we held it: our lease expired (or a scribble). Whatever we changed
     // may clash with the taker's rebuild: ask for another, and never touch its lock.
-    atomics::set_bits(hdr_->flags, kNeedsRebuild);
+    mark_rebuild();
     atomics::count(hdr_->stats.busy);
     lost_ = true;
   }
 }
 
-void Pool::corrupt(const std::string& what) const {
+void Pool::mark_rebuild() const {
   atomics::set_bits(hdr_->flags, kNeedsRebuild);
+  if (flush_) atomics::writeback(&hdr_->flags, sizeof(hdr_->flags));
+}
+
+void Pool::corrupt(const std::string& what) const {
+  mark_rebuild();
   atomics::count(hdr_->stats.corrupt);
   if (locked_) const_cast<Pool*>(this)->unlock();
   fail(ErrorKind::kCorrupt, path_ + ": " + what + " (a value in the shared pool is out of "
@@ -403,7 +408,7 @@ void Pool::settle() {
   deferred_unpins_.clear();
   deferred_aborts_.clear();
   // A pin we took is not in our table: someone wrote over it. Counts are derived: rebuild.
-  if (missing) atomics::set_bits(hdr_->flags, kNeedsRebuild);
+  if (missing) mark_rebuild();
 }
 
 Result<size_t> Pool::sweep() {

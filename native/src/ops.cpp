@@ -190,7 +190,7 @@ Outcome Pool::complete_store(const std::vector<int64_t>& slots,
   unlock();
   touch();
   if (mismatch) {
-    atomics::set_bits(hdr_->flags, kNeedsRebuild);
+    mark_rebuild();
     atomics::count(hdr_->stats.corrupt);
   }
   atomics::count(hdr_->stats.bytes_in, bytes);

@@ -239,6 +239,7 @@ class Pool {
   bool lock();  // false: busy past the timeout
   void unlock();
   [[noreturn]] void corrupt(const std::string& what) const;  // mark, unlock if held, throw
+  void mark_rebuild() const;  // kNeedsRebuild: the next process to lock rebuilds
   void acquire_line(const void* p) const;
   // Metadata access under the lock; in flush mode each line is synced (see lock.cpp).
   template <typename T>
