@@ -55,17 +55,27 @@ HEADER: dict[str, tuple[int, str]] = {
 CHECKSUM_RANGE = (8, 160)  # kChecksumBegin, kChecksumEnd: FNV-1a 64 over these bytes
 MUTABLE_LINE = (320, 344)  # clock_hand, used_slots, generation (under the lock)
 
-# ClientEntry (64 bytes): the fields a fake client needs. None: not in this format.
-CLIENT: dict[str, tuple[int, str] | None] = {
-    "active": (0, "<I"),
+# ClientEntry (64 bytes), per pool format: the fields a fake client needs.
+CLIENT_V2: dict[str, tuple[int, str]] = {
+    "active": (0, "<I"),  # 1 while attached
     "pid": (4, "<I"),
     "start_ticks": (8, "<Q"),
     "pidns": (16, "<Q"),
     "last_seen_ns": (24, "<Q"),
     "npins": (32, "<I"),
-    "boot_id": None,  # format 3: /proc/sys/kernel/random/boot_id (SPEC.md)
+}
+CLIENT_V3: dict[str, tuple[int, str]] = {  # FORMAT3 (layout.h of the "native: harden" work)
+    "state": (0, "<Q"),  # (claim time ms << 2) | 1 claiming / 2 live
+    "pid": (8, "<I"),
+    "nonce": (12, "<I"),  # the low half of the holder's lock token
+    "start_ticks": (16, "<Q"),
+    "pidns": (24, "<Q"),
+    "host": (32, "<Q"),  # FNV-1a 64 of /proc/sys/kernel/random/boot_id
+    "last_seen_ns": (40, "<Q"),
+    "npins": (48, "<I"),
 }
 CLIENT_BYTES = 64
+CLIENT_LIVE_V3 = 2
 
 # SlotMeta (64 bytes).
 SLOT: dict[str, tuple[int, str]] = {
@@ -85,7 +95,7 @@ def check_layout() -> None:
     text = LAYOUT_H.read_text()
     for struct_name, field, off in re.findall(
             r"static_assert\(offsetof\((\w+), (\w+)\) == (\d+)\)", text):
-        tables: dict[str, dict[str, Any]] = {"PoolHeader": HEADER, "ClientEntry": CLIENT,
+        tables: dict[str, dict[str, Any]] = {"PoolHeader": HEADER, "ClientEntry": CLIENT_V3,
                                              "SlotMeta": SLOT}
         entry = tables.get(struct_name, {}).get(field)
         if entry is not None:
@@ -165,23 +175,69 @@ def set_slot_field(path: str | Path, slot: int, field: str, value: Any) -> None:
     poke(path, slot_offset(path, slot, field), SLOT[field][1], value)
 
 
+def version(path: str | Path) -> int:
+    return int(header(path, "version"))
+
+
+def client_layout(path: str | Path) -> dict[str, tuple[int, str]]:
+    return CLIENT_V3 if version(path) >= 3 else CLIENT_V2
+
+
 def client_offset(path: str | Path, client: int, field: str) -> int:
-    entry = CLIENT[field]
-    assert entry is not None, f"ClientEntry.{field} is not in this pool format"
-    return int(header(path, "clients_offset")) + client * CLIENT_BYTES + entry[0]
+    off, _ = client_layout(path)[field]
+    return int(header(path, "clients_offset")) + client * CLIENT_BYTES + off
 
 
 def client_field(path: str | Path, client: int, field: str) -> Any:
-    entry = CLIENT[field]
-    assert entry is not None
-    return peek(path, client_offset(path, client, field), entry[1])
+    return peek(path, client_offset(path, client, field), client_layout(path)[field][1])
+
+
+def has_client_field(path: str | Path, field: str) -> bool:
+    return field in client_layout(path)
 
 
 def set_client_field(path: str | Path, client: int, field: str, value: Any) -> None:
-    entry = CLIENT[field]
-    if entry is None:
-        return  # not in this format (format 2 has no boot_id)
-    poke(path, client_offset(path, client, field), entry[1], value)
+    poke(path, client_offset(path, client, field), client_layout(path)[field][1], value)
+
+
+def check_own_entry(path: str | Path, client: int) -> None:
+    """Our own client entry reads back as this process: the ClientEntry offsets are right."""
+    assert client_field(path, client, "pid") == os.getpid(), "ClientEntry.pid offset moved"
+    assert client_field(path, client, "pidns") == own_pidns(), "ClientEntry.pidns moved"
+    if version(path) >= 3:
+        assert client_field(path, client, "state") & 3 == CLIENT_LIVE_V3, "state moved"
+        assert client_field(path, client, "nonce") != 0, "ClientEntry.nonce moved"
+
+
+def make_client(path: str | Path, client: int, *, pid: int, ticks: int, pidns: int,
+                host: int, last_seen_ns: int, nonce: int = 0x5EED1234) -> int:
+    """Write a live client entry with this identity; returns the lock token naming it.
+    Format 2 has no host (nor nonce): there the token carries the pid."""
+    set_client_field(path, client, "pid", pid)
+    set_client_field(path, client, "start_ticks", ticks)
+    set_client_field(path, client, "pidns", pidns)
+    set_client_field(path, client, "last_seen_ns", last_seen_ns)
+    set_client_field(path, client, "npins", 0)
+    if version(path) >= 3:
+        set_client_field(path, client, "host", host)
+        set_client_field(path, client, "nonce", nonce)
+        set_client_field(path, client, "state",
+                         (time.time_ns() // 1_000_000) << 2 | CLIENT_LIVE_V3)
+    else:
+        set_client_field(path, client, "active", 1)
+    return token_of(path, client)
+
+
+def token_of(path: str | Path, client: int) -> int:
+    """The lock token of client entry `client`: (index + 1) << 32 | nonce (format 3) or
+    | pid (format 2)."""
+    low = client_field(path, client, "nonce" if version(path) >= 3 else "pid")
+    return ((client + 1) << 32) | int(low)
+
+
+def bare_pid_token(pid: int) -> int:
+    """A token naming no client entry: what format 2 wrote while a process attached."""
+    return pid
 
 
 def index_buckets(path: str | Path) -> list[int]:
@@ -226,16 +282,6 @@ def start_ticks(pid: int) -> int:
 
 def own_pidns() -> int:
     return os.stat("/proc/self/ns/pid").st_ino
-
-
-def boot_id() -> bytes:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip().encode()
-
-
-def lock_token(client: int | None, pid: int) -> int:
-    """The lock word naming `client` (None: the bare pid of a process with no client entry,
-    as format 2 wrote it while attaching). Format 2: (client index + 1) << 32 | pid."""
-    return ((0 if client is None else client + 1) << 32) | pid
 
 
 # -- options the API grew in format 3 -----------------------------------------------------
@@ -285,6 +331,7 @@ def run_in_child(fn: Callable[..., None], *args: Any, timeout: float = 15.0) -> 
         pytest.fail(f"{what}: killed by {name} after {took:.1f} s\n{_tail(out)}")
     if proc.returncode != 0:
         pytest.fail(f"{what}: exit {proc.returncode} after {took:.1f} s\n{_tail(out)}")
+    print(f"{what} ({took:.2f} s):\n{out}")  # the child's story, shown by pytest -rP / -s
     return Child(out=out, seconds=took)
 
 
