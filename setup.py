@@ -61,7 +61,7 @@ class BuildExt(build_ext):  # type: ignore[misc]
 
 ext = Pybind11Extension(
     "beluga_native",
-    ["native/src/pool.cpp", "native/src/bindings.cpp"],
+    sorted(str(p.relative_to(ROOT)) for p in (ROOT / "native/src").glob("*.cpp")),
     include_dirs=["native/include"],
     cxx_std=17,
     extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],

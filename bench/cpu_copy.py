@@ -40,7 +40,7 @@ def child(checkout: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory(dir="/dev/shm") as d, \
             KVPool.create(Path(d) / "p.pool", slot_size=SEG * NSEG, slot_count=BLOCKS,
                           fingerprint=hashlib.sha256(b"cpu-copy").digest()) as pool:
-        slots = pool.prepare_store(keys)
+        slots = [r.slot for r in pool.prepare_store(keys)]
         gather, scatter = [], []
         for _ in range(REPEAT):
             t0 = time.perf_counter()

@@ -53,9 +53,9 @@ from engine.connector_meta import (
 from engine.connector_metrics import BelugaPromMetrics, BelugaStats
 from engine.kv_layout import BlockLayout, LayoutError, block_layout
 from kvpool import (
-    FULL,
     KVPool,
     ModelIdentity,
+    Outcome,
     PoolError,
     PoolFingerprintError,
     PoolFormatError,
@@ -440,7 +440,8 @@ class _SchedulerSide:
                              req_id, len(ids), len(promise.slots))
                 self._release(promise)
                 continue
-            loads.append(LoadSpec(req_id, tuple(promise.slots), tuple(ids)))
+            loads.append(LoadSpec(req_id, tuple(promise.slots), tuple(ids),
+                                  tuple(promise.keys)))
             in_flight.append(promise)
         self._planned.clear()
         if in_flight:
@@ -586,6 +587,7 @@ class _WorkerSide:
             return
         slots = [s for x in plan.loads for s in x.slots]
         blocks = [b for x in plan.loads for b in x.block_ids]
+        keys = [k for x in plan.loads for k in x.keys]
         self._done.add(plan.step)
         if self.pool is None or self.layout is None:
             # The scheduler promised blocks this worker cannot copy: recompute them all.
@@ -595,11 +597,12 @@ class _WorkerSide:
         t0 = time.perf_counter()
         try:
             if self.layout.device.type == "cpu":
-                failed = self.pool.scatter(slots, blocks, self.layout.segments, self._threads)
+                failed = self.pool.scatter(slots, blocks, self.layout.segments, self._threads,
+                                           keys=keys)
             else:
                 failed = self.pool.scatter_cuda(
                     slots, blocks, self.layout.segments, self.layout.device.index or 0,
-                    torch.cuda.current_stream().cuda_stream, self._threads)
+                    torch.cuda.current_stream().cuda_stream, self._threads, keys=keys)
         except PoolError as exc:
             logger.warning("Beluga: loading %d blocks failed, recomputing them: %s",
                            len(blocks), exc)
@@ -628,11 +631,11 @@ class _WorkerSide:
             logger.warning("Beluga: cannot reserve pool slots: %s", exc)
             self.stats.add("save_errors", len(keys))
             return
-        mine = [i for i, s in enumerate(slots) if s >= 0]
-        self.stats.add("save_errors", sum(1 for s in slots if s == FULL))
+        mine = [i for i, r in enumerate(slots) if r.reserved]
+        self.stats.add("save_errors", sum(1 for r in slots if r.outcome is Outcome.FULL))
         if not mine:
             return
-        sel_slots = [slots[i] for i in mine]
+        sel_slots = [slots[i].slot for i in mine]
         sel_blocks = [blocks[i] for i in mine]
         try:
             if self.layout.device.type == "cpu":

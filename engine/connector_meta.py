@@ -16,7 +16,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-META_VERSION = 1
+META_VERSION = 2  # 2: loads carry their keys
 KEY_HEX = 64
 
 
@@ -26,11 +26,13 @@ class MetadataError(ValueError):
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """Copy pinned pool slots into engine blocks, slot i -> block_ids[i]."""
+    """Copy pinned pool slots into engine blocks, slot i -> block_ids[i]; each verified
+    against keys[i], the key the scheduler pinned it by."""
 
     req_id: str
     slots: tuple[int, ...]
     block_ids: tuple[int, ...]
+    keys: tuple[bytes, ...]
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,8 @@ def encode_plan(plan: StepPlan) -> bytes:
     return json.dumps({
         "v": META_VERSION,
         "step": plan.step,
-        "loads": [{"req": x.req_id, "slots": list(x.slots), "blocks": list(x.block_ids)}
-                  for x in plan.loads],
+        "loads": [{"req": x.req_id, "slots": list(x.slots), "blocks": list(x.block_ids),
+                   "keys": [k.hex() for k in x.keys]} for x in plan.loads],
         "saves": [{"req": x.req_id, "keys": [k.hex() for k in x.keys],
                    "blocks": list(x.block_ids)} for x in plan.saves],
     }, separators=(",", ":")).encode()
@@ -83,9 +85,10 @@ def decode_plan(payload: bytes) -> StepPlan:
     for item in _list(data.get("loads"), "loads"):
         slots = tuple(_int(s, "slot") for s in _list(_get(item, "slots"), "slots"))
         blocks = tuple(_int(b, "block id") for b in _list(_get(item, "blocks"), "blocks"))
-        if len(slots) != len(blocks):
-            raise MetadataError("a load has as many slots as block ids")
-        loads.append(LoadSpec(_str(_get(item, "req"), "req"), slots, blocks))
+        keys = tuple(_key(k) for k in _list(_get(item, "keys"), "keys"))
+        if not len(slots) == len(blocks) == len(keys):
+            raise MetadataError("a load has as many slots as block ids and keys")
+        loads.append(LoadSpec(_str(_get(item, "req"), "req"), slots, blocks, keys))
     saves = []
     for item in _list(data.get("saves"), "saves"):
         keys = tuple(_key(k) for k in _list(_get(item, "keys"), "keys"))

@@ -7,6 +7,7 @@ from kvpool.errors import (
     PoolArgumentError,
     PoolBusyError,
     PoolClientLimitError,
+    PoolClosedError,
     PoolCorruptError,
     PoolCudaError,
     PoolError,
@@ -16,22 +17,24 @@ from kvpool.errors import (
     PoolGeometryError,
     PoolIOError,
     PoolNotFoundError,
+    PoolPermissionError,
 )
 from kvpool.keys import KEY_BYTES, ModelIdentity, block_keys, root_key
 from kvpool.pool import (
-    DUPLICATE,
-    FULL,
     KVPool,
+    Outcome,
     PoolStats,
     PutResult,
+    Reservation,
     cuda_built,
     cuda_device_count,
 )
 
 __all__ = [
-    "KEY_BYTES", "DUPLICATE", "FULL", "KVPool", "ModelIdentity", "PoolStats", "PutResult",
+    "KEY_BYTES", "Outcome", "Reservation", "KVPool", "ModelIdentity", "PoolStats", "PutResult",
     "block_keys", "root_key", "PoolError", "PoolArgumentError", "PoolBusyError",
     "PoolClientLimitError", "PoolCorruptError", "PoolExistsError", "PoolFingerprintError",
     "PoolFormatError", "PoolGeometryError", "PoolIOError", "PoolNotFoundError", "PoolCudaError",
+    "PoolClosedError", "PoolPermissionError",
     "cuda_built", "cuda_device_count",
 ]

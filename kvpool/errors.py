@@ -7,13 +7,18 @@
     ├── PoolFormatError         not a Beluga pool, or another format version
     ├── PoolGeometryError       another slot size than the caller's model needs
     ├── PoolFingerprintError    another model's pool
-    ├── PoolCorruptError        truncated or scribbled header
-    ├── PoolBusyError           the pool lock stayed held by a live process too long
+    ├── PoolCorruptError        a value in the pool is out of bounds (header, index, slots,
+    │                           clients): the pool is marked and rebuilt by the next call
+    ├── PoolBusyError           the pool lock stayed held by a live process past the
+    │                           handle's lock timeout (or this handle's lease expired)
+    ├── PoolClosedError         the handle was closed
+    ├── PoolPermissionError     the file is not ours: another owner, writable by others, a
+    │                           symlink, not a regular file
     ├── PoolClientLimitError    too many processes attached
     ├── PoolCudaError           GPU path: built without CUDA, no device, or a CUDA call failed
     └── PoolNotFoundError       attach_by_uuid: no pool with that UUID
 
-Expected per-block outcomes (duplicate, full, missing) are return values, not exceptions.
+Expected per-key outcomes (duplicate, full) are values (kvpool.Outcome), not exceptions.
 """
 
 from __future__ import annotations
@@ -67,11 +72,19 @@ class PoolCudaError(PoolError):
     pass
 
 
+class PoolClosedError(PoolError):
+    pass
+
+
+class PoolPermissionError(PoolError, PermissionError):
+    pass
+
+
 # ErrorKind values of native/include/beluga/pool.h
 _BY_KIND: dict[int, type[PoolError]] = {
     1: PoolArgumentError, 2: PoolIOError, 3: PoolExistsError, 4: PoolFormatError,
     5: PoolGeometryError, 6: PoolFingerprintError, 7: PoolCorruptError, 8: PoolBusyError,
-    9: PoolClientLimitError, 10: PoolCudaError,
+    9: PoolClientLimitError, 10: PoolCudaError, 11: PoolClosedError, 12: PoolPermissionError,
 }
 
 

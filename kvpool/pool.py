@@ -9,10 +9,16 @@ Block protocol (see native/include/beluga/pool.h):
     n = pool.lookup_prefix(keys)                  # how many leading blocks are present
     with pool.pinned(keys) as slots: ...read...    # pinned: cannot be evicted while read
     pool.put(keys, blocks)                        # first writer of a key wins
+
+The pool file's contents are untrusted (another process may be buggy, crash mid-write or
+scribble): every failure is a `PoolError` subclass (PoolCorruptError for a value out of
+bounds, PoolBusyError for a lock held too long, PoolClosedError after close, ...), and a
+block is returned only when its bytes match the checksum its writer stored with its key.
 """
 
 from __future__ import annotations
 
+import enum
 import glob
 import os
 import time
@@ -21,11 +27,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import beluga_native as _native
 
 from kvpool.errors import (
+    PoolArgumentError,
+    PoolClosedError,
     PoolError,
     PoolExistsError,
     PoolIOError,
@@ -34,8 +42,24 @@ from kvpool.errors import (
 )
 
 Coherence = Literal["none", "flush"]
-DUPLICATE: int = _native.DUPLICATE
-FULL: int = _native.FULL
+
+
+class Outcome(enum.IntEnum):
+    """What became of one key of prepare_store (native beluga::Outcome)."""
+
+    RESERVED = _native.OUTCOME_OK  # a slot is reserved: write it, then complete_store
+    DUPLICATE = _native.OUTCOME_DUPLICATE  # present already, or being written by someone
+    FULL = _native.OUTCOME_FULL  # every slot is pinned or being written
+
+
+class Reservation(NamedTuple):
+    outcome: Outcome
+    slot: int  # meaningful when outcome is RESERVED
+
+    @property
+    def reserved(self) -> bool:
+        return self.outcome is Outcome.RESERVED
+
 # GPU copies hashed on the host go in chunks of about this many bytes, each hashed while the
 # next copies (gather_cuda / scatter_cuda).
 GPU_CHUNK_BYTES = 4 << 20
@@ -62,6 +86,8 @@ class PoolStats:
     recoveries: int
     reclaimed: int
     generation: int
+    corrupt: int     # values found out of bounds (each marked the pool for a rebuild)
+    busy: int        # calls that gave up on a lock held too long
 
 
 @dataclass(frozen=True)
@@ -73,55 +99,76 @@ class PutResult:
 
 def _keys(keys: Sequence[bytes]) -> bytes:
     for k in keys:
-        if len(k) != _native.KEY_BYTES:
-            raise PoolError(f"a block key is {_native.KEY_BYTES} bytes, got {len(k)}")
+        if not isinstance(k, bytes | bytearray | memoryview) or len(k) != _native.KEY_BYTES:
+            raise PoolArgumentError(f"a block key is {_native.KEY_BYTES} bytes")
     return b"".join(keys)
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    """A native call with its errors typed: native errors become PoolError subclasses, a
+    wrong argument type (pybind11's TypeError) a PoolArgumentError."""
+    try:
+        return fn(*args)
+    except _native.NativePoolError as exc:
+        raise from_native(exc) from None
+    except (TypeError, OverflowError) as exc:
+        raise PoolArgumentError(f"bad argument: {exc}") from None
 
 
 class KVPool:
     """One process's handle on a shared pool. Not thread-safe: one handle per thread."""
 
     def __init__(self, native: Any) -> None:
-        self._p = native
+        self._native = native
+        self._closed = False
+
+    @property
+    def _p(self) -> Any:
+        if self._closed:
+            raise PoolClosedError("the pool handle is closed")
+        return self._native
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, *, slot_size: int, slot_count: int,
                fingerprint: bytes, coherence: Coherence = "none", max_clients: int = 64,
                max_pins: int = 16384, numa_node: int = -1, mode: int = 0o600,
-               prefault: bool = True) -> KVPool:
+               prefault: bool = True, lease_s: float = 30.0,
+               lock_timeout_s: float = 5.0) -> KVPool:
         """Create a new pool (fails with PoolExistsError if the file exists). `prefault`
-        maps every page now (MAP_POPULATE) so copies never take page faults later."""
+        maps every page now (MAP_POPULATE) so copies never take page faults later.
+        `lease_s`: a process in another pid namespace or on another host that has not
+        called into the pool for this long is taken for dead. `lock_timeout_s`: how long
+        this handle waits for a lock held by a live process before PoolBusyError."""
         _check_coherence(coherence)
-        try:
-            return cls(_native.Pool.create(
-                str(path), slot_size=slot_size, slot_count=slot_count, fingerprint=fingerprint,
-                flush=coherence == "flush", max_clients=max_clients, max_pins=max_pins,
-                numa_node=numa_node, mode=mode, prefault=prefault))
-        except _native.NativePoolError as exc:
-            raise from_native(exc) from None
-        except TypeError as exc:
-            raise PoolError(f"bad argument: {exc}") from None
+        return cls(_call(lambda: _native.Pool.create(
+            str(path), slot_size=slot_size, slot_count=slot_count, fingerprint=fingerprint,
+            flush=coherence == "flush", max_clients=max_clients, max_pins=max_pins,
+            numa_node=numa_node, mode=mode, prefault=prefault, lease_s=lease_s,
+            lock_timeout_s=lock_timeout_s)))
 
     @classmethod
     def attach(cls, path: str | Path, *, fingerprint: bytes = b"", slot_size: int = 0,
                coherence: Coherence | None = None, wait_init_s: float = 5.0,
-               prefault: bool = True) -> KVPool:
-        """Attach to an existing pool, checking format, geometry and fingerprint."""
+               prefault: bool = True, lock_timeout_s: float = 5.0,
+               trusted_gid: int | None = None) -> KVPool:
+        """Attach to an existing pool, checking format, geometry and fingerprint. The file
+        must be ours: a regular file (or a devdax device) owned by this user (or by the
+        group `trusted_gid`), not writable by others, not reached through a symlink
+        (PoolPermissionError otherwise)."""
         if coherence is not None:
             _check_coherence(coherence)
-        try:
-            return cls(_native.Pool.attach(str(path), fingerprint=fingerprint,
-                                           slot_size=slot_size, wait_init_s=wait_init_s,
-                                           flush=coherence == "flush", prefault=prefault))
-        except _native.NativePoolError as exc:
-            raise from_native(exc) from None
+        return cls(_call(lambda: _native.Pool.attach(
+            str(path), fingerprint=fingerprint, slot_size=slot_size, wait_init_s=wait_init_s,
+            flush=coherence == "flush", prefault=prefault, lock_timeout_s=lock_timeout_s,
+            trusted_gid=-1 if trusted_gid is None else trusted_gid)))
 
     @classmethod
     def attach_by_uuid(cls, pool_uuid: uuidlib.UUID | str,
                        candidates: Sequence[str] = DEFAULT_CANDIDATES, *,
                        fingerprint: bytes = b"", slot_size: int = 0,
-                       coherence: Coherence | None = None, prefault: bool = True) -> KVPool:
+                       coherence: Coherence | None = None, prefault: bool = True,
+                       lock_timeout_s: float = 5.0) -> KVPool:
         """Attach to the pool whose header carries `pool_uuid`, wherever it is mapped here.
 
         The same CXL device gets different /dev/daxX.Y names on different hosts; the UUID in
@@ -134,14 +181,16 @@ class KVPool:
             for path in sorted(glob.glob(pattern)):
                 try:
                     probe = cls.attach(path, fingerprint=fingerprint, slot_size=slot_size,
-                                       coherence=coherence, wait_init_s=0.0, prefault=False)
+                                       coherence=coherence, wait_init_s=0.0, prefault=False,
+                                       lock_timeout_s=lock_timeout_s)
                 except PoolError:
                     continue
                 found = probe.uuid == want
                 probe.close()
                 if found:
                     return cls.attach(path, fingerprint=fingerprint, slot_size=slot_size,
-                                      coherence=coherence, prefault=prefault)
+                                      coherence=coherence, prefault=prefault,
+                                      lock_timeout_s=lock_timeout_s)
                 seen.append(path)
         raise PoolNotFoundError(f"no pool with UUID {want} among {list(candidates)} "
                                 f"(other pools seen: {seen or 'none'})")
@@ -150,6 +199,7 @@ class KVPool:
     def open(cls, path: str | Path, *, slot_size: int, slot_count: int, fingerprint: bytes,
              coherence: Coherence = "none", **kwargs: Any) -> KVPool:
         """Attach if the pool exists, else create it (the race between creators is safe)."""
+        attach_kw = {k: kwargs[k] for k in ("lock_timeout_s", "prefault") if k in kwargs}
         for _ in range(3):
             if not str(path).startswith("/dev/dax") and not os.path.exists(path):
                 try:
@@ -159,7 +209,7 @@ class KVPool:
                     pass
             try:
                 return cls.attach(path, fingerprint=fingerprint, slot_size=slot_size,
-                                  coherence=coherence)
+                                  coherence=coherence, **attach_kw)
             except PoolIOError:
                 time.sleep(0.01)  # removed between the two calls: try again
         raise PoolIOError(f"cannot open or create {path}")
@@ -167,7 +217,7 @@ class KVPool:
     # -- identity ------------------------------------------------------------------------
     @property
     def path(self) -> str:
-        return str(self._p.path)
+        return str(self._native.path)
 
     @property
     def uuid(self) -> uuidlib.UUID:
@@ -193,14 +243,14 @@ class KVPool:
     # -- blocks --------------------------------------------------------------------------
     def lookup_prefix(self, keys: Sequence[bytes]) -> int:
         """How many leading keys of the chain are present (one call, no pins)."""
-        return int(self._p.lookup_prefix(_keys(keys)))
+        return int(_call(self._p.lookup_prefix, _keys(keys)))
 
     def pin(self, keys: Sequence[bytes]) -> list[int]:
         """Pin the present prefix of `keys`; returns its slots. Unpin when done."""
-        return list(self._p.pin(_keys(keys)))
+        return list(_call(self._p.pin, _keys(keys)))
 
     def unpin(self, slots: Sequence[int]) -> None:
-        self._p.unpin(list(slots))
+        _call(self._p.unpin, list(slots))
 
     @contextmanager
     def pinned(self, keys: Sequence[bytes]) -> Iterator[list[int]]:
@@ -208,100 +258,103 @@ class KVPool:
         try:
             yield slots
         finally:
-            self.unpin(slots)
+            if not self._closed:
+                self.unpin(slots)
 
-    def prepare_store(self, keys: Sequence[bytes]) -> list[int]:
-        """A slot per key, or DUPLICATE / FULL. Write the slots, then complete_store."""
-        return list(self._p.prepare_store(_keys(keys)))
+    def prepare_store(self, keys: Sequence[bytes]) -> list[Reservation]:
+        """A Reservation per key: RESERVED with its slot, DUPLICATE or FULL. Write the
+        reserved slots, then complete_store them."""
+        return [Reservation(Outcome(o), int(s)) for o, s in _call(self._p.prepare_store,
+                                                                     _keys(keys))]
 
     def complete_store(self, slots: Sequence[int], lengths: Sequence[int] = (),
                        ok: bool = True, checksums: Sequence[int] = ()) -> None:
-        """Publish (ok) or free reserved slots; DUPLICATE / FULL entries are skipped.
-        `checksums` (as gather returned them) are kept and verified by scatter."""
-        keep = [i for i, s in enumerate(slots) if s >= 0]
+        """Publish (ok) or free reserved slots. `checksums` (as gather or write returned
+        them) are bound to each block's key and verified by every reader; without them the
+        native side computes them from the slots."""
         for name, seq in (("lengths", lengths), ("checksums", checksums)):
             if seq and len(seq) != len(slots):
-                raise PoolError(f"{name} and slots differ in length")
-        self._call(self._p.complete_store, [slots[i] for i in keep],
-                   [lengths[i] for i in keep] if lengths else [], ok,
-                   [checksums[i] for i in keep] if checksums else [])
+                raise PoolArgumentError(f"{name} and slots differ in length")
+        _call(self._p.complete_store, list(slots), list(lengths), ok, list(checksums))
 
-    def write(self, slot: int, data: Any, offset: int = 0) -> None:
-        self._call(self._p.write, slot, data, offset)
+    def write(self, slot: int, data: Any, offset: int = 0) -> int:
+        """Copy into a reserved slot; at offset 0 returns the bytes' block checksum."""
+        return int(_call(self._p.write, slot, data, offset))
 
     def read(self, slot: int, out: Any, offset: int = 0) -> None:
-        self._call(self._p.read, slot, out, offset)
+        """Copy out of a pinned slot, unverified (see get for the verified path)."""
+        _call(self._p.read, slot, out, offset)
 
     def slot_length(self, slot: int) -> int:
-        return int(self._call(self._p.slot_length, slot))
+        return int(_call(self._p.slot_length, slot))
 
     def put(self, keys: Sequence[bytes], blocks: Sequence[Any]) -> PutResult:
         """Store blocks (buffers of at most slot_size bytes) under their keys, each with
-        its checksum."""
+        the checksum of the bytes as they were copied in."""
         if len(keys) != len(blocks):
-            raise PoolError("keys and blocks differ in length")
-        slots = self.prepare_store(keys)
+            raise PoolArgumentError("keys and blocks differ in length")
+        views = [memoryview(b).cast("B") for b in blocks]
+        res = self.prepare_store(keys)
+        reserved = [r.slot for r in res if r.reserved]
         written: list[int] = []
         lengths: list[int] = []
         sums: list[int] = []
         try:
-            for slot, block in zip(slots, blocks, strict=True):
-                if slot >= 0:
-                    view = memoryview(block).cast("B")
-                    self.write(slot, view)
-                    written.append(slot)
+            for r, view in zip(res, views, strict=True):
+                if r.reserved:
+                    sums.append(self.write(r.slot, view))
+                    written.append(r.slot)
                     lengths.append(view.nbytes)
-                    sums.append(self._call(self._p.compute_checksum, slot, view.nbytes))
         except BaseException:
             # Abort every reserved slot, written or not: none of them may stay WRITING.
-            self.complete_store([s for s in slots if s >= 0], ok=False)
+            if not self._closed:
+                self.complete_store(reserved, ok=False)
             raise
         self.complete_store(written, lengths, checksums=sums)
-        return PutResult(stored=len(written), duplicate=slots.count(DUPLICATE),
-                         full=slots.count(FULL))
+        return PutResult(stored=len(written),
+                         duplicate=sum(r.outcome is Outcome.DUPLICATE for r in res),
+                         full=sum(r.outcome is Outcome.FULL for r in res))
 
     def get(self, keys: Sequence[bytes]) -> list[bytes]:
         """The bytes of the present prefix of `keys` (pinned while copied). A block whose
-        bytes no longer match its checksum ends the prefix: it is never returned."""
+        bytes, length or key no longer match its checksum ends the prefix: it is never
+        returned."""
         out: list[bytes] = []
         with self.pinned(keys) as slots:
             for slot in slots:
                 buf = bytearray(self.slot_length(slot))
-                self.read(slot, buf)
-                if not self._intact(slot, len(buf)):
+                if not _call(self._p.read_verified, slot, buf):
                     break
                 out.append(bytes(buf))
         return out
 
     def checksum(self, slot: int) -> int:
-        """The checksum stored with a slot's block (0: stored without one)."""
-        return int(self._call(self._p.slot_checksum, slot))
-
-    def _intact(self, slot: int, nbytes: int) -> bool:
-        want = self.checksum(slot)
-        return want == 0 or want == self._call(self._p.compute_checksum, slot, nbytes)
+        """The checksum stored with a slot's block (bound to its key; 0: none)."""
+        return int(_call(self._p.slot_checksum, slot))
 
     def remove(self, key: bytes) -> bool:
         """Drop one block unless it is pinned or being written."""
-        return bool(self._p.remove(_keys([key])))
+        return bool(_call(self._p.remove, _keys([key])))
 
     # -- copy engine -------------------------------------------------------------------
     def gather(self, slots: Sequence[int], block_ids: Sequence[int],
                segments: Sequence[tuple[int, int, int]], threads: int = 4) -> list[int]:
         """Engine blocks -> slots. segments: (base_ptr, block_stride_bytes, bytes).
         Returns each block's checksum: pass them to complete_store."""
-        return list(self._call(self._p.gather, list(slots), list(block_ids), list(segments),
-                               threads))
+        return list(_call(self._p.gather, list(slots), list(block_ids), list(segments),
+                          threads))
 
     def scatter(self, slots: Sequence[int], block_ids: Sequence[int],
                 segments: Sequence[tuple[int, int, int]], threads: int = 4,
-                verify: bool = True) -> list[int]:
+                verify: bool = True, keys: Sequence[bytes] | None = None) -> list[int]:
         """Slots -> engine blocks. segments: (base_ptr, block_stride_bytes, bytes).
         Returns the positions (into `slots`) of blocks that failed verification: their
-        bytes differ from the checksum stored with them, or are fewer than the segments
-        need. Those engine blocks hold garbage and must be recomputed."""
-        return list(self._call(self._p.scatter, list(slots), list(block_ids),
-                               list(segments), threads, verify))
+        bytes differ from the checksum stored with them under the key they were pinned by,
+        or are fewer than the segments need. Those engine blocks hold garbage and must be
+        recomputed. `keys`: the slots' keys where another handle pinned them; without
+        them, every slot must be pinned by this handle."""
+        return list(_call(self._p.scatter, list(slots), list(block_ids), list(segments),
+                          threads, verify, _keys(keys or ())))
 
     # -- GPU copy engine (built where nvcc was present; see setup.py) ---------------------
     def gather_cuda(self, slots: Sequence[int], block_ids: Sequence[int],
@@ -316,50 +369,54 @@ class KVPool:
         in chunks of about `chunk_bytes` (0: one kernel for all) and `threads` host threads
         hash each chunk once it has landed, while the GPU copies the next. Returns when the
         copy is done, with the checksums as gather does. Raises PoolCudaError without CUDA."""
-        return list(self._call(self._p.gather_cuda, list(slots), list(block_ids),
-                               list(segments), device, stream, threads, chunk_bytes,
-                               host_hash))
+        return list(_call(self._p.gather_cuda, list(slots), list(block_ids),
+                          list(segments), device, stream, threads, chunk_bytes, host_hash))
 
     def scatter_cuda(self, slots: Sequence[int], block_ids: Sequence[int],
                      segments: Sequence[tuple[int, int, int]], device: int = 0,
                      stream: int = 0, threads: int = 4, chunk_bytes: int = GPU_CHUNK_BYTES,
-                     host_hash: bool = False) -> list[int]:
+                     host_hash: bool = False, keys: Sequence[bytes] | None = None
+                     ) -> list[int]:
         """Slots -> GPU blocks, the kernel reading the pool directly; returns the blocks
-        whose bytes, as the GPU read them, fail verification, as scatter does. See
-        gather_cuda."""
-        return list(self._call(self._p.scatter_cuda, list(slots), list(block_ids),
-                               list(segments), device, stream, threads, chunk_bytes,
-                               host_hash))
+        whose bytes, as the GPU read them, fail verification, as scatter does (`keys` as
+        there). See gather_cuda."""
+        return list(_call(self._p.scatter_cuda, list(slots), list(block_ids),
+                          list(segments), device, stream, threads, chunk_bytes,
+                          host_hash, _keys(keys or ())))
 
     def cuda_register(self) -> None:
         """Register the mapping with the GPU now (otherwise done on the first GPU copy)."""
-        self._call(self._p.cuda_register)
+        _call(self._p.cuda_register)
 
     # -- housekeeping --------------------------------------------------------------------
     def stats(self) -> PoolStats:
-        s = self._p.stats()
+        s = _call(self._p.stats)
         return PoolStats(**{f: int(getattr(s, f)) for f in PoolStats.__dataclass_fields__})
 
     def sweep(self) -> int:
         """Reclaim dead processes' pins and half-written slots now (also done lazily)."""
-        return int(self._call(self._p.sweep))
+        return int(_call(self._p.sweep))
 
     def close(self) -> None:
-        """Detach: release this process's pins and unfinished slots, unmap."""
-        self._p.detach()
+        """Detach: release this process's pins and unfinished slots, unmap. Idempotent;
+        every other call on a closed handle raises PoolClosedError."""
+        if not self._closed:
+            self._closed = True
+            self._native.detach()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def set_lock_timeout(self, seconds: float) -> None:
+        """How long this handle waits for a lock held by a live process (PoolBusyError)."""
+        _call(self._p.set_lock_timeout, seconds)
 
     def __enter__(self) -> KVPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @staticmethod
-    def _call(fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except _native.NativePoolError as exc:
-            raise from_native(exc) from None
 
 
 def cuda_built() -> bool:

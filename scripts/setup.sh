@@ -45,7 +45,7 @@ else
 fi
 
 # The native pool extension: rebuilt whenever its sources change.
-native_want="$(cat setup.py native/include/beluga/*.h native/src/*.cpp native/cuda/*.cu | sha256sum | cut -c1-16)"
+native_want="$(cat setup.py native/include/beluga/*.h native/src/*.h native/src/*.cpp native/cuda/*.cu | sha256sum | cut -c1-16)"
 native_stamp="$VENV/.beluga-native"
 if [ "$(cat "$native_stamp" 2>/dev/null)" != "$native_want" ] \
    || ! "$VENV/bin/python" -c "import beluga_native" 2>/dev/null; then

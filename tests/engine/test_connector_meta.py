@@ -22,26 +22,30 @@ KEY = bytes(range(32))
 
 
 def test_plan_round_trips() -> None:
-    plan = StepPlan(7, (LoadSpec("r1", (4, 9), (11, 12)),),
+    plan = StepPlan(7, (LoadSpec("r1", (4, 9), (11, 12), (KEY[::-1], KEY)),),
                     (SaveSpec("r2", (KEY, KEY[::-1]), (3, 5)),))
     assert BelugaMetadata(plan).plan() == plan
     assert decode_plan(encode_plan(StepPlan(1))) == StepPlan(1)
 
 
 def payload(**change: object) -> bytes:
-    data: dict[str, object] = {"v": 1, "step": 1, "loads": [], "saves": []}
+    data: dict[str, object] = {"v": 2, "step": 1, "loads": [], "saves": []}
     data.update(change)
     return json.dumps(data).encode()
 
 
 @pytest.mark.parametrize(("raw", "match"), [
     (b"not json", "not JSON"),
-    (payload(v=2), "version 2"),
+    (payload(v=1), "version 1"),
     (payload(step=-1), "step must be"),
     (payload(loads={"a": 1}), "loads must be a list"),
-    (payload(loads=[{"req": "r", "slots": [1, 2], "blocks": [1]}]), "as many slots"),
-    (payload(loads=[{"req": "", "slots": [], "blocks": []}]), "req must be"),
-    (payload(loads=[{"req": "r", "slots": [True], "blocks": [1]}]), "slot must be"),
+    (payload(loads=[{"req": "r", "slots": [1, 2], "blocks": [1], "keys": []}]),
+     "as many slots"),
+    (payload(loads=[{"req": "r", "slots": [1], "blocks": [1], "keys": []}]), "as many slots"),
+    (payload(loads=[{"req": "r", "slots": [1], "blocks": [1]}]), "keys must be a list"),
+    (payload(loads=[{"req": "", "slots": [], "blocks": [], "keys": []}]), "req must be"),
+    (payload(loads=[{"req": "r", "slots": [True], "blocks": [1], "keys": []}]),
+     "slot must be"),
     (payload(saves=[{"req": "r", "keys": ["zz" * 32], "blocks": [1]}]), "64 hex"),
     (payload(saves=[{"req": "r", "keys": ["ab"], "blocks": [1]}]), "64 hex"),
     (payload(saves=[{"req": "r", "keys": [KEY.hex()], "blocks": []}]), "as many keys"),

@@ -70,7 +70,7 @@ def test_pool_round_trip_through_the_layout(tmp_path: Path) -> None:
     with KVPool.create(tmp_path / "p.pool", slot_size=lay.block_bytes,
                        slot_count=4, fingerprint=fp) as pool:
         keys = [hashlib.sha256(b"%d" % i).digest() for i in range(2)]
-        slots = pool.prepare_store(keys)
+        slots = [r.slot for r in pool.prepare_store(keys)]
         sums = pool.gather(slots, [4, 1], lay.segments)
         pool.complete_store(slots, [lay.block_bytes] * 2, checksums=sums)
         dst = {n: torch.zeros_like(t) for n, t in src.items()}
@@ -101,7 +101,7 @@ def test_gpu_flash_layout_moves_blocks_between_two_engines() -> None:
             KVPool.create(Path(d) / "p.pool", slot_size=la.block_bytes, slot_count=8,
                           fingerprint=fp) as pool:
         keys = [hashlib.sha256(b"g%d" % i).digest() for i in range(4)]
-        slots = pool.prepare_store(keys)
+        slots = [r.slot for r in pool.prepare_store(keys)]
         sums = pool.gather_cuda(slots, [39, 0, 17, 5], la.segments,
                                 stream=torch.cuda.current_stream().cuda_stream)
         pool.complete_store(slots, [la.block_bytes] * 4, checksums=sums)

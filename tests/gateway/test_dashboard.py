@@ -34,7 +34,7 @@ def stats(used: int, evictions: int) -> PoolStats:
     return PoolStats(slot_count=100, slot_size=4096, used_slots=used, pinned_slots=0,
                      writing_slots=0, clients=1, hits=0, misses=0, inserts=0,
                      evictions=evictions, bytes_in=0, bytes_out=0, duplicates=0, full=0,
-                     recoveries=0, reclaimed=0, generation=0)
+                     recoveries=0, reclaimed=0, generation=0, corrupt=0, busy=0)
 
 
 def test_samples_are_interval_rates_and_quantiles() -> None:

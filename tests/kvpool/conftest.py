@@ -21,6 +21,13 @@ def block_for(k: bytes, size: int) -> bytes:
     return (seed * (size // 32 + 1))[:size]
 
 
+def reserve(pool: KVPool, keys: list[bytes]) -> list[int]:
+    """prepare_store where every key must get a slot: the slots."""
+    res = pool.prepare_store(keys)
+    assert all(r.reserved for r in res), res
+    return [r.slot for r in res]
+
+
 @pytest.fixture
 def pool_path(tmp_path: Path) -> Path:
     return tmp_path / "test.pool"

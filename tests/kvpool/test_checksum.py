@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from kvpool import KVPool
-from tests.kvpool.conftest import key
+from tests.kvpool.conftest import key, reserve
 
 M64 = (1 << 64) - 1
 P1, P2, P3 = 0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
@@ -37,7 +37,7 @@ def reference(data: bytes) -> int:
 
 
 def native(pool: KVPool, data: bytes) -> int:
-    [slot] = pool.prepare_store([key(len(data))])
+    [slot] = reserve(pool, [key(len(data))])
     try:
         pool.write(slot, data)
         return int(pool._p.compute_checksum(slot, len(data)))
@@ -84,7 +84,7 @@ def test_gather_and_scatter_checksum_the_bytes_they_copy(make_pool: Callable[...
     addrs = [ctypes.addressof((ctypes.c_char * len(b)).from_buffer(b)) for b in engine]
     segs = [(a, stride, n) for a, n in zip(addrs, sizes, strict=True)]
     keys = [key(300 + i) for i in range(3)]
-    slots = pool.prepare_store(keys)
+    slots = reserve(pool, keys)
     sums = pool.gather(slots, [3, 0, 2], segs)
     blocks = [b"".join(bytes(e[b * stride:b * stride + n]) for e, n in zip(engine, sizes,
                                                                            strict=True))

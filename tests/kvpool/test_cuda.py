@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvpool import KVPool, PoolArgumentError, PoolCudaError, cuda_built, cuda_device_count
-from tests.kvpool.conftest import FP, key
+from tests.kvpool.conftest import FP, key, reserve
 
 MakePool = Callable[..., KVPool]
 HAS_GPU = cuda_device_count() > 0
@@ -24,7 +24,7 @@ needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 @pytest.mark.skipif(HAS_GPU, reason="checks the error raised where no GPU is usable")
 def test_gpu_copy_without_a_device_is_a_typed_error(make_pool: MakePool) -> None:
     pool = make_pool()
-    slots = pool.prepare_store([key(1)])
+    slots = reserve(pool, [key(1)])
     with pytest.raises(PoolCudaError, match="without CUDA" if not cuda_built()
                        else "no CUDA device"):
         pool.gather_cuda(slots, [0], [(0x1000, 4096, 4096)])
@@ -35,13 +35,21 @@ def test_gpu_copy_without_a_device_is_a_typed_error(make_pool: MakePool) -> None
 def test_gpu_copy_checks_arguments_before_touching_cuda(make_pool: MakePool) -> None:
     pool = make_pool()
     with pytest.raises(PoolArgumentError, match="negative block id"):
-        pool.scatter_cuda([0], [-1], [(0x1000, 4096, 4096)])
+        pool.scatter_cuda([0], [-1], [(0x1000, 4096, 4096)], keys=[key(1)])
     with pytest.raises(PoolArgumentError, match="differ in length"):
         pool.scatter_cuda([0, 1], [0], [(0x1000, 4096, 4096)])
+    with pytest.raises(PoolArgumentError, match="not pinned by this handle"):
+        pool.scatter_cuda([0], [0], [(0x1000, 4096, 4096)])
+    with pytest.raises(PoolArgumentError, match="not reserved by this handle"):
+        pool.gather_cuda([0], [0], [(0x1000, 4096, 4096)])
     with pytest.raises(PoolArgumentError, match="bytes per block"):
         pool.gather_cuda([0], [0], [(0x1000, 8192, 8192)])
+    slots = reserve(pool, [key(1)])
     with pytest.raises(PoolArgumentError, match="threads must be at least 1"):
-        pool.gather_cuda([0], [0], [(0x1000, 4096, 4096)], threads=0)
+        pool.gather_cuda(slots, [0], [(0x1000, 4096, 4096)], threads=0)
+    with pytest.raises(PoolArgumentError, match="wraps"):
+        pool.gather_cuda(slots, [2**62], [(0x1000, 4096, 4096)])
+    pool.complete_store(slots, ok=False)
 
 
 @pytest.fixture
@@ -75,7 +83,7 @@ def test_gpu_gather_then_scatter_round_trips_paged_blocks(shm_pool: MakePool,
                          generator=gen) for _ in range(layers)]
     segs = [(t.data_ptr(), block_bytes, block_bytes) for t in src]
     keys = [key(i) for i in range(4)]
-    slots = pool.prepare_store(keys)
+    slots = reserve(pool, keys)
     engine_blocks = [5, 1, 7, 2]
     pool.gather_cuda(slots, engine_blocks, segs)
     pool.complete_store(slots, [layers * block_bytes] * 4)
@@ -101,7 +109,7 @@ def test_gpu_copy_handles_unaligned_segments(shm_pool: MakePool) -> None:
     torch = pytest.importorskip("torch")
     pool = shm_pool(slot_size=4096)
     src = torch.arange(0, 1000, dtype=torch.uint8, device="cuda").reshape(10, 100)
-    slots = pool.prepare_store([key(9)])
+    slots = reserve(pool, [key(9)])
     pool.gather_cuda(slots, [3], [(src.data_ptr() + 1, 100, 37)])
     pool.complete_store(slots, [37])
     assert pool.get([key(9)])[0] == bytes(src.flatten()[301:338].cpu().numpy().tobytes())
@@ -126,7 +134,7 @@ def test_gpu_copies_hash_and_verify_every_block(shm_pool: MakePool, host_hash: b
     segs = [(t.data_ptr(), half, half) for t in (k_cache, v_cache)]
     keys = [key(100 + i) for i in range(blocks)]
     engine_blocks = list(range(2 * blocks - 1, 0, -2))  # every other block, backwards
-    slots = pool.prepare_store(keys)
+    slots = reserve(pool, keys)
     sums = pool.gather_cuda(slots, engine_blocks, segs, threads=threads,
                             chunk_bytes=chunk_bytes, host_hash=host_hash)
     want = [hashlib.sha256(bytes(k_cache[b].cpu().numpy()) + bytes(v_cache[b].cpu().numpy()))
@@ -161,7 +169,7 @@ def test_segments_not_in_whole_words_are_hashed_on_the_host(shm_pool: MakePool) 
     b = torch.randint(0, 256, (4, 40), dtype=torch.uint8, device="cuda")
     segs = [(a.data_ptr(), 40, 37), (b.data_ptr(), 40, 37)]
     keys = [key(200), key(201)]
-    slots = pool.prepare_store(keys)
+    slots = reserve(pool, keys)
     sums = pool.gather_cuda(slots, [2, 0], segs)
     assert sums == [pool._p.compute_checksum(s, 74) for s in slots]
     pool.complete_store(slots, [74, 74], checksums=sums)
@@ -177,13 +185,13 @@ def test_segments_not_in_whole_words_are_hashed_on_the_host(shm_pool: MakePool) 
 SAVER = """
 import sys, torch
 from kvpool import KVPool
-from tests.kvpool.conftest import FP, key
+from tests.kvpool.conftest import FP, key, reserve
 pool = KVPool.attach(sys.argv[1], fingerprint=FP)
 gen = torch.Generator(device="cuda").manual_seed(21)
 cache = torch.randint(0, 256, (2, 16, 8192), dtype=torch.uint8, device="cuda", generator=gen)
 segs = [(cache[i].data_ptr(), 8192, 8192) for i in range(2)]
 keys = [key(400 + i) for i in range(4)]
-slots = pool.prepare_store(keys)
+slots = reserve(pool, keys)
 pool.complete_store(slots, [16384] * 4, checksums=pool.gather_cuda(slots, [9, 2, 15, 4], segs))
 pool.close()
 """

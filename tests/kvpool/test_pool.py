@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from kvpool import (
-    DUPLICATE,
-    FULL,
     KVPool,
+    Outcome,
     PoolCorruptError,
     PoolError,
     PoolExistsError,
@@ -21,7 +20,7 @@ from kvpool import (
     PoolIOError,
     PoolNotFoundError,
 )
-from tests.kvpool.conftest import FP, block_for, key
+from tests.kvpool.conftest import FP, block_for, key, reserve
 
 MakePool = Callable[..., KVPool]
 
@@ -65,9 +64,8 @@ def test_a_key_being_written_is_a_duplicate_for_others(make_pool: MakePool,
     a = make_pool()
     b = KVPool.attach(pool_path, fingerprint=FP)
     try:
-        (slot,) = a.prepare_store([key(1)])
-        assert slot >= 0
-        assert b.prepare_store([key(1)]) == [DUPLICATE]
+        (slot,) = reserve(a, [key(1)])
+        assert [r.outcome for r in b.prepare_store([key(1)])] == [Outcome.DUPLICATE]
         assert b.lookup_prefix([key(1)]) == 0  # not visible before complete_store
         a.write(slot, b"x" * 4096)
         a.complete_store([slot], [4096])
@@ -78,7 +76,7 @@ def test_a_key_being_written_is_a_duplicate_for_others(make_pool: MakePool,
 
 def test_aborted_store_frees_the_slot(make_pool: MakePool) -> None:
     pool = make_pool()
-    slots = pool.prepare_store([key(1), key(2)])
+    slots = reserve(pool, [key(1), key(2)])
     pool.complete_store(slots, ok=False)
     assert pool.lookup_prefix([key(1)]) == 0
     assert pool.stats().used_slots == 0
@@ -102,7 +100,8 @@ def test_full_when_everything_is_pinned_returns_at_once(make_pool: MakePool) -> 
     pool = make_pool(slot_count=2)
     pool.put([key(1), key(2)], [b"a", b"b"])
     with pool.pinned([key(1), key(2)]):
-        assert pool.prepare_store([key(3), key(4)]) == [FULL, FULL]
+        res = pool.prepare_store([key(3), key(4)])
+        assert [r.outcome for r in res] == [Outcome.FULL, Outcome.FULL]
         res = pool.put([key(5)], [b"c"])
         assert res.full == 1
     assert pool.stats().full == 3
@@ -143,7 +142,7 @@ def test_gather_and_scatter_move_strided_blocks(make_pool: MakePool, coherence: 
     layers = [bytearray(os.urandom(8 * 128)) for _ in range(2)]
     addrs = [ctypes.addressof((ctypes.c_char * len(b)).from_buffer(b)) for b in layers]
     segments = [(a + off, 128, 64) for a in addrs for off in (0, 64)]
-    slots = pool.prepare_store([key(1), key(2)])
+    slots = reserve(pool, [key(1), key(2)])
     pool.gather(slots, [3, 6], segments)
     pool.complete_store(slots, [256, 256])
     expect = b"".join(bytes(layers[layer][6 * 128 + o:6 * 128 + o + 64])
@@ -166,11 +165,13 @@ def test_scatter_verifies_checksums_and_reports_scribbled_blocks(make_pool: Make
     base = ctypes.addressof((ctypes.c_char * len(src)).from_buffer(src))
     seg = [(base, 256, 256)]
     keys = [key(i) for i in range(4)]
-    slots = pool.prepare_store(keys)
+    slots = reserve(pool, keys)
     sums = pool.gather(slots, [0, 1, 2, 3], seg)
     assert len(sums) == 4 and all(s != 0 for s in sums) and len(set(sums)) == 4
     pool.complete_store(slots, [256] * 4, checksums=sums)
-    assert [pool.checksum(s) for s in slots] == sums
+    # Stored bound to each block's key: the same bytes under another key do not verify.
+    stored = [pool.checksum(s) for s in slots]
+    assert all(stored) and stored != sums and len(set(stored)) == 4
 
     # Scribble over 3 bytes of block 2 with plain stores (a stray writer, a bad DIMM...).
     with pool.pinned(keys) as pinned:
@@ -186,7 +187,7 @@ def test_scatter_verifies_checksums_and_reports_scribbled_blocks(make_pool: Make
     # get() never returns a block that fails its checksum: the prefix ends before it.
     assert pool.get(keys) == [bytes(src[0:256]), bytes(src[256:512])]
     # A slot shorter than the segments ask for fails too.
-    short = pool.prepare_store([key(9)])
+    short = reserve(pool, [key(9)])
     pool.gather(short, [0], seg)
     pool.complete_store(short, [100])
     with pool.pinned([key(9)]) as pinned:
@@ -195,7 +196,7 @@ def test_scatter_verifies_checksums_and_reports_scribbled_blocks(make_pool: Make
 
 def test_complete_store_rejects_mismatched_checksums(make_pool: MakePool) -> None:
     pool = make_pool()
-    slots = pool.prepare_store([key(1), key(2)])
+    slots = reserve(pool, [key(1), key(2)])
     with pytest.raises(PoolError, match="checksums and slots differ"):
         pool.complete_store(slots, [4096, 4096], checksums=[1])
     pool.complete_store(slots, ok=False)
@@ -282,7 +283,7 @@ def test_a_pool_of_another_release_is_refused_saying_what_to_do(make_pool: MakeP
     make_pool().close()
     b = snapshot(pool_path)
     pool_path.write_bytes(b[:8] + (1).to_bytes(4, "little") + b[12:])  # format 1 (checksum v1)
-    with pytest.raises(PoolFormatError, match=r"has pool format 1; this build reads format 2 "
+    with pytest.raises(PoolFormatError, match=r"has pool format 1; this build reads format 3 "
                                               r"\(.*only a cache, so delete it once no process"):
         KVPool.attach(pool_path, fingerprint=FP, wait_init_s=0.05)
 
@@ -311,7 +312,7 @@ def test_close_releases_pins_and_unfinished_stores(make_pool: MakePool,
     a.put([key(1)], [b"a"])
     b = KVPool.attach(pool_path, fingerprint=FP)
     b.pin([key(1)])
-    b.prepare_store([key(2)])
+    reserve(b, [key(2)])
     assert a.stats().pinned_slots == 1 and a.stats().writing_slots == 1
     b.close()
     st = a.stats()
