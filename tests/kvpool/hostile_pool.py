@@ -9,7 +9,6 @@ what every process has mapped, so a scribble is seen at once by live handles too
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import re
@@ -22,8 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUT_H = ROOT / "native/include/beluga/layout.h"
@@ -55,16 +52,8 @@ HEADER: dict[str, tuple[int, str]] = {
 CHECKSUM_RANGE = (8, 160)  # kChecksumBegin, kChecksumEnd: FNV-1a 64 over these bytes
 MUTABLE_LINE = (320, 344)  # clock_hand, used_slots, generation (under the lock)
 
-# ClientEntry (64 bytes), per pool format: the fields a fake client needs.
-CLIENT_V2: dict[str, tuple[int, str]] = {
-    "active": (0, "<I"),  # 1 while attached
-    "pid": (4, "<I"),
-    "start_ticks": (8, "<Q"),
-    "pidns": (16, "<Q"),
-    "last_seen_ns": (24, "<Q"),
-    "npins": (32, "<I"),
-}
-CLIENT_V3: dict[str, tuple[int, str]] = {  # FORMAT3 (layout.h of the "native: harden" work)
+# ClientEntry (64 bytes): the fields a fake client needs.
+CLIENT: dict[str, tuple[int, str]] = {
     "state": (0, "<Q"),  # (claim time ms << 2) | 1 claiming / 2 live
     "pid": (8, "<I"),
     "nonce": (12, "<I"),  # the low half of the holder's lock token
@@ -75,7 +64,7 @@ CLIENT_V3: dict[str, tuple[int, str]] = {  # FORMAT3 (layout.h of the "native: h
     "npins": (48, "<I"),
 }
 CLIENT_BYTES = 64
-CLIENT_LIVE_V3 = 2
+CLIENT_LIVE = 2
 
 # SlotMeta (64 bytes).
 SLOT: dict[str, tuple[int, str]] = {
@@ -95,7 +84,7 @@ def check_layout() -> None:
     text = LAYOUT_H.read_text()
     for struct_name, field, off in re.findall(
             r"static_assert\(offsetof\((\w+), (\w+)\) == (\d+)\)", text):
-        tables: dict[str, dict[str, Any]] = {"PoolHeader": HEADER, "ClientEntry": CLIENT_V3,
+        tables: dict[str, dict[str, Any]] = {"PoolHeader": HEADER, "ClientEntry": CLIENT,
                                              "SlotMeta": SLOT}
         entry = tables.get(struct_name, {}).get(field)
         if entry is not None:
@@ -175,68 +164,49 @@ def set_slot_field(path: str | Path, slot: int, field: str, value: Any) -> None:
     poke(path, slot_offset(path, slot, field), SLOT[field][1], value)
 
 
-def version(path: str | Path) -> int:
-    return int(header(path, "version"))
-
-
-def client_layout(path: str | Path) -> dict[str, tuple[int, str]]:
-    return CLIENT_V3 if version(path) >= 3 else CLIENT_V2
-
-
 def client_offset(path: str | Path, client: int, field: str) -> int:
-    off, _ = client_layout(path)[field]
+    off, _ = CLIENT[field]
     return int(header(path, "clients_offset")) + client * CLIENT_BYTES + off
 
 
 def client_field(path: str | Path, client: int, field: str) -> Any:
-    return peek(path, client_offset(path, client, field), client_layout(path)[field][1])
-
-
-def has_client_field(path: str | Path, field: str) -> bool:
-    return field in client_layout(path)
+    return peek(path, client_offset(path, client, field), CLIENT[field][1])
 
 
 def set_client_field(path: str | Path, client: int, field: str, value: Any) -> None:
-    poke(path, client_offset(path, client, field), client_layout(path)[field][1], value)
+    poke(path, client_offset(path, client, field), CLIENT[field][1], value)
 
 
 def check_own_entry(path: str | Path, client: int) -> None:
     """Our own client entry reads back as this process: the ClientEntry offsets are right."""
     assert client_field(path, client, "pid") == os.getpid(), "ClientEntry.pid offset moved"
     assert client_field(path, client, "pidns") == own_pidns(), "ClientEntry.pidns moved"
-    if version(path) >= 3:
-        assert client_field(path, client, "state") & 3 == CLIENT_LIVE_V3, "state moved"
-        assert client_field(path, client, "nonce") != 0, "ClientEntry.nonce moved"
+    assert client_field(path, client, "state") & 3 == CLIENT_LIVE, "ClientEntry.state moved"
+    assert client_field(path, client, "nonce") != 0, "ClientEntry.nonce moved"
 
 
 def make_client(path: str | Path, client: int, *, pid: int, ticks: int, pidns: int,
                 host: int, last_seen_ns: int, nonce: int = 0x5EED1234) -> int:
-    """Write a live client entry with this identity; returns the lock token naming it.
-    Format 2 has no host (nor nonce): there the token carries the pid."""
+    """Write a live client entry with this identity; returns the lock token naming it."""
     set_client_field(path, client, "pid", pid)
     set_client_field(path, client, "start_ticks", ticks)
     set_client_field(path, client, "pidns", pidns)
     set_client_field(path, client, "last_seen_ns", last_seen_ns)
     set_client_field(path, client, "npins", 0)
-    if version(path) >= 3:
-        set_client_field(path, client, "host", host)
-        set_client_field(path, client, "nonce", nonce)
-        set_client_field(path, client, "state",
-                         (time.time_ns() // 1_000_000) << 2 | CLIENT_LIVE_V3)
-    else:
-        set_client_field(path, client, "active", 1)
+    set_client_field(path, client, "host", host)
+    set_client_field(path, client, "nonce", nonce)
+    set_client_field(path, client, "state", (time.time_ns() // 1_000_000) << 2 | CLIENT_LIVE)
     return token_of(path, client)
 
 
 def token_of(path: str | Path, client: int) -> int:
-    """The lock token of client entry `client`: (index + 1) << 32 | nonce (format 3) or
-    | pid (format 2)."""
-    low = client_field(path, client, "nonce" if version(path) >= 3 else "pid")
-    return ((client + 1) << 32) | int(low)
+    """The lock token of client entry `client`: (index + 1) << 32 | nonce."""
+    return ((client + 1) << 32) | int(client_field(path, client, "nonce"))
 
 
 def bare_pid_token(pid: int) -> int:
-    """A token naming no client entry: what format 2 wrote while a process attached."""
+    """A token naming no client entry (index 0): what format 2 wrote while a process was
+    still attaching, its pid in the low half."""
     return pid
 
 
@@ -284,18 +254,6 @@ def own_pidns() -> int:
     return os.stat("/proc/self/ns/pid").st_ino
 
 
-# -- options the API grew in format 3 -----------------------------------------------------
-def supported(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
-    """The kwargs `fn` accepts (lock_timeout_s / lease_s are new with SPEC.md)."""
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
-def slot_of(reservation: Any) -> int:
-    """A reserved slot from prepare_store (an int, or a Reservation(outcome, slot))."""
-    return int(getattr(reservation, "slot", reservation))
-
-
 # -- child runner --------------------------------------------------------------------------
 @dataclass
 class Child:
@@ -317,20 +275,25 @@ def run_in_child(fn: Callable[..., None], *args: Any, timeout: float = 15.0) -> 
     proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", code, json.dumps(args)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    hung = False
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        hung = True
         _kill_group(proc.pid)
         out, _ = proc.communicate()
-        pytest.fail(f"{what}: still running after {timeout:.0f} s (a hang)\n{_tail(out)}")
     finally:
         _kill_group(proc.pid)
+    if hung:
+        raise AssertionError(f"{what}: still running after {timeout:.0f} s (a hang)\n"
+                             f"{_tail(out)}")
     took = time.monotonic() - t0
     if proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name
-        pytest.fail(f"{what}: killed by {name} after {took:.1f} s\n{_tail(out)}")
+        raise AssertionError(f"{what}: killed by {name} after {took:.1f} s\n{_tail(out)}")
     if proc.returncode != 0:
-        pytest.fail(f"{what}: exit {proc.returncode} after {took:.1f} s\n{_tail(out)}")
+        raise AssertionError(f"{what}: exit {proc.returncode} after {took:.1f} s\n"
+                             f"{_tail(out)}")
     print(f"{what} ({took:.2f} s):\n{out}")  # the child's story, shown by pytest -rP / -s
     return Child(out=out, seconds=took)
 
