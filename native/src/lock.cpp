@@ -383,8 +383,9 @@ void Pool::settle() {
   if (deferred_unpins_.empty() && deferred_aborts_.empty()) return;
   ClientEntry& me = clients_[client_];
   uint32_t* table = pins_ + uint64_t(client_) * g_.max_pins;
-  uint32_t npins = std::min(atomics::read_once(line(me.npins)), g_.max_pins);
-  bool missing = false;
+  uint32_t npins = atomics::read_once(line(me.npins));
+  bool missing = npins > g_.max_pins;  // out of bounds: capped now, rebuilt next
+  npins = std::min(npins, g_.max_pins);
   for (uint32_t s : deferred_unpins_) {
     bool found = false;
     for (uint32_t i = npins; i-- > 0;) {
@@ -407,7 +408,8 @@ void Pool::settle() {
   }
   deferred_unpins_.clear();
   deferred_aborts_.clear();
-  // A pin we took is not in our table: someone wrote over it. Counts are derived: rebuild.
+  // A pin we took is not in our table (or the table's count is out of bounds): someone
+  // wrote over it. Counts are derived: rebuild.
   if (missing) mark_rebuild();
 }
 
