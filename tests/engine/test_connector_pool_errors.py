@@ -123,7 +123,7 @@ def test_scheduler_a_busy_pool_matches_nothing_quickly_and_counts(
         assert sched.stats.pool_errors() == {"busy": 1}
         # Backing off: the next request does not wait for the lock again.
         n, dt = timed(sched.matched_tokens, request("c", TOKENS), 0)
-        assert n == 0 and dt < 0.1
+        assert n == 0 and dt < 0.2
         assert sched.stats.pool_errors() == {"busy": 1}
         # Releasing a promise while the lock is held: deferred, never raised.
         _, dt = timed(sched.finished, "a")
@@ -183,7 +183,7 @@ def test_worker_a_busy_pool_skips_the_save_quickly_and_counts(worker: _WorkerSid
         assert worker.stats.pool_errors() == {"busy": 1}
         assert worker.stats.data["save_errors"] == 2
         _, dt = timed(worker.save, save_plan(2, keys[2:4], [2, 3]))  # backing off
-        assert dt < 0.1 and worker.stats.pool_errors() == {"busy": 1}
+        assert dt < 0.2 and worker.stats.pool_errors() == {"busy": 1}
     worker.backoff = type(worker.backoff)(0.0)
     worker.save(save_plan(3, keys[:2], [0, 1]))
     assert worker.stats.data["blocks_saved"] == 2

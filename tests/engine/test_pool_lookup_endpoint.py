@@ -237,7 +237,7 @@ def test_a_busy_pool_is_a_quick_503_and_the_loop_serves_on(own_pool: KVPool) -> 
             assert not pending.done()
             t0 = time.monotonic()  # ...off the event loop: other requests are answered
             assert httpx.get(url + "/health", timeout=10).status_code == 200
-            assert time.monotonic() - t0 < 0.3
+            assert time.monotonic() - t0 < 0.5
             resp = pending.result(timeout=10)
             assert resp.status_code == 503, resp.text
             err = resp.json()["error"]

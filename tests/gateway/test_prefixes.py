@@ -306,7 +306,7 @@ def test_a_busy_pool_is_counted_and_routed_on_quickly(server: RedisServer,
                 t0 = time.monotonic()
                 read, local, pooled = index.match(keying, ["w1"], iter(keys))
                 assert (len(read), local, pooled) == (1, {"w1": 0}, 0)
-                assert time.monotonic() - t0 < 0.05 and results == ["busy"]
+                assert time.monotonic() - t0 < 0.2 and results == ["busy"]
                 # The statistics are a snapshot: reading them never calls into the pool.
                 assert index.pool_stats() == stats
                 assert await index.refresh(["w1"])  # a refresh goes on too
