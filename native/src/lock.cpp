@@ -187,7 +187,9 @@ void Pool::touch() {
 // The lock
 // ---------------------------------------------------------------------------------------
 
-bool Pool::lock() {
+bool Pool::lock() { return lock_within(lock_timeout_ns_); }
+
+bool Pool::lock_within(uint64_t timeout_ns) {
   if (lost_) {  // our entry may belong to someone else by now: start over with a new one
     pinned_.clear();
     reserved_.clear();
@@ -216,7 +218,7 @@ bool Pool::lock() {
       took_over = true;
       break;
     }
-    if (now - start > lock_timeout_ns_) {
+    if (now - start >= timeout_ns) {
       atomics::count(hdr_->stats.busy);
       return false;
     }
