@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: help setup run test lint unit e2e gpu-check clean
+.PHONY: help setup run test lint unit e2e sanitize gpu-check clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: setup ## Set up, then lint, type-check and run every test
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+sanitize: setup ## The native pool under ASan + UBSan: kvpool tests and the fixed-seed fuzz run
+	scripts/sanitize.sh
 
 gpu-check: ## On a CUDA host: build the GPU copy path, run the GPU tests and the GPU transfer bench
 	scripts/gpu_check.sh

@@ -4,7 +4,8 @@ Where a CUDA toolkit is found (nvcc in $CUDA_HOME/bin, /usr/local/cuda/bin or on
 GPU copy path (native/cuda/*.cu) is compiled with nvcc and linked in, statically against
 cudart, so the module imports on machines without a driver; without nvcc it is left out and
 the GPU methods raise PoolCudaError. BELUGA_BUILD_CUDA=0 forces it out, =1 makes a missing
-toolkit an error.
+toolkit an error. BELUGA_SANITIZE=1 builds with AddressSanitizer + UndefinedBehaviorSanitizer
+(scripts/sanitize.sh; never for a normal install).
 """
 
 from __future__ import annotations
@@ -59,12 +60,17 @@ class BuildExt(build_ext):  # type: ignore[misc]
         super().build_extension(ext)
 
 
+WARNINGS = ["-Wall", "-Wextra", "-Wno-unused-parameter"]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+            "-fno-omit-frame-pointer"]
+sanitize = os.environ.get("BELUGA_SANITIZE") == "1"
 ext = Pybind11Extension(
     "beluga_native",
     sorted(str(p.relative_to(ROOT)) for p in (ROOT / "native/src").glob("*.cpp")),
     include_dirs=["native/include"],
     cxx_std=17,
-    extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    extra_compile_args=(["-O1", "-g", *SANITIZE] if sanitize else ["-O3"]) + WARNINGS,
+    extra_link_args=SANITIZE if sanitize else [],
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})

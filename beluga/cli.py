@@ -32,6 +32,7 @@ WORKER_FIELDS = (
     "worker_ttl_s",
     "worker_start_timeout_s", "pool", "pool_path", "pool_size_gib", "pool_coherence",
     "hints_interval_s", "hints_ttl_s", "max_hint_keys", "worker_api_key",
+    "pool_lock_timeout_s",
 )
 GATEWAY_FIELDS = (
     "state_dir", "model", "served_model_name", "redis_url", "redis_key_prefix",
@@ -43,7 +44,7 @@ GATEWAY_FIELDS = (
     "max_concurrent_requests", "max_upstream_connections", "upstream_queue_timeout_s",
     "client_header_timeout_s", "client_body_timeout_s", "drain_timeout_s", "server_secret",
     "worker_api_key",
-    "pool_search_dirs", "pool_lookup_timeout_s", "max_hint_keys",
+    "pool_search_dirs", "pool_lookup_timeout_s", "max_hint_keys", "pool_lock_timeout_s",
 )
 UP_FIELDS = tuple(dict.fromkeys(
     WORKER_FIELDS + GATEWAY_FIELDS + ("num_workers", "start_redis", "up_metrics_port",

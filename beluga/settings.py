@@ -185,6 +185,14 @@ class Settings(BaseSettings):
         "none past that). 0: never ask; route on the workers' hints alone."
     )
 
+    pool_lock_timeout_s: float = Field(
+        0.05, gt=0, le=60, description="How long a pool lookup (the gateway's, on its "
+        "routing thread, where the pool is mapped on its host; a worker's lookup endpoint) "
+        "waits for the shared pool's lock while another process holds it. A critical section "
+        "takes microseconds: past this the lookup counts as none "
+        "(beluga_gateway_pool_lookups_total{result=\"busy\"}) and lookups pause briefly."
+    )
+
     trust_request_chat_template: bool = Field(
         False,
         description="Render a chat template sent with a request (`chat_template` in the body "

@@ -20,6 +20,14 @@ gathers the new full blocks after it (one native call; first writer of a key win
 
 If the pool is missing, mismatched or unusable, the connector says so once in the log, the
 worker serves without sharing, and `beluga_worker_pool_enabled` is 0.
+
+A pool call that fails later (kvpool.PoolError: a lock held past `lock_timeout_s` by a busy
+or frozen peer, a corrupt value, ...) never reaches vLLM: the request or step goes on without
+the pool (no tokens matched, blocks recomputed, a save skipped), the failure is counted by
+kind (`beluga_worker_pool_errors_total{kind}`) and logged once per kind a minute. After a
+busy lock, pins and saves are skipped for `busy_backoff_s`, so a frozen peer costs the
+engine one lock timeout per backoff rather than one per request and step. An exception that
+is not a PoolError is a bug and propagates.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from beluga.pool_errors import BusyBackoff, PoolErrorLog
 from beluga.stacks import dump_stacks_on_sigusr1
 from engine.connector_meta import (
     BelugaMetadata,
@@ -103,6 +112,12 @@ class ConnectorConfig(BaseModel):
     hints_ttl_s: int = Field(15, ge=2)
     max_hint_keys: int = Field(8192, ge=1)
     copy_threads: int = Field(0, ge=0)  # 0: torch's thread count
+    # How long a pool call waits for the lock while a live process holds it (a critical
+    # section takes microseconds: longer means a peer is stuck), then PoolBusyError and the
+    # request or step goes on without the pool. Also what the engine loses per busy call.
+    lock_timeout_s: float = Field(0.5, gt=0, le=60)
+    # After a busy lock, pins and saves are skipped this long (0: never skipped).
+    busy_backoff_s: float = Field(2.0, ge=0, le=3600)
 
 
 @dataclass(frozen=True)
@@ -148,7 +163,8 @@ def pool_geometry(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
 def open_pool(cfg: ConnectorConfig, geo: PoolGeometry, side: str) -> KVPool:
     slots = max(1, int(cfg.pool_size_gib * GiB) // geo.slot_size)
     pool = KVPool.open(cfg.pool_path, slot_size=geo.slot_size, slot_count=slots,
-                       fingerprint=geo.fingerprint, coherence=cfg.coherence)
+                       fingerprint=geo.fingerprint, coherence=cfg.coherence,
+                       lock_timeout_s=cfg.lock_timeout_s)
     logger.info("Beluga pool %s attached (%s): %d slots of %d bytes, uuid %s", pool.path,
                 side, pool.slot_count, pool.slot_size, pool.uuid)
     return pool
@@ -311,6 +327,8 @@ class _SchedulerSide:
         # our key -> vLLM's block hash, for "is it still in the local cache" (bounded)
         self._local: OrderedDict[bytes, Any] = OrderedDict()
         self._local_cap = max(64, 4 * kv_cache_config.num_blocks)
+        self.errors = PoolErrorLog(logger, "Beluga (scheduler)", self.stats.pool_error)
+        self.backoff = BusyBackoff(cfg.busy_backoff_s)
         try:
             self.geo = pool_geometry(vllm_config, kv_cache_config)
             self.block_tokens = self.geo.block_tokens
@@ -357,9 +375,21 @@ class _SchedulerSide:
                 t.keys.extend(more)
         return t.keys[:want]
 
+    def _failed(self, exc: PoolError, doing: str) -> None:
+        self.errors.report(exc, doing)
+        self.backoff.note(exc)
+
+    def _unpin(self, slots: list[int]) -> None:
+        if not slots or self.pool is None:
+            return
+        try:
+            self.pool.unpin(slots)
+        except PoolError as exc:  # the pins go at the next rebuild, detach or exit
+            self._failed(exc, f"unpinning {len(slots)} slots")
+
     def _release(self, promise: _Promise | None) -> None:
-        if promise is not None and promise.slots and self.pool is not None:
-            self.pool.unpin(promise.slots)
+        if promise is not None:
+            self._unpin(promise.slots)
 
     def matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
         if self.pool is None:
@@ -369,12 +399,12 @@ class _SchedulerSide:
         t = self._track(request)
         keys = self._keys(t, request.num_tokens)
         start = num_computed_tokens // self.block_tokens
-        if len(keys) <= start:
+        if len(keys) <= start or self.backoff.active():
             return 0
         try:
             slots = self.pool.pin(keys[start:])
         except PoolError as exc:
-            logger.warning("Beluga pool lookup failed, computing instead: %s", exc)
+            self._failed(exc, "pinning a prompt's blocks (computing them instead)")
             return 0
         # Whole blocks only, and never the block holding the last prompt token: vLLM computes
         # that one itself, exactly as after a hit in its own prefix cache. So a pool hit
@@ -383,11 +413,11 @@ class _SchedulerSide:
         end_tokens = min(start + len(slots), last_full) * self.block_tokens
         external = end_tokens - num_computed_tokens
         if external <= 0:
-            self.pool.unpin(slots)
+            self._unpin(slots)
             return 0
         need = end_tokens // self.block_tokens - start
         if need < len(slots):
-            self.pool.unpin(slots[need:])
+            self._unpin(slots[need:])
             slots = slots[:need]
         self._promised[request.request_id] = _Promise(start, slots, keys[start:start + need],
                                                       request.request_id)
@@ -471,11 +501,22 @@ class _SchedulerSide:
                 bad = [i for i, s in enumerate(promise.slots) if s in bad_slots]
                 if not bad or self.pool is None:
                     continue
-                for i in bad:
-                    self.pool.remove(promise.keys[i])
+                self._remove([promise.keys[i] for i in bad])
                 t = self._tracked.get(promise.req_id)
                 if t is not None:
                     t.saved_blocks = min(t.saved_blocks, promise.start_block + bad[0])
+
+    def _remove(self, keys: list[bytes]) -> None:
+        """Drop blocks that failed validation (best effort: a reader that meets one again
+        verifies it again, and removes it)."""
+        for key in keys:
+            if self.pool is None or self.backoff.active():
+                return
+            try:
+                self.pool.remove(key)
+            except PoolError as exc:
+                self._failed(exc, "removing a block that failed validation")
+                return
 
     def finished(self, req_id: str) -> None:
         self._local_hit.pop(req_id, None)
@@ -518,9 +559,17 @@ class _SchedulerSide:
     def close(self) -> None:
         if self.hints is not None:
             self.hints.close()
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
+        _close(self.pool, self.errors)
+        self.pool = None
+
+
+def _close(pool: KVPool | None, errors: PoolErrorLog) -> None:
+    if pool is None:
+        return
+    try:
+        pool.close()
+    except PoolError as exc:  # (detach does not raise; a pool error must not stop shutdown)
+        errors.report(exc, "detaching")
 
 
 def _chain_from(last: bytes, token_ids: list[int], block_tokens: int) -> list[bytes]:
@@ -547,6 +596,8 @@ class _WorkerSide:
         self._done: set[int] = set()
         self._bad_slots: set[int] = set()
         self._threads = cfg.copy_threads or torch.get_num_threads()
+        self.errors = PoolErrorLog(logger, "Beluga (model runner)", self.stats.pool_error)
+        self.backoff = BusyBackoff(cfg.busy_backoff_s)
         try:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
             self.geo: PoolGeometry | None = pool_geometry(
@@ -572,9 +623,11 @@ class _WorkerSide:
             if layout.device.type != "cpu":
                 self.pool.cuda_register()
         except (LayoutError, PoolError) as exc:
+            if isinstance(exc, PoolError):
+                self.errors.report(exc, "registering the KV cache")
             logger.warning("Beluga: cannot copy this KV cache layout, serving WITHOUT KV "
                            "sharing: %s", exc)
-            self.pool.close()
+            _close(self.pool, self.errors)
             self.pool = None
             self.stats.set_enabled(False)
             return
@@ -604,9 +657,11 @@ class _WorkerSide:
                     slots, blocks, self.layout.segments, self.layout.device.index or 0,
                     torch.cuda.current_stream().cuda_stream, self._threads, keys=keys)
         except PoolError as exc:
-            logger.warning("Beluga: loading %d blocks failed, recomputing them: %s",
-                           len(blocks), exc)
-            failed = list(range(len(blocks)))
+            # Not the blocks' fault (they stay in the pool): all of them are recomputed.
+            self.errors.report(exc, f"loading {len(blocks)} blocks (recomputing them)")
+            self._load_errors.update(blocks)
+            self.stats.add("load_errors", len(blocks))
+            return
         dt = time.perf_counter() - t0
         if failed:
             logger.warning("Beluga: %d of %d loaded blocks failed validation; vLLM "
@@ -624,11 +679,14 @@ class _WorkerSide:
             return
         keys = [k for x in plan.saves for k in x.keys]
         blocks = [b for x in plan.saves for b in x.block_ids]
+        if self.backoff.active():  # the lock was busy a moment ago: not waiting again
+            self.stats.add("save_errors", len(keys))
+            return
         t0 = time.perf_counter()
         try:
             slots = self.pool.prepare_store(keys)
         except PoolError as exc:
-            logger.warning("Beluga: cannot reserve pool slots: %s", exc)
+            self._failed(exc, f"reserving slots for {len(keys)} blocks (not saving them)")
             self.stats.add("save_errors", len(keys))
             return
         mine = [i for i, r in enumerate(slots) if r.reserved]
@@ -648,15 +706,24 @@ class _WorkerSide:
             self.pool.complete_store(sel_slots, [self.layout.block_bytes] * len(mine),
                                      checksums=sums)
         except BaseException as exc:
-            self.pool.complete_store(sel_slots, ok=False)
+            # Abort every reserved slot (none may stay WRITING); where the lock is busy the
+            # native side frees them at its next lock. A failing abort must not hide `exc`.
+            try:
+                self.pool.complete_store(sel_slots, ok=False)
+            except PoolError as abort_exc:
+                self._failed(abort_exc, f"aborting the save of {len(mine)} blocks")
             if not isinstance(exc, PoolError):
                 raise
-            logger.warning("Beluga: saving %d blocks failed: %s", len(mine), exc)
+            self._failed(exc, f"saving {len(mine)} blocks (not saved)")
             self.stats.add("save_errors", len(mine))
             return
         self.stats.add("blocks_saved", len(mine))
         self.stats.add("save_bytes", len(mine) * self.layout.block_bytes)
         self.stats.add("save_seconds", time.perf_counter() - t0)
+
+    def _failed(self, exc: PoolError, doing: str) -> None:
+        self.errors.report(exc, doing)
+        self.backoff.note(exc)
 
     def take_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
@@ -670,6 +737,5 @@ class _WorkerSide:
         return out
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
+        _close(self.pool, self.errors)
+        self.pool = None

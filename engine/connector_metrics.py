@@ -10,6 +10,9 @@ the worker's and the scheduler's, sends them to the API server process, and call
     beluga_worker_pool_blocks_loaded_total, beluga_worker_pool_blocks_saved_total
     beluga_worker_pool_load_errors_total     blocks that failed validation (recomputed)
     beluga_worker_pool_save_errors_total     blocks that could not be stored
+    beluga_worker_pool_errors_total{kind}    pool calls that failed (busy, corrupt, closed,
+                                             ...: beluga/pool_errors.py KINDS); each one
+                                             served its request or step without the pool
     beluga_worker_pool_enabled               1 while this worker shares through the pool
 """
 
@@ -25,6 +28,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 
+from beluga.pool_errors import KINDS as POOL_ERROR_KINDS
+
 COUNTERS: dict[str, str] = {
     "local_tokens": "Prompt tokens found in the worker's own KV cache.",
     "pool_tokens": "Prompt tokens loaded from the shared pool instead of computed.",
@@ -39,6 +44,14 @@ COUNTERS: dict[str, str] = {
     "save_errors": "Blocks that could not be stored (pool full or an error).",
 }
 ENABLED = "pool_enabled"  # gauge: 1 sharing, 0 not (reported, not summed)
+# Failed pool calls by kind: one counter per kind, "pool_errors:<kind>" in the stats' data
+# (flat, so vLLM carries it like the others).
+POOL_ERRORS = "pool_errors:"
+POOL_ERROR_COUNTERS = frozenset(POOL_ERRORS + kind for kind in POOL_ERROR_KINDS)
+
+
+def _summed(name: str) -> bool:
+    return name in COUNTERS or name in POOL_ERROR_COUNTERS
 
 
 class BelugaStats(KVConnectorStats):
@@ -48,6 +61,18 @@ class BelugaStats(KVConnectorStats):
         if name not in COUNTERS:
             raise KeyError(name)
         self.data[name] = self.data.get(name, 0) + value
+
+    def pool_error(self, kind: str) -> None:
+        """One failed pool call of `kind` (beluga/pool_errors.py KINDS; others: "other")."""
+        name = POOL_ERRORS + kind
+        if name not in POOL_ERROR_COUNTERS:
+            name = POOL_ERRORS + "other"
+        self.data[name] = self.data.get(name, 0) + 1
+
+    def pool_errors(self) -> dict[str, int]:
+        """The failed pool calls counted so far, by kind."""
+        return {name[len(POOL_ERRORS):]: int(v) for name, v in self.data.items()
+                if name in POOL_ERROR_COUNTERS}
 
     def set_enabled(self, enabled: bool) -> None:
         self.data[ENABLED] = 1 if enabled else 0
@@ -60,7 +85,7 @@ class BelugaStats(KVConnectorStats):
             if name == ENABLED:
                 # Across the worker and scheduler sides: sharing only if both can.
                 self.data[ENABLED] = min(self.data.get(ENABLED, value), value)
-            elif name in COUNTERS:
+            elif _summed(name):
                 self.data[name] = self.data.get(name, 0) + value
         return self
 
@@ -97,6 +122,11 @@ class BelugaPromMetrics(KVConnectorPromMetrics):
             name="beluga_worker_pool_enabled",
             documentation="1 while this worker shares KV blocks through the pool.",
             labelnames=labelnames, multiprocess_mode="mostrecent")  # type: ignore[call-arg]
+        errors = self._counter_cls(
+            name="beluga_worker_pool_errors",
+            documentation="Pool calls that failed, by kind (busy, corrupt, closed, ...); each "
+            "one served its request or step without the pool.",
+            labelnames=[*labelnames, "kind"])
         self._metrics: dict[int, dict[str, Any]] = {}
         for engine, values in per_engine_labelvalues.items():
             m: dict[str, Any] = {
@@ -104,6 +134,8 @@ class BelugaPromMetrics(KVConnectorPromMetrics):
                                                                           "computed")}
             m.update({name: c.labels(*values) for name, c in others.items()})
             m[ENABLED] = enabled.labels(*values)
+            m.update({POOL_ERRORS + kind: errors.labels(*values, kind)
+                      for kind in POOL_ERROR_KINDS})
             self._metrics[engine] = m
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
@@ -113,6 +145,6 @@ class BelugaPromMetrics(KVConnectorPromMetrics):
         for name, value in transfer_stats_data.items():
             if name == ENABLED:
                 metrics[ENABLED].set(value)
-            elif name in COUNTERS and value > 0:
+            elif _summed(name) and value > 0:
                 metrics[name].inc(value)
 

@@ -12,6 +12,15 @@ With a worker credential (`worker_api_key`, BELUGA_WORKER_API_KEY), every reques
 shape: the lookup endpoint, and vLLM's routes outside /v1 that its own VLLM_API_KEY check
 leaves open (/tokenize, /invocations, /pause, ...). Workers are reached through the gateway.
 Without a pool (`--no-pool`) the lookup path is vLLM's (404).
+
+The pool is never called on the API server's event loop: attaching, looking up and detaching
+run on one thread of the middleware's own (a pool handle is used by one thread at a time),
+and the handle waits at most `pool_lock_timeout_s` (BELUGA_POOL_LOCK_TIMEOUT_S) for a lock
+another process holds. A lookup that fails with a kvpool.PoolError is answered 503 with the
+error's kind in its code (`pool_busy`, `pool_corrupt`, ...), counted in
+`beluga_worker_pool_lookup_errors_total{kind}` and logged once per kind a minute; after a
+busy lock, lookups are answered `pool_busy` at once for a moment (BUSY_BACKOFF_S), and past
+MAX_WAITING lookups waiting for the thread too.
 """
 
 from __future__ import annotations
@@ -20,12 +29,16 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
+from prometheus_client import Counter
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from beluga.pool_errors import KINDS, BusyBackoff, PoolErrorLog
 from beluga.pool_lookup import (
     LOOKUP_PATH,
     LOOKUP_VERSION,
@@ -35,11 +48,19 @@ from beluga.pool_lookup import (
     LookupRequest,
 )
 from beluga.settings import Settings
-from kvpool import KVPool, PoolError
+from kvpool import KVPool, PoolBusyError, PoolError
 
 logger = logging.getLogger(f"vllm.{__name__}")  # through vLLM's log handlers
 
 REATTACH_S = 5.0  # how often a pool of another UUID at our path is looked at again
+MAX_WAITING = 32  # lookups waiting for the pool thread; more are answered pool_busy
+
+T = TypeVar("T")
+
+# In vLLM's API server process, served on its /metrics (the default registry).
+LOOKUP_ERRORS = Counter("beluga_worker_pool_lookup_errors",
+                        "Pool lookups this worker answered with an error (503), by kind: "
+                        "busy, corrupt, closed, ... (beluga/pool_errors.py KINDS).", ["kind"])
 
 
 # What stays open with a credential: liveness and metrics (scraped by Prometheus).
@@ -94,9 +115,32 @@ class PoolLookupMiddleware:
         self.coherence = s.pool_coherence
         self.serves_lookups = s.pool
         self.key = s.worker_api_key.encode() if s.worker_api_key else None
+        self.lock_timeout_s = s.pool_lock_timeout_s
         self._pool: KVPool | None = None
+        self._pool_uuid: str | None = None  # the attached pool's (read without the handle)
         self._tried_at = float("-inf")  # the last attach attempt (monotonic)
         self._lock = asyncio.Lock()
+        # Every call into the pool runs here, one at a time (the handle is single-threaded).
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="beluga-pool-lookup")
+        self._waiting = 0
+        self.errors = PoolErrorLog(logger, "pool lookup endpoint", self._count)
+        self.backoff = BusyBackoff()
+
+    @staticmethod
+    def _count(kind: str) -> None:
+        LOOKUP_ERRORS.labels(kind if kind in KINDS else "other").inc()
+
+    async def _on_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` on the pool thread; PoolBusyError at once when MAX_WAITING
+        calls wait for it already."""
+        if self._waiting >= MAX_WAITING:
+            raise PoolBusyError(f"{self._waiting} pool lookups are waiting already")
+        self._waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._thread, lambda: fn(*args, **kwargs))
+        finally:
+            self._waiting -= 1
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):  # lifespan
@@ -138,25 +182,34 @@ class PoolLookupMiddleware:
                 return error(413, f"more than {MAX_KEYS} keys in one lookup", "too_large")
             return error(400, f"invalid pool lookup: {where}: {first.get('msg')}",
                          "invalid_lookup")
-        pool = await self.attached(req.pool_uuid)
-        if pool is None:
-            return error(503, f"the pool at {self.pool_path} cannot be attached here",
-                         "pool_unavailable")
-        if str(pool.uuid) != req.pool_uuid:
-            return error(404, f"pool {req.pool_uuid} is not this worker's (it shares "
-                         f"{pool.uuid})", "pool_not_found")
         try:
-            blocks = pool.lookup_prefix(req.block_keys())
+            pool = await self.attached(req.pool_uuid)
+            if pool is None:
+                return error(503, f"the pool at {self.pool_path} cannot be attached here",
+                             "pool_unavailable")
+            if self._pool_uuid != req.pool_uuid:
+                return error(404, f"pool {req.pool_uuid} is not this worker's (it shares "
+                             f"{self._pool_uuid})", "pool_not_found")
+            if self.backoff.active():  # (not noted again: the backoff ends on time)
+                return self.failed(PoolBusyError("the pool lock was busy a moment ago; "
+                                                 "not waiting for it again yet"))
+            blocks = await self._on_thread(pool.lookup_prefix, req.block_keys())
         except PoolError as exc:
-            return error(503, f"pool lookup failed: {exc}", "pool_unavailable")
+            self.backoff.note(exc)
+            return self.failed(exc)
         return JSONResponse(LookupReply(version=LOOKUP_VERSION, pool_uuid=req.pool_uuid,
                                         blocks=blocks).model_dump())
+
+    def failed(self, exc: PoolError) -> JSONResponse:
+        """503 for a lookup the pool could not answer, its kind in the code (counted)."""
+        kind = self.errors.report(exc, "answering a lookup (503)")
+        return error(503, f"pool lookup failed ({kind}): {exc}", f"pool_{kind}")
 
     async def attached(self, want: str) -> KVPool | None:
         """The pool at our path. Attached on the first lookup, and again when it is not the
         `want`ed one (the file may have been replaced), at most every REATTACH_S."""
         pool = self._pool
-        if pool is not None and str(pool.uuid) == want:
+        if pool is not None and self._pool_uuid == want:
             return pool
         if time.monotonic() - self._tried_at < REATTACH_S:
             return pool
@@ -165,14 +218,16 @@ class PoolLookupMiddleware:
                 return self._pool  # another lookup attached (or tried) meanwhile
             self._tried_at = time.monotonic()
             try:
-                fresh = await asyncio.to_thread(KVPool.attach, self.pool_path,
-                                                coherence=self.coherence, wait_init_s=0.0,
-                                                prefault=False)
+                fresh = await self._on_thread(KVPool.attach, self.pool_path,
+                                              coherence=self.coherence, wait_init_s=0.0,
+                                              prefault=False,
+                                              lock_timeout_s=self.lock_timeout_s)
             except PoolError as exc:
                 logger.warning("pool lookup: cannot attach %s: %s", self.pool_path, exc)
                 return pool
-            if pool is not None:
-                pool.close()
-            self._pool = fresh
-            logger.info("pool lookup: attached pool %s at %s", fresh.uuid, self.pool_path)
+            self._pool, self._pool_uuid = fresh, str(fresh.uuid)
+            if pool is not None:  # after any lookup queued on it (same thread)
+                self._thread.submit(pool.close)
+            logger.info("pool lookup: attached pool %s at %s", self._pool_uuid,
+                        self.pool_path)
             return fresh

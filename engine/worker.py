@@ -164,6 +164,7 @@ def vllm_env(settings: Settings) -> dict[str, str]:
     if settings.pool:
         env["BELUGA_POOL_PATH"] = str(settings.resolved_pool_path)
         env["BELUGA_POOL_COHERENCE"] = settings.pool_coherence
+        env["BELUGA_POOL_LOCK_TIMEOUT_S"] = f"{settings.pool_lock_timeout_s!r}"
     # The worker credential: in the environment, never on the command line (`ps` shows
     # that to every user). vLLM reads VLLM_API_KEY (its --api-key takes precedence, so none
     # is passed); the lookup endpoint reads BELUGA_WORKER_API_KEY.

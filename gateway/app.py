@@ -87,7 +87,9 @@ class Gateway:
         self.prefixes = PrefixIndex(workers.client, settings.redis_key_prefix,
                                     max_keys=settings.max_hint_keys,
                                     pool_search_dirs=settings.pool_search_dirs,
-                                    invalid=workers.invalid)
+                                    invalid=workers.invalid,
+                                    lock_timeout_s=settings.pool_lock_timeout_s)
+        self.prefixes.count_lookup = self.metrics.pool_lookup  # (on the routing thread)
         self.metrics.watch_pool(self.prefixes.pool_stats)
         self.dashboard = Dashboard(self.metrics.registry, self.workers.snapshot,
                                    self.prefixes.pool_stats,

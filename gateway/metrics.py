@@ -7,8 +7,11 @@
     beluga_gateway_route_decisions_total{policy, reason}
     beluga_gateway_prompt_tokens_total{source}               local | pool | computed, as
                                                              estimated when routing
-    beluga_gateway_pool_lookups_total{result}                ok | error | timeout: pool
-                                                             lookups asked of a worker
+    beluga_gateway_pool_lookups_total{result}                pool lookups: ok | error |
+                                                             timeout (asked of a worker)
+                                                             | busy | corrupt | closed ...
+                                                             (the pool mapped here failed:
+                                                             beluga/pool_errors.py KINDS)
     beluga_gateway_worker_healthy{worker}                    1 in routing, 0 taken out
     beluga_gateway_worker_in_flight{worker}                  this gateway's open requests
     beluga_gateway_worker_load{worker}                       occupancy the router sees
@@ -35,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
+from beluga.pool_errors import KINDS as POOL_ERROR_KINDS
 from beluga.registry import KINDS as REGISTRY_KINDS
 from beluga.registry import REASONS as REGISTRY_REASONS
 from gateway.policies import Choice, RequestInfo
@@ -44,6 +48,8 @@ from kvpool import PoolStats
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Label values of beluga_gateway_pool_lookups_total (a bounded set; others count as error).
+POOL_LOOKUP_RESULTS = frozenset(("ok", "error", "timeout", *POOL_ERROR_KINDS))
 
 
 class GatewayMetrics:
@@ -70,8 +76,10 @@ class GatewayMetrics:
         self._local, self._pool, self._computed = (
             self.prompt_tokens.labels(source) for source in ("local", "pool", "computed"))
         self.pool_lookups = Counter("beluga_gateway_pool_lookups",
-                                    "Pool lookups asked of a worker (the pool not mapped on "
-                                    "this host), by result: ok, error, timeout.", ["result"],
+                                    "Pool lookups for routing, by result: ok; error or "
+                                    "timeout (a worker asked: the pool not mapped on this "
+                                    "host); busy, corrupt, closed, ... (the pool mapped here "
+                                    "failed; routed as if it held none).", ["result"],
                                     registry=r)
         self.tokens = Counter("beluga_gateway_tokens", "Tokens of answered requests, from "
                               "the workers' usage reports.", ["kind"], registry=r)
@@ -143,7 +151,8 @@ class GatewayMetrics:
         self.child(self.invalid_records, kind, reason).inc()
 
     def pool_lookup(self, result: str) -> None:
-        self.child(self.pool_lookups, result).inc()
+        """One pool lookup (on any thread); `result` is one of POOL_LOOKUP_RESULTS."""
+        self.child(self.pool_lookups, result if result in POOL_LOOKUP_RESULTS else "error").inc()
 
     def routed(self, choice: Choice, info: RequestInfo) -> None:
         self.child(self.decisions, self.policy, choice.reason).inc()

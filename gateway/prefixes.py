@@ -11,6 +11,14 @@
   microseconds, no pins). Elsewhere (no such pool mapped on this host) the gateway asks a
   worker that shares it (beluga/pool_lookup.py; `remote_pool` says when).
 
+The pool is only called on the gateway's routing thread (`owner`), never on the event loop:
+lookups run inside routing's jobs, and `pool_stats` returns a snapshot that each refresh
+takes there. The handle waits at most `lock_timeout_s` (the `pool_lock_timeout_s` setting)
+for a lock another process holds; a lookup that fails (kvpool.PoolError: busy, corrupt,
+closed, ...) counts as "the pool holds none of it" for that request, is counted by kind
+(`count_lookup`: beluga_gateway_pool_lookups_total{result}) and logged once per kind a
+minute; after a busy lock, pool lookups are skipped for `busy_backoff_s`.
+
 Hints in Redis are untrusted input: each record is validated (beluga/registry.py), a hint
 set is read at most `max_keys` members at a time (SRANDMEMBER: never a whole hostile set),
 members that are not 32 lowercase hex characters are ignored, and a pool path is attached
@@ -31,6 +39,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from beluga.pool_errors import BUSY_BACKOFF_S, BusyBackoff, PoolErrorLog
 from beluga.registry import (
     MAX_RECORD_BYTES,
     HintsRecord,
@@ -53,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_POOL_SEARCH_DIRS: str = Settings.model_fields["pool_search_dirs"].default
 DEFAULT_MAX_HINT_KEYS: int = Settings.model_fields["max_hint_keys"].default
+DEFAULT_POOL_LOCK_TIMEOUT_S: float = Settings.model_fields["pool_lock_timeout_s"].default
 MAX_ATTACH_TRIES = 4  # pool UUIDs tried per refresh (each probes every candidate file)
 # Hint keys read per refresh, all workers together (~100 MB at most): max_keys each for up
 # to 128 workers, fewer each beyond (a registry of thousands of workers is bounded too).
@@ -129,7 +139,9 @@ class PrefixIndex:
     def __init__(self, client: aioredis.Redis, prefix: str, own_capacity: int = 8192,
                  pending_capacity: int = 1024, *, max_keys: int = DEFAULT_MAX_HINT_KEYS,
                  pool_search_dirs: str | Sequence[str] = DEFAULT_POOL_SEARCH_DIRS,
-                 invalid: InvalidRecords | None = None) -> None:
+                 invalid: InvalidRecords | None = None,
+                 lock_timeout_s: float = DEFAULT_POOL_LOCK_TIMEOUT_S,
+                 busy_backoff_s: float = BUSY_BACKOFF_S) -> None:
         self._client = client
         self._prefix = prefix
         self._max_keys = max(1, max_keys)  # hint keys read per worker
@@ -152,6 +164,13 @@ class PrefixIndex:
         self._pool: KVPool | None = None
         self._pool_uuid: str | None = None
         self._pool_failed: set[str] = set()
+        self._lock_timeout_s = lock_timeout_s
+        # Each pool lookup's result: "ok" or the error's kind (beluga/pool_errors.py KINDS);
+        # the gateway counts them (set after construction). Called on the owner thread.
+        self.count_lookup: Callable[[str], None] | None = None
+        self._errors = PoolErrorLog(logger, "routing")
+        self._backoff = BusyBackoff(busy_backoff_s)
+        self._stats: PoolStats | None = None  # the pool's statistics at the last refresh
 
     # -- refresh (background task) -------------------------------------------------------
     async def refresh(self, worker_ids: Iterable[str]) -> bool:
@@ -195,6 +214,7 @@ class PrefixIndex:
         self._hints = hints
         self._on_owner(lambda: self._prune(ids))
         await self._maybe_attach_pool()
+        self._on_owner(self._sample_stats)
         return True
 
     def _worker_hints(self, wid: str, raw: object, members: object, size: object,
@@ -255,7 +275,8 @@ class PrefixIndex:
             try:
                 pool = await asyncio.to_thread(KVPool.attach_by_uuid, uuid,
                                                [*sorted(set(paths)), *DEFAULT_CANDIDATES],
-                                               prefault=False)
+                                               prefault=False,
+                                               lock_timeout_s=self._lock_timeout_s)
             except PoolError as exc:
                 logger.info("pool %s is not mapped on this host (%s); routing on hints only",
                             uuid, exc)
@@ -283,9 +304,21 @@ class PrefixIndex:
 
     def close(self) -> None:
         """(On the owner thread, when there is one.)"""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        pool, self._pool, self._stats = self._pool, None, None
+        if pool is not None:
+            pool.close()
+
+    def _sample_stats(self) -> None:
+        """Take the snapshot `pool_stats` returns (on the owner thread)."""
+        pool = self._pool
+        if pool is None:
+            self._stats = None
+            return
+        try:
+            self._stats = pool.stats()
+        except PoolError as exc:
+            self._stats = None
+            self._errors.report(exc, "reading the pool's statistics")
 
     # -- per request ---------------------------------------------------------------------
     def keying(self, worker_ids: Sequence[str]) -> Keying | None:
@@ -359,32 +392,48 @@ class PrefixIndex:
                 alive = kept
             # The pool is asked once the workers' prefixes have ended (or the prompt has), all
             # keys not asked yet in one call: read[:in_pool] are in the pool, the rest unasked.
+            # A failed lookup ends the pool's part (for this request) like a miss.
             if pool is not None and not alive:
-                in_pool += _pool_prefix(pool, read[in_pool:])
+                in_pool += self._pool_prefix(pool, read[in_pool:])
                 if in_pool < len(read):
                     pool = None
             if not alive and pool is None:
                 break
         if pool is not None and in_pool < len(read):
-            in_pool += _pool_prefix(pool, read[in_pool:])
+            in_pool += self._pool_prefix(pool, read[in_pool:])
         return read, local, in_pool
 
     def pool_stats(self) -> PoolStats | None:
-        """The attached pool's statistics (None: no pool mapped on this host)."""
-        if self._pool is None:
-            return None
-        try:
-            return self._pool.stats()
-        except PoolError:
-            return None
+        """The attached pool's statistics as of the last refresh (None: no pool mapped on
+        this host). Never calls into the pool: safe on the event loop."""
+        return self._stats
 
     def pool_blocks(self, keying: Keying, keys: Sequence[bytes]) -> int:
-        if self._pool is None or not keys or keying.pool_uuid != self._pool_uuid:
+        """(On the owner thread, when there is one.)"""
+        pool = self._pool
+        if pool is None or not keys or keying.pool_uuid != self._pool_uuid:
+            return 0
+        return self._pool_prefix(pool, keys)
+
+    def _pool_prefix(self, pool: KVPool, keys: list[bytes] | Sequence[bytes]) -> int:
+        """How many leading `keys` the pool holds; 0 when it cannot say (a PoolError:
+        counted and logged, or lookups paused after a busy lock)."""
+        if self._backoff.active():
             return 0
         try:
-            return self._pool.lookup_prefix(keys)
-        except PoolError:
+            n = pool.lookup_prefix(keys)
+        except PoolError as exc:
+            self._backoff.note(exc)
+            kind = self._errors.report(exc, "looking up a prompt's blocks (routing as if the "
+                                            "pool held none)")
+            self._counted(kind)
             return 0
+        self._counted("ok")
+        return n
+
+    def _counted(self, result: str) -> None:
+        if self.count_lookup is not None:
+            self.count_lookup(result)
 
     def routed(self, worker_id: str, keys: Sequence[bytes],
                later: Iterator[bytes] | None = None, size: int = 0) -> None:
@@ -414,14 +463,6 @@ class PrefixIndex:
             return None
         self._pending_bytes -= found[1]
         return found[0]
-
-
-def _pool_prefix(pool: KVPool, keys: list[bytes]) -> int:
-    """How many leading `keys` the pool holds (0 when it cannot say)."""
-    try:
-        return pool.lookup_prefix(keys)
-    except PoolError:
-        return 0
 
 
 def _really_inside(path: str, dirs: Sequence[str]) -> bool:

@@ -13,6 +13,7 @@ keys) is only touched on that thread too.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from beluga.pool_errors import KINDS as POOL_ERROR_KINDS
 from beluga.pool_lookup import LOOKUP_PATH, MAX_KEYS, LookupReply, request_body
 from beluga.settings import Settings
 from gateway.metrics import GatewayMetrics
@@ -35,6 +37,17 @@ from kvpool.keys import next_key
 logger = logging.getLogger(__name__)
 
 LOOKUP_BACKOFF_S = 5.0
+
+
+def remote_error_kind(content: bytes) -> str:
+    """The pool error kind a worker's lookup endpoint answered (its error code
+    `pool_<kind>`, engine/pool_lookup_endpoint.py), else "error"."""
+    try:
+        code = json.loads(content)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return "error"
+    kind = code[len("pool_"):] if isinstance(code, str) and code.startswith("pool_") else ""
+    return kind if kind in POOL_ERROR_KINDS else "error"
 
 
 class Later(Iterator[bytes]):
@@ -168,6 +181,7 @@ class Router:
             return 0
         worker = min(sharers, key=lambda w: w.in_flight)
         keys = keys[:MAX_KEYS]
+        failed = "error"  # the result counted if the lookup fails other than by a timeout
         try:
             async with asyncio.timeout(self.settings.pool_lookup_timeout_s):
                 resp = await self.client.request("POST", worker.url + LOOKUP_PATH,
@@ -177,12 +191,13 @@ class Router:
                 finally:
                     resp.release()
             if resp.status != 200:
+                failed = remote_error_kind(content) if resp.status == 503 else "error"
                 raise UpstreamError(f"HTTP {resp.status}: {content[:200]!r}")
             reply = LookupReply.model_validate_json(content)
             if reply.pool_uuid != pool_uuid or reply.blocks > len(keys):
                 raise UpstreamError(f"an answer for another lookup: {reply}")
         except (UpstreamError, TimeoutError, OSError, ValidationError) as exc:
-            result = "timeout" if isinstance(exc, TimeoutError) else "error"
+            result = "timeout" if isinstance(exc, TimeoutError) else failed
             self.metrics.pool_lookup(result)
             self.lookup_backoff[worker.id] = now + LOOKUP_BACKOFF_S
             logger.warning("pool lookup on %s failed (%s: %s); not asking it for %gs",

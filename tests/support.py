@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
 import shutil
+import signal
 import socket
+import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -112,3 +118,53 @@ def gateway_in_front_of(worker: Any, worker_id: str, model: str, prefix: str,
             yield from serve(gw)
     finally:
         server.stop()
+
+
+# --- a pool in trouble: its lock held by a live process, a value scribbled ----------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLOCK_HAND_OFFSET = 320  # PoolHeader::clock_hand (native/include/beluga/layout.h)
+INDEX_CAPACITY_OFFSET, INDEX_OFFSET_OFFSET = 40, 80  # PoolHeader::index_capacity, index_offset
+
+
+@contextlib.contextmanager
+def pool_lock_held(path: Path | str, stop: bool = True) -> Iterator[subprocess.Popen[str]]:
+    """A child process that attaches the pool at `path`, takes its lock (the native test
+    hook) and keeps it: SIGSTOPped when `stop` (a frozen peer), else asleep. The lock's
+    holder is alive, so nobody may take it over: every call that needs it is busy. Killed
+    on exit (the next call then takes the dead holder's lock over and rebuilds)."""
+    code = ("import sys, time; from kvpool import KVPool;"
+            "p = KVPool.attach(sys.argv[1]); assert p._p.debug_lock();"
+            "print('locked', flush=True); time.sleep(120)")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        if stop:
+            os.kill(proc.pid, signal.SIGSTOP)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _poke(path: Path | str, offset: int, fmt: str, value: int) -> None:
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+        struct.pack_into(fmt, mm, offset, value)
+
+
+def scribble_clock_hand(path: Path | str, value: int = 1 << 40) -> None:
+    """An out-of-range CLOCK hand in the pool's header: the next allocation (put,
+    prepare_store) finds it, raises PoolCorruptError and marks the pool for a rebuild."""
+    _poke(path, CLOCK_HAND_OFFSET, "<Q", value)
+
+
+def scribble_index(path: Path | str) -> None:
+    """Every index bucket names a slot that does not exist: the next lookup or pin raises
+    PoolCorruptError and marks the pool for a rebuild (which rebuilds the index from the
+    slots)."""
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+        capacity, = struct.unpack_from("<Q", mm, INDEX_CAPACITY_OFFSET)
+        offset, = struct.unpack_from("<Q", mm, INDEX_OFFSET_OFFSET)
+        mm[offset:offset + 4 * capacity] = struct.pack("<I", 0x7FFF_FFF0) * capacity

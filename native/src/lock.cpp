@@ -32,7 +32,7 @@
 // length or key changed fails its checksum, which the reader checks against the key it
 // pinned by (kept in its own memory).
 //
-// ACROSS HOSTS (coherence="flush", CXL memory). Each critical section invalidates every
+// ACROSS HOSTS (coherence="flush", CXL memory; docs/pool.md has the user-facing account). Each critical section invalidates every
 // metadata line before its first read and writes back every line it wrote before the
 // release, so a host never acts on its own stale copy of the index or slot states. What
 // this relies on, and what needs CXL 3:
@@ -136,7 +136,7 @@ void Pool::claim_client() {
       atomics::store_release(e.state, stamp | kClientLive);
       if (flush_) atomics::writeback(&e, sizeof(e));
       if (st != 0) {
-        atomics::set_bits(hdr_->flags, kNeedsRebuild);
+        mark_rebuild();
         atomics::count(hdr_->stats.reclaimed);
       }
       client_ = c;
@@ -187,7 +187,9 @@ void Pool::touch() {
 // The lock
 // ---------------------------------------------------------------------------------------
 
-bool Pool::lock() {
+bool Pool::lock() { return lock_within(lock_timeout_ns_); }
+
+bool Pool::lock_within(uint64_t timeout_ns) {
   if (lost_) {  // our entry may belong to someone else by now: start over with a new one
     pinned_.clear();
     reserved_.clear();
@@ -216,7 +218,7 @@ bool Pool::lock() {
       took_over = true;
       break;
     }
-    if (now - start > lock_timeout_ns_) {
+    if (now - start >= timeout_ns) {
       atomics::count(hdr_->stats.busy);
       return false;
     }
@@ -255,14 +257,19 @@ void Pool::unlock() {
   if (!atomics::cas_release(hdr_->lock_word, token_, 0)) {
     // Taken over while we held it: our lease expired (or a scribble). Whatever we changed
     // may clash with the taker's rebuild: ask for another, and never touch its lock.
-    atomics::set_bits(hdr_->flags, kNeedsRebuild);
+    mark_rebuild();
     atomics::count(hdr_->stats.busy);
     lost_ = true;
   }
 }
 
-void Pool::corrupt(const std::string& what) const {
+void Pool::mark_rebuild() const {
   atomics::set_bits(hdr_->flags, kNeedsRebuild);
+  if (flush_) atomics::writeback(&hdr_->flags, sizeof(hdr_->flags));
+}
+
+void Pool::corrupt(const std::string& what) const {
+  mark_rebuild();
   atomics::count(hdr_->stats.corrupt);
   if (locked_) const_cast<Pool*>(this)->unlock();
   fail(ErrorKind::kCorrupt, path_ + ": " + what + " (a value in the shared pool is out of "
@@ -378,8 +385,9 @@ void Pool::settle() {
   if (deferred_unpins_.empty() && deferred_aborts_.empty()) return;
   ClientEntry& me = clients_[client_];
   uint32_t* table = pins_ + uint64_t(client_) * g_.max_pins;
-  uint32_t npins = std::min(atomics::read_once(line(me.npins)), g_.max_pins);
-  bool missing = false;
+  uint32_t npins = atomics::read_once(line(me.npins));
+  bool missing = npins > g_.max_pins;  // out of bounds: capped now, rebuilt next
+  npins = std::min(npins, g_.max_pins);
   for (uint32_t s : deferred_unpins_) {
     bool found = false;
     for (uint32_t i = npins; i-- > 0;) {
@@ -402,8 +410,9 @@ void Pool::settle() {
   }
   deferred_unpins_.clear();
   deferred_aborts_.clear();
-  // A pin we took is not in our table: someone wrote over it. Counts are derived: rebuild.
-  if (missing) atomics::set_bits(hdr_->flags, kNeedsRebuild);
+  // A pin we took is not in our table (or the table's count is out of bounds): someone
+  // wrote over it. Counts are derived: rebuild.
+  if (missing) mark_rebuild();
 }
 
 Result<size_t> Pool::sweep() {

@@ -73,7 +73,9 @@ void Pool::unpin(const std::vector<int64_t>& slots) {
     deferred_unpins_.push_back(uint32_t(s));
   }
   if (deferred_unpins_.empty()) return;
-  if (lock()) {  // settle() has done the work; if busy, the next call that locks does it
+  // No waiting: settle() does the work if the lock is free now; if not, the next call that
+  // gets the lock does (a release must never stall its caller on a busy pool).
+  if (lock_within(0)) {
     unlock();
     touch();
   }
@@ -163,7 +165,9 @@ Outcome Pool::complete_store(const std::vector<int64_t>& slots,
     work.push_back(p);
   }
   if (work.empty()) return Outcome::kOk;
-  if (!lock()) {  // nothing can be published now: free the slots at the next lock
+  // An abort never waits (the next call that gets the lock frees the slots); a publish
+  // waits up to the handle's timeout.
+  if (!(ok ? lock() : lock_within(0))) {  // nothing published now: freed at the next lock
     for (const auto& p : work) deferred_aborts_.push_back(p.slot);
     return Outcome::kBusy;
   }
@@ -190,7 +194,7 @@ Outcome Pool::complete_store(const std::vector<int64_t>& slots,
   unlock();
   touch();
   if (mismatch) {
-    atomics::set_bits(hdr_->flags, kNeedsRebuild);
+    mark_rebuild();
     atomics::count(hdr_->stats.corrupt);
   }
   atomics::count(hdr_->stats.bytes_in, bytes);

@@ -454,7 +454,7 @@ void Pool::detach() {
       }
     } catch (const PoolError&) {
     }
-    if (!clean) atomics::set_bits(hdr_->flags, kNeedsRebuild);
+    if (!clean) mark_rebuild();
     if (!lost_) atomics::store_release(clients_[client_].state, uint64_t{0});
     if (flush_) atomics::writeback(&clients_[client_], sizeof(ClientEntry));
     client_ = UINT32_MAX;

@@ -46,3 +46,27 @@ def test_prometheus_export_names_and_values() -> None:
     assert 'beluga_worker_pool_load_bytes_total{engine="0",model_name="m"} 1000.0' in text
     assert 'beluga_worker_pool_load_errors_total{engine="0",model_name="m"} 2.0' in text
     assert 'beluga_worker_pool_enabled{engine="0",model_name="m"} 1.0' in text
+
+
+def test_pool_errors_are_counted_by_kind_merged_and_exported() -> None:
+    worker, sched = BelugaStats(), BelugaStats()
+    worker.pool_error("busy")
+    worker.pool_error("busy")
+    sched.pool_error("corrupt")
+    sched.pool_error("no such kind")  # counted as "other": a bounded set of labels
+    merged = worker.take()
+    assert merged is not None
+    merged.aggregate(sched)
+    assert merged.pool_errors() == {"busy": 2, "corrupt": 1, "other": 1}
+    reg = CollectorRegistry()
+    types: dict[Any, Any] = {Counter: partial(Counter, registry=reg),
+                             Gauge: partial(Gauge, registry=reg),
+                             Histogram: partial(Histogram, registry=reg)}
+    config: Any = SimpleNamespace(kv_transfer_config=None)
+    prom = BelugaPromMetrics(config, types, ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe(merged.reduce(), engine_idx=0)
+    text = generate_latest(reg).decode()
+    assert ('beluga_worker_pool_errors_total{engine="0",kind="busy",model_name="m"} 2.0'
+            in text)
+    assert 'kind="corrupt",model_name="m"} 1.0' in text
+    assert 'kind="closed",model_name="m"} 0.0' in text

@@ -6,21 +6,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client import REGISTRY, generate_latest
 from starlette.responses import PlainTextResponse
 
+from beluga.pool_errors import BusyBackoff
 from beluga.pool_lookup import LOOKUP_PATH, MAX_KEYS, LookupReply, request_body
 from beluga.settings import Settings
 from engine.pool_lookup_endpoint import PoolLookupMiddleware
 from kvpool import KVPool, block_keys
-from tests.support import serve
+from tests.support import pool_lock_held, scribble_index, serve
 
 FP = hashlib.sha256(b"model").digest()
 KEYS = block_keys(list(range(16 * 8)), 16, FP)  # 8 blocks of 16 tokens
@@ -206,3 +210,70 @@ def test_without_a_credential_nothing_changes(url: str, pool: KVPool) -> None:
     assert lookup(url, request_body(str(pool.uuid), KEYS[:8])).json()["blocks"] == 5
     resp = looked_up(url, pool, {"authorization": "Bearer anything"})
     assert resp.status_code == 200 and resp.json()["blocks"] == 5
+
+
+# --- a pool in trouble: a clear 503, never a 500, never a stalled event loop ---------------
+
+@pytest.fixture
+def own_pool(tmp_path: Path) -> Iterator[KVPool]:
+    path = Path(f"/dev/shm/beluga-test-lookup-trouble-{os.getpid()}.pool")
+    p = KVPool.create(path, slot_size=4096, slot_count=32, fingerprint=FP)
+    p.put(KEYS[:5], [b"x" * 100] * 5)
+    yield p
+    p.close()
+    path.unlink(missing_ok=True)
+
+
+def test_a_busy_pool_is_a_quick_503_and_the_loop_serves_on(own_pool: KVPool) -> None:
+    app = PoolLookupMiddleware(vllm_stand_in(), Settings(pool_path=own_pool.path,
+                                                         pool_lock_timeout_s=1.0))
+    app.backoff = BusyBackoff(0.5)
+    body = request_body(str(own_pool.uuid), KEYS[:8])
+    for url in serve(app):
+        assert lookup(url, body).json()["blocks"] == 5  # attached
+        with pool_lock_held(own_pool.path), ThreadPoolExecutor(1) as ex:
+            pending = ex.submit(lookup, url, body)  # waits up to 1 s for the lock...
+            time.sleep(0.2)
+            assert not pending.done()
+            t0 = time.monotonic()  # ...off the event loop: other requests are answered
+            assert httpx.get(url + "/health", timeout=10).status_code == 200
+            assert time.monotonic() - t0 < 0.5
+            resp = pending.result(timeout=10)
+            assert resp.status_code == 503, resp.text
+            err = resp.json()["error"]
+            assert err["code"] == "pool_busy" and "busy" in err["message"]
+            # Backing off: answered at once, without waiting for the lock again.
+            t0 = time.monotonic()
+            assert lookup(url, body).json()["error"]["code"] == "pool_busy"
+            assert time.monotonic() - t0 < 0.3
+            assert lookup(url, body).json()["error"]["code"] == "pool_busy"
+        assert app.errors.counts == {"busy": 3}
+        time.sleep(0.5)  # the backoff ends on time (lookups during it do not extend it)
+        assert lookup(url, body).json()["blocks"] == 5  # the holder is gone
+
+
+def test_a_busy_pool_with_the_default_lock_timeout(own_pool: KVPool) -> None:
+    app = PoolLookupMiddleware(vllm_stand_in(), Settings(pool_path=own_pool.path))
+    assert app.lock_timeout_s == 0.05
+    body = request_body(str(own_pool.uuid), KEYS[:8])
+    for url in serve(app):
+        assert lookup(url, body).json()["blocks"] == 5
+        with pool_lock_held(own_pool.path):
+            t0 = time.monotonic()
+            resp = lookup(url, body)
+            assert resp.status_code == 503 and resp.json()["error"]["code"] == "pool_busy"
+            assert time.monotonic() - t0 < 0.5
+
+
+def test_a_corrupt_pool_is_a_503_once_then_heals(own_pool: KVPool) -> None:
+    app = PoolLookupMiddleware(vllm_stand_in(), Settings(pool_path=own_pool.path))
+    body = request_body(str(own_pool.uuid), KEYS[:8])
+    for url in serve(app):
+        assert lookup(url, body).json()["blocks"] == 5
+        scribble_index(own_pool.path)
+        resp = lookup(url, body)
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "pool_corrupt"
+        assert lookup(url, body).json()["blocks"] == 5  # the next call rebuilt the index
+        assert app.errors.counts == {"corrupt": 1}
+    text = generate_latest(REGISTRY).decode()
+    assert 'beluga_worker_pool_lookup_errors_total{kind="corrupt"}' in text

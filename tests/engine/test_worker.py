@@ -249,3 +249,12 @@ def test_a_stopping_worker_unregisters_before_it_stops_vllm(
     monkeypatch.setattr(worker_mod, "read_load", load)
     assert w.run() == 0
     assert events[-2:] == ["unregister", "vllm SIGTERM"], events
+
+
+def test_the_lookup_endpoints_lock_timeout_reaches_vllms_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    env = vllm_env(Settings(pool_lock_timeout_s=0.2))
+    assert env["BELUGA_POOL_LOCK_TIMEOUT_S"] == "0.2"
+    monkeypatch.setenv("BELUGA_POOL_LOCK_TIMEOUT_S", env["BELUGA_POOL_LOCK_TIMEOUT_S"])
+    assert Settings().pool_lock_timeout_s == 0.2  # as the endpoint reads it
+    assert Settings.model_fields["pool_lock_timeout_s"].default == 0.05

@@ -22,7 +22,7 @@ from engine.hints import HintPublisher
 from engine.pool_lookup_endpoint import PoolLookupMiddleware
 from gateway.app import create_app
 from kvpool import KVPool, block_keys
-from tests.support import RedisServer, serve
+from tests.support import RedisServer, pool_lock_held, serve
 
 PREFIX = "beluga:test-lookup"
 FP = hashlib.sha256(b"model").digest()
@@ -158,3 +158,48 @@ def test_a_worker_without_the_endpoint_costs_routing_nothing_but_the_pool(
             assert resp.status_code == 200
         assert metric(gw, 'beluga_gateway_pool_lookups_total{result="error"}') == 1
         assert metric(gw, 'beluga_gateway_pool_lookups_total{result="ok"}') == 0
+
+
+def test_a_workers_busy_pool_is_counted_as_busy_and_routed_on(server: RedisServer,
+                                                              pool: KVPool) -> None:
+    pool.put(block_keys(TOKENS, 16, FP)[:4], [b"x" * 100] * 4)
+    with worker(server, "w1", pool, endpoint=True), gateway(server) as gw:
+        routed(gw, "pool")
+        with pool_lock_held(pool.path):
+            t0 = time.monotonic()
+            resp = gw.post("/v1/completions", json={"model": "m", "prompt": TOKENS,
+                                                    "max_tokens": 1})
+            assert resp.status_code == 200 and resp.headers["x-beluga-route"] != "pool"
+            assert time.monotonic() - t0 < 1.0
+            assert metric(gw, 'beluga_gateway_pool_lookups_total{result="busy"}') == 1
+
+
+def test_a_busy_pool_mapped_here_costs_a_request_no_stall_and_no_error(
+        server: RedisServer) -> None:
+    """The pool is mapped on the gateway's host (found among /dev/shm/*.pool) and a frozen
+    process holds its lock: requests are answered (200) at once, routed as if the pool held
+    nothing, /metrics answers at once, and the lookup is counted as busy."""
+    path = Path(f"/dev/shm/beluga-test-lookup-here-{os.getpid()}.pool")
+    here = KVPool.create(path, slot_size=4096, slot_count=32, fingerprint=FP)
+    try:
+        here.put(block_keys(TOKENS, 16, FP)[:4], [b"x" * 100] * 4)
+        with worker(server, "w1", here, endpoint=False), gateway(server) as gw:
+            routed(gw, "pool")
+            assert metric(gw, 'beluga_gateway_pool_lookups_total{result="ok"}') >= 1
+            with pool_lock_held(path):
+                for _ in range(3):
+                    t0 = time.monotonic()
+                    resp = gw.post("/v1/completions", json={"model": "m", "prompt": TOKENS,
+                                                            "max_tokens": 1})
+                    assert resp.status_code == 200, resp.text
+                    assert resp.headers["x-beluga-route"] != "pool"
+                    assert time.monotonic() - t0 < 0.5
+                    t0 = time.monotonic()
+                    assert gw.get("/metrics").status_code == 200
+                    assert time.monotonic() - t0 < 0.5
+                # Once, then lookups pause (BUSY_BACKOFF_S): not one lock timeout a request.
+                assert metric(gw, 'beluga_gateway_pool_lookups_total{result="busy"}') == 1
+                assert metric(gw, "beluga_pool_slots") == 32  # the last snapshot
+    finally:
+        here.close()
+        path.unlink(missing_ok=True)

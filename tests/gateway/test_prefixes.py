@@ -21,7 +21,7 @@ from gateway.prefixes import BlockKeyMemo, Keying, PrefixIndex
 from gateway.routing import lazy_block_keys
 from gateway.tokenize import Prompt
 from kvpool import KVPool, block_keys
-from tests.support import RedisServer
+from tests.support import RedisServer, pool_lock_held, scribble_index
 
 FP = hashlib.sha256(b"model").digest()
 PREFIX = "beluga:test"
@@ -262,3 +262,87 @@ def test_a_prompt_read_part_way_leaves_no_memo_entry() -> None:
     assert not memo._memo  # only a piece read to its end is remembered
     assert list(keys) == block_keys(system, 16, FP)[1:]
     assert len(memo._memo) == 1
+
+
+# --- the pool in trouble: routed as if it held none, counted, never raised ------------------
+
+@contextlib.asynccontextmanager
+async def troubled_index(server: RedisServer, pool: KVPool, keys: list[bytes],
+                         **kw: Any) -> AsyncIterator[tuple[PrefixIndex, Keying, list[str]]]:
+    """A PrefixIndex that attached `pool` (named by w1's hints; w1 holds no keys), each
+    lookup's result noted in the list it yields."""
+    publish(server, "w1", [], str(pool.uuid))
+    client = aioredis.Redis.from_url(server.url)
+    index = PrefixIndex(client, PREFIX, pool_search_dirs="/dev/shm", **kw)
+    results: list[str] = []
+    index.count_lookup = results.append
+    try:
+        assert await index.refresh(["w1"])
+        keying = index.keying(["w1"])
+        assert keying is not None and index.pool_blocks(keying, keys) == 5
+        assert results == ["ok"]
+        results.clear()
+        yield index, keying, results
+    finally:
+        index.close()
+        await client.aclose()
+
+
+def test_a_busy_pool_is_counted_and_routed_on_quickly(server: RedisServer,
+                                                      shm_pool: KVPool) -> None:
+    keys = block_keys(TOKENS, 16, FP)
+    shm_pool.put(keys[:5], [b"x" * 100] * 5)
+
+    async def go() -> None:
+        async with troubled_index(server, shm_pool, keys) as (index, keying, results):
+            stats = index.pool_stats()
+            assert stats is not None and stats.used_slots == 5
+            with pool_lock_held(shm_pool.path):
+                t0 = time.monotonic()
+                assert index.pool_blocks(keying, keys) == 0  # the default: 0.05 s
+                assert time.monotonic() - t0 < 0.5
+                assert results == ["busy"]
+                # Backing off: the next requests do not wait for the lock again.
+                t0 = time.monotonic()
+                read, local, pooled = index.match(keying, ["w1"], iter(keys))
+                assert (len(read), local, pooled) == (1, {"w1": 0}, 0)
+                assert time.monotonic() - t0 < 0.2 and results == ["busy"]
+                # The statistics are a snapshot: reading them never calls into the pool.
+                assert index.pool_stats() == stats
+                assert await index.refresh(["w1"])  # a refresh goes on too
+            index._backoff = type(index._backoff)(0.0)
+            assert index.pool_blocks(keying, keys) == 5  # the holder is gone
+            assert results == ["busy", "ok"]
+
+    asyncio.run(go())
+
+
+def test_a_corrupt_or_closed_pool_is_counted_and_routed_on(server: RedisServer,
+                                                           shm_pool: KVPool) -> None:
+    keys = block_keys(TOKENS, 16, FP)
+    shm_pool.put(keys[:5], [b"x" * 100] * 5)
+
+    async def go() -> None:
+        async with troubled_index(server, shm_pool, keys) as (index, keying, results):
+            scribble_index(shm_pool.path)
+            _, _, pooled = index.match(keying, ["w1"], iter(keys))
+            assert pooled == 0 and results == ["corrupt"]
+            assert index.pool_blocks(keying, keys) == 5  # rebuilt by the next call
+            assert index._pool is not None
+            index._pool.close()  # detached while routing still holds it
+            assert index.pool_blocks(keying, keys) == 0
+            assert results == ["corrupt", "ok", "closed"]
+
+    asyncio.run(go())
+
+
+def test_pool_lookups_are_counted_in_the_gateways_metrics() -> None:
+    from gateway.metrics import GatewayMetrics
+    m = GatewayMetrics("pool_aware")
+    for result in ("ok", "ok", "busy", "corrupt", "timeout", "not a kind"):
+        m.pool_lookup(result)
+    text = m.render().decode()
+    assert 'beluga_gateway_pool_lookups_total{result="ok"} 2.0' in text
+    assert 'beluga_gateway_pool_lookups_total{result="busy"} 1.0' in text
+    assert 'beluga_gateway_pool_lookups_total{result="corrupt"} 1.0' in text
+    assert 'beluga_gateway_pool_lookups_total{result="error"} 1.0' in text  # bounded labels

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -39,7 +40,7 @@ def test_keys_are_the_same_in_another_process() -> None:
             "fp = ModelIdentity('m','r','bfloat16',30,3,64,16).fingerprint();"
             "print(block_keys(list(range(64)), 16, fp, 'salt')[-1].hex())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env={"PYTHONHASHSEED": "123"}).stdout.strip()
+                         check=True, env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.strip()
     assert out == block_keys(list(range(64)), 16, FP, "salt")[-1].hex()
 
 

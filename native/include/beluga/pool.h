@@ -236,9 +236,11 @@ class Pool {
   void live() const;  // PoolError(kClosed) after detach
   // Clients and the lock (lock.cpp).
   void claim_client();
-  bool lock();  // false: busy past the timeout
+  bool lock();  // false: busy past the handle's timeout
+  bool lock_within(uint64_t timeout_ns);  // 0: one round of spins, then give up
   void unlock();
   [[noreturn]] void corrupt(const std::string& what) const;  // mark, unlock if held, throw
+  void mark_rebuild() const;  // kNeedsRebuild: the next process to lock rebuilds
   void acquire_line(const void* p) const;
   // Metadata access under the lock; in flush mode each line is synced (see lock.cpp).
   template <typename T>
