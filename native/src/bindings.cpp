@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "beluga/hash_copy.h"
 #include "beluga/pool.h"
 
 namespace py = pybind11;
@@ -87,6 +88,10 @@ PYBIND11_MODULE(beluga_native, m) {
   m.attr("OUTCOME_FULL") = int(beluga::Outcome::kFull);
   m.attr("OUTCOME_BUSY") = int(beluga::Outcome::kBusy);
   m.attr("CUDA_BUILT") = Pool::cuda_built();
+  m.def("hash_copy_impl", &beluga::hash_copy_impl,
+        "The vector unit the checksummed copy uses here: avx512, avx2 or scalar.");
+  m.def("hash_copy_force", &beluga::hash_copy_force, py::arg("want"),
+        "Tests: force a narrower checksummed copy (avx2, scalar; '' = the best); returns it.");
   m.def("cuda_device_count", &Pool::cuda_device_count,
         "Visible CUDA devices (0 when built without CUDA or no driver/device).");
 

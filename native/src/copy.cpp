@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "beluga/atomics.h"
+#include "beluga/hash_copy.h"
 #include "internal.h"
 #ifdef BELUGA_WITH_CUDA
 #include "beluga/cuda_copy.h"
@@ -22,32 +23,13 @@ namespace {
 // its block, copying them to dst on the way when Copy (one pass over the data instead of a
 // copy and a second read). Where n is not whole words the last word is zero-padded, so
 // that is only right at a block's end. Two accumulators keep two multiplies in flight.
+// The checksum terms (beluga/checksum.h) of n bytes at src, the first byte being word k of
+// its block, copying them to dst on the way when Copy: one pass over the data, vectorised
+// (beluga/hash_copy.h). Where n is not whole words the last word is zero-padded, so that is
+// only right at a block's end.
 template <bool Copy>
 uint64_t hash_words(uint8_t* dst, const uint8_t* src, uint64_t n, uint64_t k) {
-  using checksum::term;
-  uint64_t s0 = 0, s1 = 0, i = 0;
-  for (; i + 16 <= n; i += 16, k += 2) {
-    uint64_t v[2];
-    std::memcpy(v, src + i, 16);
-    if constexpr (Copy) std::memcpy(dst + i, v, 16);
-    s0 += term(v[0], k);
-    s1 += term(v[1], k + 1);
-  }
-  for (; i + 8 <= n; i += 8, ++k) {
-    uint64_t v;
-    std::memcpy(&v, src + i, 8);
-    if constexpr (Copy) std::memcpy(dst + i, &v, 8);
-    s0 += term(v, k);
-  }
-  // A short last word, zero-padded (little-endian: its bytes in the low end). Kept apart
-  // from the loops above: a variable-length copy there costs the main loop its registers.
-  if (i < n) {
-    uint64_t v = 0;
-    std::memcpy(&v, src + i, n - i);
-    if constexpr (Copy) std::memcpy(dst + i, &v, n - i);
-    s0 += term(v, k);
-  }
-  return s0 + s1;
+  return hash_copy(Copy ? dst : nullptr, src, n, k);
 }
 
 // Whether every segment but the last is whole words, so each starts a word of the block
@@ -130,7 +112,7 @@ uint32_t Pool::write(int64_t slot, const void* src, uint64_t n, uint64_t offset)
   uint8_t* dst = data_ + uint64_t(slot) * g_.slot_size + offset;
   uint32_t sum = 0;
   if (offset == 0) {
-    sum = checksum::finish(hash_words<true>(dst, static_cast<const uint8_t*>(src), n, 0), n);
+    sum = checksum::finish(hash_copy_nt(dst, static_cast<const uint8_t*>(src), n, 0), n);
   } else {
     std::memcpy(dst, src, n);
   }
@@ -227,7 +209,10 @@ std::vector<int64_t> Pool::copy_blocks(const std::vector<int64_t>& slots,
         auto* engine = reinterpret_cast<uint8_t*>(seg.base + uint64_t(block_ids[i]) * seg.block_stride);
         uint8_t* dst = to_pool ? slot + off : engine;
         const uint8_t* src = to_pool ? engine : slot + off;
-        if (fused) terms += hash_words<true>(dst, src, seg.bytes, off / 8);
+        // Into the pool: non-temporal stores (the block is not read here again soon).
+        if (fused)
+          terms += to_pool ? hash_copy_nt(dst, src, seg.bytes, off / 8)
+                           : hash_copy(dst, src, seg.bytes, off / 8);
         else std::memcpy(dst, src, seg.bytes);
         off += seg.bytes;
       }

@@ -36,6 +36,22 @@ def reference(data: bytes) -> int:
     return folded or 1
 
 
+def _mix64(x: int) -> int:
+    x ^= x >> 30
+    x = x * 0xBF58476D1CE4E5B9 & M64
+    x ^= x >> 27
+    x = x * 0x94D049BB133111EB & M64
+    return x ^ (x >> 31)
+
+
+def bound(checksum: int, key: bytes) -> int:
+    """The checksum stored with a block (format 3): its block checksum bound to its key
+    (native/src/internal.h bind_key, over the index's key hash)."""
+    w = [int.from_bytes(key[i:i + 8], "little") for i in range(0, 32, 8)]
+    h = _mix64(w[0] ^ _mix64(w[1] ^ _mix64(w[2] ^ _mix64(w[3]))))
+    return (checksum ^ (h & 0xFFFFFFFF) ^ (h >> 32)) or 1
+
+
 def native(pool: KVPool, data: bytes) -> int:
     [slot] = reserve(pool, [key(len(data))])
     try:
