@@ -24,10 +24,11 @@ unit: setup ## Fast tests (no vLLM)
 e2e: setup ## End-to-end tests against a real stack
 	$(BIN)/pytest -q -m e2e
 
-test: setup ## Set up, then lint, type-check and run every test
+test: setup ## Set up, then lint, type-check, run every test, then the pool's hostile tests under ASan + UBSan
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+	scripts/sanitize.sh tests/kvpool/test_hostile_pool.py tests/kvpool/test_pool_fuzz.py tests/kvpool/test_pool.py
 
 sanitize: setup ## The native pool under ASan + UBSan: kvpool tests and the fixed-seed fuzz run
 	scripts/sanitize.sh

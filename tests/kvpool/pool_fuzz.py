@@ -868,9 +868,16 @@ class Operator:
         os._exit(EXIT_ABRUPT)
 
 
+def _under_asan() -> bool:
+    """Whether AddressSanitizer's runtime is loaded here (`make sanitize`): it reserves
+    terabytes of address space for its shadow, so an address-space limit would kill it."""
+    with open("/proc/self/maps") as maps:
+        return any("libasan" in line for line in maps)
+
+
 def _limit_memory(mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if mb > 0:
+    if mb > 0 and not _under_asan():
         resource.setrlimit(resource.RLIMIT_AS, (mb << 20, mb << 20))
 
 
