@@ -105,7 +105,8 @@ void check_span(uint64_t n, uint64_t offset, uint64_t slot_size, const char* wha
 
 uint32_t Pool::write(int64_t slot, const void* src, uint64_t n, uint64_t offset) {
   check_slot(slot);
-  if (reserved_.find(uint32_t(slot)) == reserved_.end())
+  auto mine = reserved_.find(uint32_t(slot));
+  if (mine == reserved_.end())
     fail(ErrorKind::kInvalid, "slot " + std::to_string(slot) + " is not reserved by this handle "
                                                                "(prepare_store it first)");
   check_span(n, offset, g_.slot_size, "a write");
@@ -113,8 +114,11 @@ uint32_t Pool::write(int64_t slot, const void* src, uint64_t n, uint64_t offset)
   uint32_t sum = 0;
   if (offset == 0) {
     sum = checksum::finish(hash_copy_nt(dst, static_cast<const uint8_t*>(src), n, 0), n);
+    mine->second.sum = sum;
+    mine->second.length = n;
   } else {
     std::memcpy(dst, src, n);
+    mine->second.sum = 0;  // written piecewise: complete_store needs the caller's checksum
   }
   if (flush_) atomics::writeback(dst, n);
   return sum;
@@ -198,30 +202,33 @@ std::vector<int64_t> Pool::copy_blocks(const std::vector<int64_t>& slots,
   // gather: the checksum of each written block; scatter: 1 where verification failed.
   std::vector<int64_t> out(check ? n : 0, 0);
   // Hash while copying when every segment but the last is whole words (each then starts a
-  // word of the block); otherwise copy, then hash the slot.
-  const bool fused = check && words_aligned(segs);
+  // word of the block). Otherwise each block goes through a private buffer, hashed as it
+  // is copied to or from the slot: the checksum is always of exactly the bytes that reached
+  // the other side, never of a second read of the slot (which a writer could change back).
+  const bool fused = words_aligned(segs);
   auto work = [&](size_t lo, size_t hi) {
+    std::vector<uint8_t> bounce(check && !fused ? per_block : 0);
     for (size_t i = lo; i < hi; ++i) {
       uint8_t* slot = data_ + uint64_t(slots[i]) * g_.slot_size;
       if (!to_pool && flush_) atomics::invalidate(slot, per_block);
-      uint64_t off = 0, terms = 0;
+      uint64_t terms = 0;
+      if (check && !fused && !to_pool) terms = hash_copy(bounce.data(), slot, per_block, 0);
+      uint64_t off = 0;
       for (const auto& seg : segs) {
         auto* engine = reinterpret_cast<uint8_t*>(seg.base + uint64_t(block_ids[i]) * seg.block_stride);
-        uint8_t* dst = to_pool ? slot + off : engine;
-        const uint8_t* src = to_pool ? engine : slot + off;
+        uint8_t* pool_side = check && !fused ? bounce.data() + off : slot + off;
+        uint8_t* dst = to_pool ? pool_side : engine;
+        const uint8_t* src = to_pool ? engine : pool_side;
         // Into the pool: non-temporal stores (the block is not read here again soon).
-        if (fused)
+        if (check && fused)
           terms += to_pool ? hash_copy_nt(dst, src, seg.bytes, off / 8)
                            : hash_copy(dst, src, seg.bytes, off / 8);
         else std::memcpy(dst, src, seg.bytes);
         off += seg.bytes;
       }
+      if (check && !fused && to_pool) terms = hash_copy_nt(slot, bounce.data(), per_block, 0);
       if (check) {
-        // The checksum of the bytes as copied (fused), or of the slot right after the copy:
-        // a scribble on the slot before or during a scatter changes it (a false alarm at
-        // worst), one after it did not reach the engine.
-        const uint32_t sum = fused ? checksum::finish(terms, per_block)
-                                   : block_checksum(slot, per_block);
+        const uint32_t sum = checksum::finish(terms, per_block);
         out[i] = to_pool ? int64_t(sum) : (verify(slots[i], keys[i], per_block, sum) ? 0 : 1);
       }
       if (to_pool && flush_) atomics::writeback(slot, per_block);
@@ -248,7 +255,23 @@ std::vector<int64_t> Pool::copy_blocks(const std::vector<int64_t>& slots,
 std::vector<uint32_t> Pool::gather(const std::vector<int64_t>& slots,
                                    const std::vector<int64_t>& block_ids,
                                    const std::vector<Segment>& segments, int threads) {
-  return as_checksums(copy_blocks(slots, block_ids, segments, threads, true, true, nullptr));
+  auto sums = as_checksums(copy_blocks(slots, block_ids, segments, threads, true, true, nullptr));
+  remember(slots, segments, sums);
+  return sums;
+}
+
+// The checksums of blocks just copied into reserved slots, for a complete_store that is
+// not given them.
+void Pool::remember(const std::vector<int64_t>& slots, const std::vector<Segment>& segments,
+                    const std::vector<uint32_t>& sums) {
+  uint64_t per_block = 0;
+  for (const auto& s : segments) per_block += s.bytes;  // checked by check_segments
+  for (size_t i = 0; i < slots.size() && i < sums.size(); ++i) {
+    auto it = reserved_.find(uint32_t(slots[i]));
+    if (it == reserved_.end()) continue;
+    it->second.sum = sums[i];
+    it->second.length = per_block;
+  }
 }
 
 std::vector<int64_t> Pool::scatter(const std::vector<int64_t>& slots,
@@ -390,7 +413,9 @@ std::vector<uint32_t> Pool::gather_cuda(const std::vector<int64_t>& slots,
                                         const std::vector<int64_t>& block_ids,
                                         const std::vector<Segment>& segments,
                                         const CudaCopyOptions& opts) {
-  return as_checksums(copy_cuda(slots, block_ids, segments, opts, true, nullptr));
+  auto sums = as_checksums(copy_cuda(slots, block_ids, segments, opts, true, nullptr));
+  remember(slots, segments, sums);
+  return sums;
 }
 
 std::vector<int64_t> Pool::scatter_cuda(const std::vector<int64_t>& slots,

@@ -19,23 +19,23 @@ uint32_t Pool::bucket_slot(uint64_t b) const {
 
 int64_t Pool::find(const uint8_t* key) const {
   uint64_t b = detail::key_hash(key) & mask_;
-  for (uint64_t probes = 0; probes <= mask_; ++probes, b = (b + 1) & mask_) {
+  for (uint64_t probes = 0; probes < kMaxProbe && probes <= mask_; ++probes, b = (b + 1) & mask_) {
     const uint32_t s = bucket_slot(b);
     if (s == UINT32_MAX) return -1;
     if (std::memcmp(slot_at(s).key, key, kKeyBytes) == 0) return int64_t(b);
   }
-  corrupt("the index has no empty bucket");  // capacity >= 2 x slots: never by design
+  return -1;  // no entry lies further from its home
 }
 
-void Pool::index_insert(const uint8_t* key, uint32_t slot) {
+bool Pool::index_insert(const uint8_t* key, uint32_t slot) {
   uint64_t b = detail::key_hash(key) & mask_;
-  for (uint64_t probes = 0; probes <= mask_; ++probes, b = (b + 1) & mask_) {
+  for (uint64_t probes = 0; probes < kMaxProbe && probes <= mask_; ++probes, b = (b + 1) & mask_) {
     if (atomics::read_once(line(index_[b])) == kEmpty) {
       line(index_[b]) = slot + 1;
-      return;
+      return true;
     }
   }
-  corrupt("the index has no empty bucket");
+  return false;
 }
 
 void Pool::index_erase(uint64_t at) {
@@ -61,12 +61,12 @@ void Pool::index_erase(uint64_t at) {
 // duplicate), or -1.
 int64_t Pool::bucket_of(const uint8_t* key, uint32_t s) const {
   uint64_t b = detail::key_hash(key) & mask_;
-  for (uint64_t probes = 0; probes <= mask_; ++probes, b = (b + 1) & mask_) {
+  for (uint64_t probes = 0; probes < kMaxProbe && probes <= mask_; ++probes, b = (b + 1) & mask_) {
     const uint32_t at = bucket_slot(b);
     if (at == UINT32_MAX) return -1;
     if (at == s) return int64_t(b);
   }
-  corrupt("the index has no empty bucket");
+  return -1;
 }
 
 // A slot leaves the pool: its index entry goes (if it has one), it becomes FREE.

@@ -167,7 +167,8 @@ bool Pool::client_alive(uint32_t c, uint64_t nonce, bool check_nonce) const {
   const uint64_t pidns = atomics::read_once(e.pidns);
   if (host != 0 && host == me_.host && pidns != 0 && pidns == me_.pidns) {
     if (pid == 0 || pid >= kMaxPid) return false;
-    if (pid == me_.pid) return c == client_;  // our pid: alive only as our own entry
+    // (Our own pid included: another handle of this process has our start time and is
+    // alive; an entry of a dead process whose pid we now have has another start time.)
     if (kill(pid_t(pid), 0) != 0 && errno == ESRCH) return false;
     const uint64_t ticks = detail::process_start_ticks(pid);
     return ticks == 0 || ticks == atomics::read_once(e.start_ticks);  // 0: cannot tell
@@ -190,7 +191,10 @@ void Pool::touch() {
 bool Pool::lock() { return lock_within(lock_timeout_ns_); }
 
 bool Pool::lock_within(uint64_t timeout_ns) {
-  if (lost_) {  // our entry may belong to someone else by now: start over with a new one
+  // Inherited across fork(): the client entry, its token, pins and reservations are the
+  // parent's. Lost: our entry may belong to someone else by now. Either way this handle
+  // starts over with a new entry and nothing of the old one.
+  if (lost_ || uint32_t(getpid()) != me_.pid) {
     pinned_.clear();
     reserved_.clear();
     deferred_unpins_.clear();
@@ -349,20 +353,25 @@ void Pool::rebuild() {
   for (uint64_t s = 0; s < n; ++s) {
     SlotMeta& m = slots_[s];
     if (m.state == uint32_t(SlotState::kFree)) continue;
-    bool duplicate = false;
-    // The index holds only what this loop put there; probes are bounded by capacity.
+    bool duplicate = false, placed = false;
+    // The index holds only what this loop put there; at most kMaxProbe probes per slot.
     uint64_t b = detail::key_hash(m.key) & mask_;
-    for (uint64_t probes = 0; probes <= mask_; ++probes, b = (b + 1) & mask_) {
+    for (uint64_t probes = 0; probes < kMaxProbe && probes <= mask_; ++probes, b = (b + 1) & mask_) {
       const uint32_t v = atomics::read_once(index_[b]);
-      if (v == kEmpty || v - 1 >= n) break;  // (a value written meanwhile: ours wins)
+      if (v == kEmpty || v - 1 >= n) {  // (a value written meanwhile: ours wins)
+        placed = true;
+        break;
+      }
       duplicate |= std::memcmp(slots_[v - 1].key, m.key, kKeyBytes) == 0;
     }
-    if (duplicate && m.pins == 0) {  // a duplicate key left by a crash: keep the first copy
+    // A duplicate key left by a crash (the first copy is kept), or a key whose home's
+    // neighbourhood is full (keys crafted to collide): the block is dropped.
+    if (!placed || (duplicate && m.pins == 0)) {
       m.state = uint32_t(SlotState::kFree);
       --used;
       continue;
     }
-    index_[b] = uint32_t(s) + 1;  // capacity >= 2 x slots: an empty bucket was found
+    index_[b] = uint32_t(s) + 1;
   }
   hdr_->used_slots = used;
   if (atomics::read_once(hdr_->clock_hand) >= n) hdr_->clock_hand = 0;
@@ -373,7 +382,7 @@ void Pool::rebuild() {
   for (auto it = reserved_.begin(); it != reserved_.end();) {
     const SlotMeta& m = slots_[it->first];
     if (m.state != uint32_t(SlotState::kWriting) || m.owner != client_ ||
-        std::memcmp(m.key, it->second.data(), kKeyBytes) != 0)
+        std::memcmp(m.key, it->second.key.data(), kKeyBytes) != 0)
       it = reserved_.erase(it);
     else
       ++it;

@@ -33,6 +33,23 @@ Result<std::vector<uint32_t>> Pool::pin(const uint8_t* keys, size_t n) {
   std::vector<uint32_t> out;
   out.reserve(std::min<size_t>(n, g_.max_pins));
   if (!lock()) return {Outcome::kBusy, {}};
+  try {
+    pin_locked(keys, n, out);
+  } catch (const PoolError&) {  // a corrupt value midway: what was pinned is unpinned later
+    for (uint32_t s : out) {
+      auto it = pinned_.find(s);
+      if (it != pinned_.end() && --it->second.count == 0) pinned_.erase(it);
+      deferred_unpins_.push_back(s);
+    }
+    throw;
+  }
+  unlock();
+  touch();
+  if (lost_) return {Outcome::kBusy, {}};
+  return {Outcome::kOk, std::move(out)};
+}
+
+void Pool::pin_locked(const uint8_t* keys, size_t n, std::vector<uint32_t>& out) {
   ClientEntry& me = clients_[client_];
   uint32_t* table = pins_ + uint64_t(client_) * g_.max_pins;
   uint32_t npins = atomics::read_once(line(me.npins));
@@ -56,11 +73,6 @@ Result<std::vector<uint32_t>> Pool::pin(const uint8_t* keys, size_t n) {
     mine.count++;
     out.push_back(s);
   }
-  line(me.npins) = npins;
-  unlock();
-  touch();
-  if (lost_) return {Outcome::kBusy, {}};
-  return {Outcome::kOk, std::move(out)};
 }
 
 void Pool::unpin(const std::vector<int64_t>& slots) {
@@ -115,6 +127,15 @@ void Pool::reserve(const uint8_t* keys, size_t n, std::vector<Reservation>& out)
       break;
     }
     SlotMeta& m = slot_at(uint64_t(s));
+    if (!index_insert(key, uint32_t(s))) {
+      // Its home's neighbourhood is full: never by chance at this load, so the index was
+      // written over (or keys were crafted to collide). Refused now; a rebuild next.
+      m.state = uint32_t(SlotState::kFree);
+      atomics::count(hdr_->stats.full);
+      atomics::count(hdr_->stats.corrupt);
+      mark_rebuild();
+      continue;
+    }
     std::memcpy(m.key, key, kKeyBytes);
     m.owner = client_;
     m.owner_nonce = uint32_t(token_);
@@ -123,9 +144,8 @@ void Pool::reserve(const uint8_t* keys, size_t n, std::vector<Reservation>& out)
     m.length = 0;
     m.checksum = 0;
     m.state = uint32_t(SlotState::kWriting);  // after the key: rebuild trusts key + state
-    index_insert(key, uint32_t(s));
     line(hdr_->used_slots)++;
-    std::memcpy(reserved_[uint32_t(s)].data(), key, kKeyBytes);
+    std::memcpy(reserved_[uint32_t(s)].key.data(), key, kKeyBytes);
     out[i] = {Outcome::kOk, uint32_t(s)};
   }
 }
@@ -156,12 +176,15 @@ Outcome Pool::complete_store(const std::vector<int64_t>& slots,
   for (size_t i = 0; i < slots.size(); ++i) {
     auto it = reserved_.find(uint32_t(slots[i]));
     if (it == reserved_.end()) continue;
-    Publish p{uint32_t(slots[i]), it->second, lengths.empty() ? g_.slot_size : lengths[i], 0};
-    reserved_.erase(it);
+    Publish p{uint32_t(slots[i]), it->second.key, lengths.empty() ? g_.slot_size : lengths[i], 0};
     if (ok) {
-      p.sum = checksums.empty() || checksums[i] == 0 ? compute_checksum(p.slot, p.length)
-                                                     : checksums[i];
+      // The caller's checksum, else the one taken as the block was copied in, else (bytes
+      // written piecewise) one computed from the slot now.
+      if (!checksums.empty() && checksums[i] != 0) p.sum = checksums[i];
+      else if (it->second.sum != 0 && it->second.length == p.length) p.sum = it->second.sum;
+      else p.sum = compute_checksum(p.slot, p.length);
     }
+    reserved_.erase(it);
     work.push_back(p);
   }
   if (work.empty()) return Outcome::kOk;

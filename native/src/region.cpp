@@ -438,10 +438,14 @@ Pool::~Pool() { detach(); }
 // rebuild, which drops this (then gone) client's pins and writes.
 void Pool::detach() {
   if (base_ == nullptr) return;
-  if (client_ != UINT32_MAX) {
-    bool clean = false;
+  const bool inherited = uint32_t(getpid()) != me_.pid;  // across fork(): the parent's entry
+  if (client_ != UINT32_MAX && !inherited) {
+    bool clean = pinned_.empty() && reserved_.empty() && deferred_unpins_.empty() &&
+                 deferred_aborts_.empty();  // nothing to release: no lock needed
     try {
-      if (!lost_ && lock()) {
+      // Never waits: if the lock is busy, the entry is freed anyway and the next process
+      // to lock rebuilds, which drops this (gone) client's pins and unfinished writes.
+      if (!clean && !lost_ && lock_within(0)) {
         for (const auto& [slot, pin] : pinned_)
           for (uint32_t i = 0; i < pin.count; ++i) deferred_unpins_.push_back(slot);
         for (const auto& entry : reserved_) deferred_aborts_.push_back(entry.first);

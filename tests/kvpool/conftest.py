@@ -1,24 +1,14 @@
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from kvpool import KVPool
+from tests.kvpool.blocks import FP, block_for, key
 
-FP = hashlib.sha256(b"test-model").digest()
-
-
-def key(i: int) -> bytes:
-    return hashlib.sha256(b"key-%d" % i).digest()
-
-
-def block_for(k: bytes, size: int) -> bytes:
-    """Content derived from the key: any torn or misplaced block is detectable."""
-    seed = hashlib.sha256(b"content" + k).digest()
-    return (seed * (size // 32 + 1))[:size]
+__all__ = ["FP", "block_for", "key", "reserve"]
 
 
 def reserve(pool: KVPool, keys: list[bytes]) -> list[int]:

@@ -13,7 +13,7 @@ import random
 import sys
 
 from kvpool import KVPool
-from tests.kvpool.conftest import FP, block_for, key
+from tests.kvpool.blocks import FP, block_for, key
 
 
 def main(path: str, seed: int, ops: int, keyspace: int) -> int:

@@ -12,7 +12,6 @@ process's own client entry before a fake one is written.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import random
 import signal
@@ -31,20 +30,9 @@ from kvpool import (
     PoolPermissionError,
 )
 from tests.kvpool import hostile_pool as h
+from tests.kvpool.blocks import FP, block_for, key
 
 SLOT = 4096
-# As tests/kvpool/conftest.py's (not imported: it would bring pytest into every child).
-FP = hashlib.sha256(b"test-model").digest()
-
-
-def key(i: int) -> bytes:
-    return hashlib.sha256(b"key-%d" % i).digest()
-
-
-def block_for(k: bytes, size: int) -> bytes:
-    """Content derived from the key: a misplaced or torn block is detectable."""
-    seed = hashlib.sha256(b"content" + k).digest()
-    return (seed * (size // 32 + 1))[:size]
 
 
 # -- shared pieces of the scenarios (run in the child) --------------------------------------

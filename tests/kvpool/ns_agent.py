@@ -19,7 +19,7 @@ import os
 import sys
 
 from kvpool import KVPool, PoolError
-from tests.kvpool.conftest import FP, block_for, key
+from tests.kvpool.blocks import FP, block_for, key
 
 
 def answer(obj: object) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from tests.kvpool import hostile_pool as h
 from tests.kvpool import hostile_scenarios as sc
+from tests.kvpool.blocks import small_tmpfs
 
 CHILD_TIMEOUT = 15.0
 
@@ -66,15 +66,10 @@ def test_wrapping_arithmetic_is_a_typed_error(shm_dir: Path, case: str) -> None:
         return
     if os.geteuid() != 0:
         pytest.skip("a 16 MiB tmpfs to create in needs root")
-    small = shm_dir / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_tmpfs(shm_dir / "small") as small:
+        if small is None:
+            pytest.skip("cannot mount a tmpfs here")
         h.run_in_child(sc.scenario_wrap, str(small / "p.pool"), case, timeout=CHILD_TIMEOUT)
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=True)
 
 
 @pytest.mark.parametrize("call", sc.CLOSED_CALLS + sc.PROPERTIES)

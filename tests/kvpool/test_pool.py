@@ -20,6 +20,7 @@ from kvpool import (
     PoolIOError,
     PoolNotFoundError,
 )
+from tests.kvpool.blocks import small_tmpfs
 from tests.kvpool.conftest import FP, block_for, key, reserve
 
 MakePool = Callable[..., KVPool]
@@ -102,8 +103,7 @@ def test_full_when_everything_is_pinned_returns_at_once(make_pool: MakePool) -> 
     with pool.pinned([key(1), key(2)]):
         res = pool.prepare_store([key(3), key(4)])
         assert [r.outcome for r in res] == [Outcome.FULL, Outcome.FULL]
-        res = pool.put([key(5)], [b"c"])
-        assert res.full == 1
+        assert pool.put([key(5)], [b"c"]).full == 1
     assert pool.stats().full == 3
 
 
@@ -379,20 +379,13 @@ def test_an_abandoned_build_is_swept_and_a_live_one_kept(pool_path: Path) -> Non
 def test_a_full_filesystem_fails_at_create_not_later(tmp_path: Path) -> None:
     """A 16 MiB tmpfs and a 40 MiB pool: a clear PoolIOError at create, no file left behind
     (not a SIGBUS on some later copy)."""
-    import subprocess
-
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount tmpfs here")
-    try:
+    with small_tmpfs(tmp_path / "small") as mnt:
+        if mnt is None:
+            pytest.skip("cannot mount tmpfs here")
         with pytest.raises(PoolIOError, match="not enough space"):
             KVPool.create(mnt / "big.pool", slot_size=65536, slot_count=512, fingerprint=FP)
         assert list(mnt.iterdir()) == []
         small = KVPool.create(mnt / "fits.pool", slot_size=4096, slot_count=64, fingerprint=FP)
         small.close()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)

@@ -54,6 +54,13 @@ inline constexpr uint32_t kMaxLeaseMs = 3'600'000;
 // Index bucket values: 0 empty, otherwise slot id + 1 (deletion shifts entries back, so
 // there are no tombstones).
 inline constexpr uint32_t kEmpty = 0;
+// No entry sits more than kMaxProbe buckets past its home: inserts (and rebuilds) that
+// would go further refuse the key (a full outcome; in a rebuild the block is dropped), so
+// a lookup probes at most kMaxProbe buckets. At the index's load (<= 1/2) a random key
+// needs more with probability far below 2^-64; keys crafted to collide (by a process that
+// writes the file) cost a lookup or a rebuild at most kMaxProbe probes each, not O(n).
+// Backward-shift deletion only moves entries toward their home, so the bound holds.
+inline constexpr uint64_t kMaxProbe = 128;
 
 enum class SlotState : uint32_t { kFree = 0, kWriting = 1, kReady = 2 };
 enum class Coherence : uint32_t { kNone = 0, kFlush = 1 };

@@ -231,6 +231,14 @@ class Pool {
     Key key;
     uint32_t count;
   };
+  // A slot this handle reserved, and the checksum of the last whole block it copied in
+  // (write at offset 0, gather): of the bytes as they were copied, so a scribble on the
+  // slot before complete_store is not sealed by a checksum computed from the slot.
+  struct Reserved {
+    Key key;
+    uint64_t length = 0;
+    uint32_t sum = 0;  // 0: nothing copied in as a whole block yet
+  };
 
   Pool(std::string path, int fd, uint8_t* base, const Geometry& g, const HandleOptions& h);
   void live() const;  // PoolError(kClosed) after detach
@@ -257,10 +265,11 @@ class Pool {
   // Index and eviction (index.cpp).
   int64_t find(const uint8_t* key) const;
   int64_t bucket_of(const uint8_t* key, uint32_t s) const;
-  void index_insert(const uint8_t* key, uint32_t slot);
+  bool index_insert(const uint8_t* key, uint32_t slot);  // false: no bucket within kMaxProbe
   void index_erase(uint64_t at);
   int64_t allocate();
   void reserve(const uint8_t* keys, size_t n, std::vector<Reservation>& out);
+  void pin_locked(const uint8_t* keys, size_t n, std::vector<uint32_t>& out);
   void free_slot(uint32_t s);  // under the lock: index entry gone, FREE, used count
   // Copies (copy.cpp).
   void check_slot(int64_t slot) const;
@@ -280,6 +289,8 @@ class Pool {
                                  const std::vector<Segment>& segments,
                                  const CudaCopyOptions& opts, bool to_pool, const uint8_t* keys);
   void touch();
+  void remember(const std::vector<int64_t>& slots, const std::vector<Segment>& segments,
+                const std::vector<uint32_t>& sums);
 
   std::string path_;
   int fd_;
@@ -304,7 +315,7 @@ class Pool {
   ProcessIdentity me_{};  // as recorded in our client entry
   uint64_t cuda_base_ = 0;  // device address of base_ once registered with the GPU
   std::unordered_map<uint32_t, Pinned> pinned_;  // slots this handle pinned, by its keys
-  std::unordered_map<uint32_t, Key> reserved_;   // slots this handle reserved (WRITING)
+  std::unordered_map<uint32_t, Reserved> reserved_;  // slots this handle reserved (WRITING)
   std::vector<uint32_t> deferred_unpins_;        // unpins that met a busy lock
   std::vector<uint32_t> deferred_aborts_;        // reservations to free at the next lock
   mutable std::unordered_set<uintptr_t> lines_;  // flush mode: lines touched under the lock
