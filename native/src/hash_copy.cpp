@@ -30,6 +30,8 @@
 #pragma GCC diagnostic pop
 #endif
 
+#include "beluga/atomics.h"  // after immintrin.h, which it includes, under the pragmas above
+
 namespace beluga {
 namespace {
 
@@ -157,7 +159,7 @@ BELUGA_AVX512 uint64_t avx512_words(uint8_t* dst, const uint8_t* src, uint64_t n
     a0 = _mm512_add_epi64(a0, term512(v, kp0, p2));
     kp0 = _mm512_add_epi64(kp0, step);
   }
-  if constexpr (Stream) _mm_sfence();  // ordered before whatever publishes the bytes
+  if constexpr (Stream) atomics::store_fence();  // ordered before whatever publishes the bytes
   a0 = _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3));
   alignas(64) uint64_t lanes[8];
   _mm512_store_si512(lanes, a0);
@@ -242,7 +244,7 @@ BELUGA_AVX2 uint64_t avx2_words(uint8_t* dst, const uint8_t* src, uint64_t n, ui
     a0 = _mm256_add_epi64(a0, term256(v, kp0, p2lo, p2hi));
     kp0 = _mm256_add_epi64(kp0, step);
   }
-  if constexpr (Stream) _mm_sfence();
+  if constexpr (Stream) atomics::store_fence();
   a0 = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
   const __m128i h = _mm_add_epi64(_mm256_castsi256_si128(a0), _mm256_extracti128_si256(a0, 1));
   const uint64_t sum = uint64_t(_mm_cvtsi128_si64(h)) + uint64_t(_mm_extract_epi64(h, 1));
