@@ -302,6 +302,9 @@ bool Pool::debug_unlock() {
 // on bad values: it is what repairs them.
 void Pool::rebuild() {
   const uint64_t n = g_.slot_count;
+  // Cleared as it starts: a mark set while it runs (a client leaving, a value found bad)
+  // asks for the next one.
+  atomics::store_relaxed(hdr_->flags, 0u);
   if (flush_) atomics::invalidate(base_ + g_.clients, g_.data - g_.clients);
   std::vector<uint8_t> live(g_.max_clients, 0);
   std::vector<uint32_t> nonces(g_.max_clients, 0);
@@ -350,9 +353,14 @@ void Pool::rebuild() {
     clients_[c].npins = kept;
   }
   std::memset(index_, 0, g_.index_capacity * 4);
+  // Pinned and half-written blocks first: they are the ones that must stay findable, and a
+  // crowded neighbourhood (keys crafted to collide) then drops one of the others.
+  for (int pass = 0; pass < 2; ++pass)
   for (uint64_t s = 0; s < n; ++s) {
     SlotMeta& m = slots_[s];
     if (m.state == uint32_t(SlotState::kFree)) continue;
+    const bool first = m.pins > 0 || m.state == uint32_t(SlotState::kWriting);
+    if (first != (pass == 0)) continue;
     bool duplicate = false, placed = false;
     // The index holds only what this loop put there; at most kMaxProbe probes per slot.
     uint64_t b = detail::key_hash(m.key) & mask_;
@@ -376,7 +384,6 @@ void Pool::rebuild() {
   hdr_->used_slots = used;
   if (atomics::read_once(hdr_->clock_hand) >= n) hdr_->clock_hand = 0;
   atomics::count(hdr_->generation);
-  atomics::store_relaxed(hdr_->flags, 0u);
   if (flush_) atomics::writeback(base_ + g_.clients, g_.data - g_.clients);
   // This handle's reservations and pins survive only where the truth still names them.
   for (auto it = reserved_.begin(); it != reserved_.end();) {
@@ -392,18 +399,27 @@ void Pool::rebuild() {
 // Under the lock: unpins and aborts that met a busy lock earlier.
 void Pool::settle() {
   if (deferred_unpins_.empty() && deferred_aborts_.empty()) return;
+  // Taken out first: a corrupt value midway (free_slot) leaves the rest for the next call,
+  // never repeats what was done.
+  std::vector<std::pair<uint32_t, Key>> unpins;
+  std::vector<uint32_t> aborts;
+  unpins.swap(deferred_unpins_);
+  aborts.swap(deferred_aborts_);
   ClientEntry& me = clients_[client_];
   uint32_t* table = pins_ + uint64_t(client_) * g_.max_pins;
   uint32_t npins = atomics::read_once(line(me.npins));
   bool missing = npins > g_.max_pins;  // out of bounds: capped now, rebuilt next
   npins = std::min(npins, g_.max_pins);
-  for (uint32_t s : deferred_unpins_) {
+  for (const auto& [s, key] : unpins) {
     bool found = false;
     for (uint32_t i = npins; i-- > 0;) {
       if (atomics::read_once(line(table[i])) == s + 1) {
         line(table[i]) = atomics::read_once(line(table[--npins]));
+        line(me.npins) = npins;
+        // Only a pin on the block we pinned: after a rebuild the slot may hold another
+        // block, pinned by someone else.
         SlotMeta& m = slot_at(s);
-        if (m.pins > 0) m.pins--;
+        if (std::memcmp(m.key, key.data(), kKeyBytes) == 0 && m.pins > 0) m.pins--;
         found = true;
         break;
       }
@@ -411,14 +427,19 @@ void Pool::settle() {
     missing |= !found;
   }
   line(me.npins) = npins;
-  for (uint32_t s : deferred_aborts_) {
+  for (size_t done = 0; done < aborts.size(); ++done) {
+    const uint32_t s = aborts[done];
     SlotMeta& m = slot_at(s);
-    if (m.state == uint32_t(SlotState::kWriting) && m.owner == client_ &&
-        m.owner_nonce == uint32_t(token_))
+    if (m.state != uint32_t(SlotState::kWriting) || m.owner != client_ ||
+        m.owner_nonce != uint32_t(token_))
+      continue;
+    try {
       free_slot(s);
+    } catch (const PoolError&) {
+      deferred_aborts_.assign(aborts.begin() + done + 1, aborts.end());
+      throw;
+    }
   }
-  deferred_unpins_.clear();
-  deferred_aborts_.clear();
   // A pin we took is not in our table (or the table's count is out of bounds): someone
   // wrote over it. Counts are derived: rebuild.
   if (missing) mark_rebuild();

@@ -1,6 +1,8 @@
 // The operations: lookup, pin/unpin, prepare/complete a store, remove, statistics. Each
 // takes the lock for a short critical section bounded by its arguments and the geometry;
 // a lock that stays busy past the handle's timeout is Outcome::kBusy, with nothing done.
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "beluga/atomics.h"
@@ -38,8 +40,9 @@ Result<std::vector<uint32_t>> Pool::pin(const uint8_t* keys, size_t n) {
   } catch (const PoolError&) {  // a corrupt value midway: what was pinned is unpinned later
     for (uint32_t s : out) {
       auto it = pinned_.find(s);
-      if (it != pinned_.end() && --it->second.count == 0) pinned_.erase(it);
-      deferred_unpins_.push_back(s);
+      if (it == pinned_.end()) continue;
+      deferred_unpins_.emplace_back(s, it->second.key);
+      if (--it->second.count == 0) pinned_.erase(it);
     }
     throw;
   }
@@ -81,8 +84,8 @@ void Pool::unpin(const std::vector<int64_t>& slots) {
   for (int64_t s : slots) {
     auto it = pinned_.find(uint32_t(s));
     if (it == pinned_.end()) continue;  // not pinned by this handle: nothing to undo
+    deferred_unpins_.emplace_back(uint32_t(s), it->second.key);
     if (--it->second.count == 0) pinned_.erase(it);
-    deferred_unpins_.push_back(uint32_t(s));
   }
   if (deferred_unpins_.empty()) return;
   // No waiting: settle() does the work if the lock is free now; if not, the next call that
@@ -154,6 +157,7 @@ Outcome Pool::complete_store(const std::vector<int64_t>& slots,
                              const std::vector<uint64_t>& lengths, bool ok,
                              const std::vector<uint32_t>& checksums) {
   live();
+  if (uint32_t(getpid()) != me_.pid) reserved_.clear();  // inherited across fork: the parent's
   if (!lengths.empty() && lengths.size() != slots.size())
     fail(ErrorKind::kInvalid, "lengths must match slots");
   if (!checksums.empty() && checksums.size() != slots.size())

@@ -447,7 +447,7 @@ void Pool::detach() {
       // to lock rebuilds, which drops this (gone) client's pins and unfinished writes.
       if (!clean && !lost_ && lock_within(0)) {
         for (const auto& [slot, pin] : pinned_)
-          for (uint32_t i = 0; i < pin.count; ++i) deferred_unpins_.push_back(slot);
+          for (uint32_t i = 0; i < pin.count; ++i) deferred_unpins_.emplace_back(slot, pin.key);
         for (const auto& entry : reserved_) deferred_aborts_.push_back(entry.first);
         pinned_.clear();
         reserved_.clear();
@@ -458,9 +458,11 @@ void Pool::detach() {
       }
     } catch (const PoolError&) {
     }
-    if (!clean) mark_rebuild();
+    // The entry goes first, the mark after: a rebuild running now either sees the entry
+    // gone, or clears the flag before this mark (rebuild clears it as it starts).
     if (!lost_) atomics::store_release(clients_[client_].state, uint64_t{0});
     if (flush_) atomics::writeback(&clients_[client_], sizeof(ClientEntry));
+    if (!clean) mark_rebuild();
     client_ = UINT32_MAX;
   }
 #ifdef BELUGA_WITH_CUDA

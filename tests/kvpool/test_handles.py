@@ -6,6 +6,7 @@ the index, a pin interrupted by a corrupt value, and probing pools whose lock is
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,3 +134,90 @@ def test_probing_pools_whose_lock_is_held_does_not_wait(make_pool: MakePool,
     found.close()
     assert time.monotonic() - t0 < 1.0
     assert holder._p.debug_unlock()
+
+
+def _die_attached(path: Path) -> None:
+    """A process that attaches and dies without detaching: a dead client entry."""
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_attach_and_exit, args=(str(path),))
+    child.start()
+    child.join(timeout=30)
+
+
+def _attach_and_exit(path: str) -> None:
+    pool = KVPool.attach(path, fingerprint=FP)
+    pool.lookup_prefix([key(999_999)])
+    os._exit(0)  # no detach: a dead client entry
+
+
+def test_a_rebuild_keeps_pinned_blocks_findable_and_stale_unpins_touch_no_other_pin(
+        pool_path: Path) -> None:
+    """A crowded neighbourhood (keys crafted to collide) rebuilt in slot order would drop a
+    block that is pinned; and the pinner's later unpin must not take another reader's pin
+    on whatever the slot holds then."""
+    pool = KVPool.create(pool_path, slot_size=64, slot_count=129, fingerprint=FP)
+    other = KVPool.attach(pool_path, fingerprint=FP)
+    try:
+        mask, home = 511, 100
+        crowd: list[bytes] = []
+        nextdoor = far = None
+        i = 0
+        while len(crowd) < 128 or nextdoor is None or far is None:
+            k = key(1_000_000 + i)
+            i += 1
+            hh = _key_hash(k) & mask
+            if hh == home and len(crowd) < 128:
+                crowd.append(k)
+            elif hh == home + 1 and nextdoor is None:
+                nextdoor = k
+            elif hh == 400 and far is None:
+                far = k
+        assert pool.put([far], [block_for(far, 64)]).stored == 1  # slot 0
+        assert pool.put(crowd, [block_for(k, 64) for k in crowd]).stored == 128
+        assert pool.remove(far)
+        assert pool.put([nextdoor], [block_for(nextdoor, 64)]).stored == 1  # slot 0 again
+        [pinned] = pool.pin([crowd[-1]])
+        _die_attached(pool_path)
+        assert pool.sweep() == 1  # a rebuild
+        assert pool.lookup_prefix([crowd[-1]]) == 1 and pool.stats().pinned_slots == 1
+        buf = bytearray(64)
+        assert pool._p.read_verified(pinned, buf)
+        z = key(5)
+        assert other.put([z], [block_for(z, 64)]).stored == 1
+        zs = other.pin([z])
+        pool.unpin([pinned])
+        assert other.stats().pinned_slots == 1  # other's pin stands
+        for j in range(300):
+            other.put([key(20_000 + j)], [block_for(key(20_000 + j), 64)])
+        assert other._p.read_verified(zs[0], buf) and bytes(buf) == block_for(z, 64)
+        other.unpin(zs)
+    finally:
+        other.close()
+        pool.close()
+
+
+def test_deferred_unpins_are_not_replayed_after_a_corrupt_value(make_pool: MakePool,
+                                                                pool_path: Path) -> None:
+    pool = make_pool(slot_size=64, lock_timeout_s=0.3)
+    other = KVPool.attach(pool_path, fingerprint=FP, lock_timeout_s=0.3)
+    try:
+        pool.put([key(1)], [block_for(key(1), 64)])
+        [slot] = pool.pin([key(1)])
+        pool.pin([key(1)])  # pinned twice
+        [r] = pool.prepare_store([key(5)])
+        assert other._p.debug_lock()
+        pool.complete_store([r.slot], ok=False)  # deferred abort
+        pool.unpin([slot])  # deferred unpin: one of two pins
+        assert other._p.debug_unlock()
+        h.set_bucket(pool_path, h.bucket_of(pool_path, r.slot), 0xFFFF0000)
+        with pytest.raises(PoolCorruptError):
+            pool.lookup_prefix([key(1)])
+        assert pool.lookup_prefix([key(1)]) == 1
+        assert pool.stats().pinned_slots == 1  # the second pin stands
+        for j in range(40):
+            other.put([key(100 + j)], [block_for(key(100 + j), 64)])
+        buf = bytearray(64)
+        assert pool._p.read_verified(slot, buf)
+        pool.unpin([slot])
+    finally:
+        other.close()

@@ -28,6 +28,7 @@
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "beluga/layout.h"
@@ -316,7 +317,7 @@ class Pool {
   uint64_t cuda_base_ = 0;  // device address of base_ once registered with the GPU
   std::unordered_map<uint32_t, Pinned> pinned_;  // slots this handle pinned, by its keys
   std::unordered_map<uint32_t, Reserved> reserved_;  // slots this handle reserved (WRITING)
-  std::vector<uint32_t> deferred_unpins_;        // unpins that met a busy lock
+  std::vector<std::pair<uint32_t, Key>> deferred_unpins_;  // unpins that met a busy lock
   std::vector<uint32_t> deferred_aborts_;        // reservations to free at the next lock
   mutable std::unordered_set<uintptr_t> lines_;  // flush mode: lines touched under the lock
 };
