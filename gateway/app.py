@@ -332,6 +332,10 @@ def create_app(settings: Settings, workers: WorkerRegistry | None = None) -> Fro
         return {
             "status": "ok" if any(w.healthy(now) for w in workers) else "no_healthy_worker",
             "redis": gw.workers.redis_ok,
+            # Per served model: whether its tokenizer has loaded (until then requests are
+            # routed without prefix information).
+            "tokenizers": {m: gw.tokenizer.loaded(m) for m in gw.workers.models()
+                           if gw.tokenizer.knows(m)},
             "workers": [{"id": w.id, "model": w.record.model,
                          **({} if gw.tenants else {"url": w.url}),  # (not to tenants)
                          "healthy": w.healthy(now), "in_flight": w.in_flight,

@@ -62,7 +62,11 @@ def second_gateway(stack: Stack) -> Iterator[str]:
     deadline = time.monotonic() + 60
     while True:
         try:
-            if httpx.get(f"{url}/health", timeout=2).json()["status"] == "ok":
+            health = httpx.get(f"{url}/health", timeout=2).json()
+            # Serving, and keying prompts (its tokenizer loads beside serving: until then it
+            # routes without prefix information, and the two gateways could not agree).
+            if health["status"] == "ok" and health["tokenizers"] and all(
+                    health["tokenizers"].values()):
                 break
         except (httpx.HTTPError, ValueError):
             pass

@@ -70,7 +70,8 @@ def test_unknown_route_and_method_use_the_error_shape(client: TestClient) -> Non
 
 def test_health_and_models_report_the_empty_state(client: TestClient) -> None:
     health = client.get("/health").json()
-    assert health == {"status": "no_healthy_worker", "redis": False, "workers": []}
+    assert health == {"status": "no_healthy_worker", "redis": False, "tokenizers": {},
+                      "workers": []}
     assert client.get("/v1/models").json() == {"object": "list", "data": []}
 
 
