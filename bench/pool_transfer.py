@@ -47,7 +47,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+# numpy's OpenBLAS threads spin after use: on a 2-core machine they take a core from the
+# transfers (the benchmark does no linear algebra).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,10 +79,21 @@ def key(tag: int, i: int) -> bytes:
     return hashlib.sha256(b"%d/%d" % (tag, i)).digest()  # as block keys are
 
 
+def aligned(size: int) -> np.ndarray:
+    """A page-aligned buffer, as an engine's KV blocks are. Where a heap buffer starts
+    within its cache line moves glibc's memcpy by up to a quarter here (26 vs 33 GB/s at
+    256 KiB): unaligned, the baseline would depend on the allocator's history."""
+    raw = np.empty(size + 4096, dtype=np.uint8)
+    start = -raw.ctypes.data % 4096
+    return raw[start:start + size]
+
+
 def reserved(results: Sequence[Any]) -> list[int]:
     """The slots prepare_store reserved, from either API: ints (slot >= 0; DUPLICATE = -1,
     FULL = -2: up to issue 17) or (outcome, slot) pairs / objects with .outcome and .slot
     (after it), where an outcome named DUPLICATE, FULL or BUSY reserved nothing."""
+    if results and hasattr(results[0], "reserved"):  # this tree's Reservation: the fast way
+        return [r.slot for r in results if r.reserved]
     out = []
     for r in results:
         if isinstance(r, int):
@@ -107,22 +122,26 @@ class Transfer:
     def __init__(self, msg: dict[str, Any]) -> None:
         self.kind, self.size, self.iters = msg["kind"], msg["size"], msg["iters"]
         self.rank = msg["rank"]
-        self.buf = np.frombuffer(os.urandom(self.size), dtype=np.uint8).copy()
+        # The engine side: as vLLM's KV cache, a region of blocks, a different block each
+        # time (engine=0: one block, always the same and so always in cache).
+        engine = max(self.size, msg.get("engine", 0) // self.size * self.size)
+        self.buf = aligned(engine)
+        self.buf[:] = np.resize(np.frombuffer(os.urandom(min(engine, MiB)), dtype=np.uint8),
+                                engine)
+        self.engine_blocks = engine // self.size
         self.pool: KVPool | None = None
         self.mapping: mmap.mmap | None = None
+        self.paired = self.kind.startswith("paired_")
+        if self.paired:  # a Beluga batched op and BATCH memcpys, alternating, per round
+            self.kind = self.kind.removeprefix("paired_")
+            self.big = self._pool_pages(msg["path"])
         if self.kind.startswith("memcpy_"):
             # The same access pattern as put (small buffer -> large region) and get (large
             # region -> small buffer), between two plain buffers. memcpy_shm_*: the region
             # is a mapped /dev/shm file, as the pool is (shared memory may get other pages).
             region = msg["region"]
             if "shm" in self.kind:
-                fd, name = tempfile.mkstemp(dir="/dev/shm", prefix="beluga-memcpy-")
-                os.ftruncate(fd, region)
-                self.mapping = mmap.mmap(fd, region)
-                os.close(fd)
-                os.unlink(name)
-                self.big = np.frombuffer(self.mapping, dtype=np.uint8)
-                self.big[:] = 1
+                self.big = self._shm_region(region)
             else:
                 self.big = np.ones(region, dtype=np.uint8)  # touched: no faults when timed
         else:
@@ -133,11 +152,111 @@ class Transfer:
                 self.keys = [[key(1000 + self.rank, (msg["round"] * rounds + i) * batch + j)
                               for j in range(batch)] for i in range(rounds)]
             else:
-                self.keys = [[key(0, ((i * batch + j) * 7 + self.rank * 131) % msg["populated"])
-                              for j in range(batch)] for i in range(rounds)]
-            self.segs = [(self.buf.ctypes.data, 0, self.size)]  # engine side: block id 0
+                self.keys = [[key(0, ((i * batch + j) * 7 + self.rank * 131 + skew)
+                                  % msg["populated"]) for j in range(batch)]
+                             for skew in (0, msg["populated"] // 2) for i in range(rounds)]
+                # paired: the memcpys' blocks, half the populated set away from the gets'
+                # (neither reads what the other has just brought into the cache)
+                self.keys, self.memcpy_keys = self.keys[:rounds], self.keys[rounds:]
+            self.segs = [(self.buf.ctypes.data, self.size, self.size)]
+            self.block_ids = [[self.engine_block(i * batch + j) for j in range(batch)]
+                              for i in range(rounds)]
+
+    def engine_block(self, n: int) -> int:
+        """The engine block of the n-th block moved (another stride than the pool side's)."""
+        return (n * 13 + self.rank * 17) % self.engine_blocks
+
+    def _shm_region(self, size: int) -> np.ndarray:
+        """A mapped, touched /dev/shm file of `size` bytes (unlinked: gone with the mapping)."""
+        fd, name = tempfile.mkstemp(dir="/dev/shm", prefix="beluga-memcpy-")
+        try:
+            os.ftruncate(fd, size)
+            self.mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+        big = np.frombuffer(self.mapping, dtype=np.uint8)
+        big[:] = 1
+        return big
+
+    def _pool_pages(self, path: str) -> np.ndarray:
+        """The pool file's slot data, mapped a second time: the paired memcpys move the same
+        physical pages Beluga does, so the ratio does not depend on where two separate
+        regions happened to land."""
+        with open(path, "r+b") as f:
+            # MAP_POPULATE, as the pool maps it: no page faults while timed
+            self.mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        # PoolHeader (native/include/beluga/layout.h): version u32 at 8, slot_size and
+        # slot_count u64 at 24 and 32, data_offset u64 at 96.
+        version = int.from_bytes(self.mapping[8:12], "little")
+        size, count, data = (int.from_bytes(self.mapping[o:o + 8], "little")
+                             for o in (24, 32, 96))
+        if version != 3 or size != self.size or data + size * count > len(self.mapping):
+            raise SystemExit(f"paired rows read pool format 3; {path} is {version}")
+        return np.frombuffer(self.mapping, dtype=np.uint8, count=size * count, offset=data)
+
+    def run_paired(self) -> dict[str, Any]:
+        """Each round: one batched, checksummed Beluga op (BATCH blocks), and BATCH memcpys
+        of the same size to or from slots of the same pool (its pages, mapped a second
+        time; put's memcpys overwrite published blocks, which no one reads afterwards), in
+        alternating order. Both see the same moment of the machine (other tenants,
+        frequency, the other process) and the same memory, so their ratio does not move
+        with slow spells longer than a round (~1 ms) or with where the pages landed."""
+        import ctypes
+
+        assert self.pool is not None
+        pool, segs, batch, put, size = self.pool, self.segs, self.batch, self.kind == "put", \
+            self.size
+        big_addr, buf_addr = self.big.ctypes.data, self.buf.ctypes.data
+        blocks = len(self.big) // size
+        lengths = [size] * batch
+        t_beluga = t_memcpy = 0.0
+        n = self.engine_blocks // 2  # the memcpys' engine blocks: not the ones just used
+        # get reads the populated half of the slots: the memcpys read slots of that half
+        # too (those of memcpy_keys). put writes (and evicts) all over the pool: its
+        # memcpys stride over every slot.
+        targets: list[list[int]] = []
+        if not put:
+            for keys in self.memcpy_keys:
+                targets.append(pool.pin(keys))
+                pool.unpin(targets[-1])
+        for r, (keys, ids) in enumerate(zip(self.keys, self.block_ids, strict=True)):
+            for first in ((True, False) if r % 2 == 0 else (False, True)):
+                s = time.perf_counter()
+                if first:
+                    if put:
+                        slots = reserved(pool.prepare_store(keys))
+                        if len(slots) != batch:
+                            raise SystemExit("put found no room: the benchmark is broken")
+                        sums = pool.gather(slots, ids, segs, threads=1)
+                        pool.complete_store(slots, lengths, checksums=sums)
+                    else:
+                        slots = pool.pin(keys)
+                        if len(slots) != batch:
+                            raise SystemExit("get missed a populated block: the benchmark "
+                                             "is broken")
+                        failed = pool.scatter(slots, ids, segs, threads=1, verify=True)
+                        pool.unpin(slots)
+                        if failed:
+                            raise SystemExit(f"get: blocks {failed} failed their checksum")
+                    t_beluga += time.perf_counter() - s
+                else:
+                    for j in range(batch):
+                        slot = targets[r][j] if targets else \
+                            (n * 7 + self.rank * 131) % blocks
+                        off, eng = slot * size, buf_addr + self.engine_block(n) * size
+                        n += 1
+                        if put:
+                            ctypes.memmove(big_addr + off, eng, size)
+                        else:
+                            ctypes.memmove(eng, big_addr + off, size)
+                    t_memcpy += time.perf_counter() - s
+        return {"beluga_s": t_beluga, "memcpy_s": t_memcpy,
+                "bytes": size * len(self.keys) * batch}
 
     def run(self) -> dict[str, Any]:
+        if self.paired:
+            return self.run_paired()
         lat: list[float] = []
         size = self.size
         if self.pool is None:
@@ -149,27 +268,28 @@ class Transfer:
             t0 = time.perf_counter()
             for i in range(self.iters):
                 off = ((i * 7 + self.rank * 131) % blocks) * size
+                eng = buf_addr + self.engine_block(i) * size
                 s = time.perf_counter()
                 if write:
-                    ctypes.memmove(big_addr + off, buf_addr, size)
+                    ctypes.memmove(big_addr + off, eng, size)
                 else:
-                    ctypes.memmove(buf_addr, big_addr + off, size)
+                    ctypes.memmove(eng, big_addr + off, size)
                 lat.append(time.perf_counter() - s)
             return {"lat": lat, "bytes": size * self.iters, "wall": time.perf_counter() - t0}
         pool, segs, batch, put = self.pool, self.segs, self.batch, self.kind == "put"
-        zeros, lengths = [0] * batch, [size] * batch
+        lengths = [size] * batch
         t0 = time.perf_counter()
-        for keys in self.keys:
+        for keys, ids in zip(self.keys, self.block_ids, strict=True):
             s = time.perf_counter()
             if put:
                 slots = reserved(pool.prepare_store(keys))
-                sums = pool.gather(slots, zeros[:len(slots)], segs, threads=1)
+                sums = pool.gather(slots, ids[:len(slots)], segs, threads=1)
                 pool.complete_store(slots, lengths[:len(slots)], checksums=sums)
             else:
                 slots = pool.pin(keys)
                 if len(slots) != batch:
                     raise SystemExit("get missed a populated block: the benchmark is broken")
-                failed = pool.scatter(slots, zeros, segs, threads=1, verify=True)
+                failed = pool.scatter(slots, ids, segs, threads=1, verify=True)
                 pool.unpin(slots)
                 if failed:
                     raise SystemExit(f"get: blocks {failed} failed their checksum")
@@ -288,6 +408,8 @@ class Workers:
                        "rank": r, **extra} for r in range(procs)])
         start_at = time.time() + 0.005
         outs = self.ask(ps, [{"op": "go", "start_at": start_at}] * procs)
+        if kind.startswith("paired_"):  # both sides' busy time, summed over processes
+            return {k: sum(o[k] for o in outs) for k in ("beluga_s", "memcpy_s", "bytes")}
         lat = sorted(x for o in outs for x in o["lat"])
         total = sum(o["bytes"] for o in outs)
         wall = max(o["wall"] for o in outs)
@@ -308,9 +430,11 @@ class Workers:
 
 
 def bench_beluga(workers: Workers, size: int, procs: int, iters: int, region: int,
-                 coherence: str, where: Path, rnd: int, batch: int) -> dict[str, Any]:
+                 coherence: str, where: Path, rnd: int, batch: int, engine: int,
+                 paired: bool = False) -> dict[str, Any]:
     """get then put (the put run evicts the populated blocks) on a fresh pool, created and
-    populated by one of the tree's own workers (another tree may have another format)."""
+    populated by one of the tree's own workers (another tree may have another format).
+    paired: each process alternates batched ops with shm memcpys (Transfer.run_paired)."""
     path = where / f"bench-{coherence}-{size}.pool"
     slots = max(8, region // size)
     populated = slots // 2
@@ -321,9 +445,10 @@ def bench_beluga(workers: Workers, size: int, procs: int, iters: int, region: in
                                          "slots": slots, "coherence": coherence,
                                          "populated": populated}])
         common = {"path": str(path), "coherence": coherence, "populated": populated,
-                  "round": rnd, "batch": batch}
-        got = workers.run("get", procs, size, iters, common)
-        return {"get": got, "put": workers.run("put", procs, size, iters, common)}
+                  "round": rnd, "batch": batch, "engine": engine // procs}
+        prefix = "paired_" if paired else ""
+        got = workers.run(prefix + "get", procs, size, iters, common)
+        return {"get": got, "put": workers.run(prefix + "put", procs, size, iters, common)}
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -375,6 +500,13 @@ def main() -> int:
                     help="no hugetlbfs rows (as root they reserve huge pages for the run)")
     ap.add_argument("--sizes", type=int, nargs="*", help="block sizes in bytes")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per configuration")
+    ap.add_argument("--engine-mib", type=int,
+                    help="the engine side's KV region over all processes (default: half "
+                         "the pool); 0: one block, always the same (so always in cache)")
+    ap.add_argument("--region-mib", type=int,
+                    help="pool size, and memcpy region over all processes (default 512, "
+                         "1024 without --quick): its populated half must dwarf the "
+                         "last-level cache, or the rows measure the cache, not memory")
     ap.add_argument("--procs", type=int, nargs="*", help="process counts")
     ap.add_argument("--baseline", metavar="REF",
                     help="also run the Beluga rows with beluga_native built at this git ref")
@@ -395,7 +527,8 @@ def main() -> int:
     began = time.monotonic()
     sizes = args.sizes or [64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB]
     procs_list = args.procs or ([1, 2] if args.quick else [1, 2, 4])
-    region = 128 * MiB if args.quick else 256 * MiB
+    region = (args.region_mib or (512 if args.quick else 1024)) * MiB
+    engine = (region // 2 if args.engine_mib is None else args.engine_mib * MiB)
     budget = (384 if args.quick else 1024) * MiB  # bytes per configuration and process
     baseline = build_baseline(args.baseline) if args.baseline else None
     shm = Path(tempfile.mkdtemp(prefix="beluga-bench-", dir="/dev/shm"))
@@ -434,17 +567,22 @@ def main() -> int:
                     rnd = len(rows) * args.repeat + rep
                     for name in MEMCPY:
                         samples.setdefault(name, []).append(memcpy.run(
-                            name, procs, size, iters, {"region": region // 2 // procs}))
+                            name, procs, size, iters, {"region": region // 2 // procs,
+                                                       "engine": engine // procs}))
                     order = list(trees.items())
                     if rep % 2:
                         order.reverse()  # new, old, then old, new: neither always goes first
                     for config, coherence, batch, where in configs:
                         for tree, workers in order:
                             res = bench_beluga(workers, size, procs, iters, region, coherence,
-                                               where, rnd, batch)
+                                               where, rnd, batch, engine)
                             prefix = "" if tree == "new" else "baseline."
                             for op, r in res.items():
                                 samples.setdefault(f"{prefix}{config}/{op}", []).append(r)
+                    res = bench_beluga(trees["new"], size, procs, iters, region, "none", shm,
+                                       rnd, BATCH, engine, paired=True)
+                    for op, r in res.items():
+                        samples.setdefault(f"paired/{op}", []).append(r)
                     if mooncake is not None:
                         try:
                             m = mooncake.bench(size, procs, max(20, iters // 4))
@@ -454,6 +592,15 @@ def main() -> int:
                         for op, r in m.items():
                             samples.setdefault(f"mooncake/{op}", []).append(r)
                 for name, runs in samples.items():
+                    if name.startswith("paired/"):
+                        # shm memcpy time over Beluga time for the same bytes, per round
+                        row.setdefault("paired", {})[name.split("/")[1]] = {
+                            "ratio_runs": [r["memcpy_s"] / r["beluga_s"] for r in runs],
+                            "beluga_gbps_runs": [r["bytes"] / r["beluga_s"] / 1e9
+                                                 for r in runs],
+                            "memcpy_gbps_runs": [r["bytes"] / r["memcpy_s"] / 1e9
+                                                 for r in runs]}
+                        continue
                     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                     med["gbps_runs"] = [r["gbps"] for r in runs]
                     if "/" in name:
@@ -663,6 +810,10 @@ def format_row(row: dict[str, Any]) -> str:
         if old:
             part += (f" (old {old['put']['gbps']:6.2f} {old['get']['gbps']:6.2f})")
         parts.append(part)
+    if "paired" in row:
+        p = row["paired"]
+        parts.append("paired/shm memcpy: put {:.2f} get {:.2f}".format(
+            *(statistics.median(p[op]["ratio_runs"]) for op in ("put", "get"))))
     if "mooncake" in row:
         m = row["mooncake"]
         parts.append(f"mooncake: put {m['put']['gbps']:6.2f} get {m['get']['gbps']:6.2f}")
@@ -719,6 +870,8 @@ def summarize(rows: list[dict[str, Any]], mooncake_reason: str | None) -> dict[s
         f"{r['block_bytes'] // KiB}KiB_x{r['procs']}": {
             f"{c}_{op}": round(_ratio(r, c, op, "memcpy_shm"), 3)
             for c in ("beluga_none", "beluga_batch") for op in ("put", "get")}
+        | {f"paired_batch_{op}": round(statistics.median(r["paired"][op]["ratio_runs"]), 3)
+           for op in ("put", "get")}
         for r in rows}
     big = [r for r in rows if r["block_bytes"] >= 256 * KiB]
     if big:
@@ -748,6 +901,13 @@ def summarize(rows: list[dict[str, Any]], mooncake_reason: str | None) -> dict[s
                 best = [max(r["beluga_batch"][op]["gbps_runs"])
                         / max(r[f"memcpy_shm_{d}"]["gbps_runs"]) for r in sel]
                 out[f"batched_{op}_vs_shm_memcpy_from_256KiB_x{procs}_best"] = spread(best)
+            # The same target measured interleaved (Transfer.run_paired): Beluga's batched
+            # ops and shm memcpys alternate within each process, block batch by block batch.
+            for op in ("put", "get"):
+                out[f"paired_batched_{op}_vs_shm_memcpy_from_256KiB_x{procs}"] = spread(
+                    [statistics.median(r["paired"][op]["ratio_runs"]) for r in sel])
+                out[f"paired_batched_{op}_vs_shm_memcpy_from_256KiB_x{procs}_rounds"] = spread(
+                    [v for r in sel for v in r["paired"][op]["ratio_runs"]])
         if "beluga_huge" in one:
             huge = [v for c in ("beluga_huge", "beluga_huge_batch")
                     for v in ratios(c, "memcpy", big)]

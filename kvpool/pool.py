@@ -52,6 +52,10 @@ class Outcome(enum.IntEnum):
     FULL = _native.OUTCOME_FULL  # every slot is pinned or being written
 
 
+# native outcome value -> Outcome (Outcome(v) costs ~0.4 us a key; prepare_store is hot)
+_OUTCOME_OF = {int(o): o for o in Outcome}
+
+
 class Reservation(NamedTuple):
     outcome: Outcome
     slot: int  # meaningful when outcome is RESERVED
@@ -264,8 +268,8 @@ class KVPool:
     def prepare_store(self, keys: Sequence[bytes]) -> list[Reservation]:
         """A Reservation per key: RESERVED with its slot, DUPLICATE or FULL. Write the
         reserved slots, then complete_store them."""
-        return [Reservation(Outcome(o), int(s)) for o, s in _call(self._p.prepare_store,
-                                                                     _keys(keys))]
+        return [Reservation(_OUTCOME_OF[o], s) for o, s in _call(self._p.prepare_store,
+                                                                    _keys(keys))]
 
     def complete_store(self, slots: Sequence[int], lengths: Sequence[int] = (),
                        ok: bool = True, checksums: Sequence[int] = ()) -> None:

@@ -3,6 +3,8 @@
 // remembered in its own memory), after checking every offset and size with overflow-checked
 // arithmetic. What it copies out is verified against the checksum stored with the block,
 // bound to the key the handle pinned it by.
+#include <unistd.h>
+
 #include <algorithm>
 #include <thread>
 
@@ -20,10 +22,6 @@ using detail::fail;
 namespace {
 
 // The checksum terms (beluga/checksum.h) of n bytes at src, the first byte being word k of
-// its block, copying them to dst on the way when Copy (one pass over the data instead of a
-// copy and a second read). Where n is not whole words the last word is zero-padded, so
-// that is only right at a block's end. Two accumulators keep two multiplies in flight.
-// The checksum terms (beluga/checksum.h) of n bytes at src, the first byte being word k of
 // its block, copying them to dst on the way when Copy: one pass over the data, vectorised
 // (beluga/hash_copy.h). Where n is not whole words the last word is zero-padded, so that is
 // only right at a block's end.
@@ -38,6 +36,19 @@ bool words_aligned(const std::vector<Segment>& segs) {
   for (size_t j = 0; j + 1 < segs.size(); ++j)
     if (segs[j].bytes % 8 != 0) return false;
   return true;
+}
+
+// Calls that copy out more than this go around the caller's cache (non-temporal stores),
+// as copies into the pool always do: more than a core's L2 would not stay there anyway, and
+// the destination (an engine's KV blocks, taken from a large cache) is rarely cached, so
+// ordinary stores would first read every line from memory. Smaller calls keep the blocks
+// in cache for the forward pass that reads them next.
+uint64_t stream_out_bytes() {
+  static const uint64_t bytes = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return l2 > 0 ? uint64_t(l2) : uint64_t{1} << 20;
+  }();
+  return bytes;
 }
 
 // copy_blocks/copy_cuda results: per-block checksums (gather) or failure flags (scatter).
@@ -206,6 +217,7 @@ std::vector<int64_t> Pool::copy_blocks(const std::vector<int64_t>& slots,
   // is copied to or from the slot: the checksum is always of exactly the bytes that reached
   // the other side, never of a second read of the slot (which a writer could change back).
   const bool fused = words_aligned(segs);
+  const bool stream = to_pool || n * per_block > stream_out_bytes();
   auto work = [&](size_t lo, size_t hi) {
     std::vector<uint8_t> bounce(check && !fused ? per_block : 0);
     for (size_t i = lo; i < hi; ++i) {
@@ -219,10 +231,11 @@ std::vector<int64_t> Pool::copy_blocks(const std::vector<int64_t>& slots,
         uint8_t* pool_side = check && !fused ? bounce.data() + off : slot + off;
         uint8_t* dst = to_pool ? pool_side : engine;
         const uint8_t* src = to_pool ? engine : pool_side;
-        // Into the pool: non-temporal stores (the block is not read here again soon).
+        // Into the pool: non-temporal stores (the block is not read here again soon); out
+        // of it, for calls larger than stream_out_bytes().
         if (check && fused)
-          terms += to_pool ? hash_copy_nt(dst, src, seg.bytes, off / 8)
-                           : hash_copy(dst, src, seg.bytes, off / 8);
+          terms += stream ? hash_copy_nt(dst, src, seg.bytes, off / 8)
+                          : hash_copy(dst, src, seg.bytes, off / 8);
         else std::memcpy(dst, src, seg.bytes);
         off += seg.bytes;
       }

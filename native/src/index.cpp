@@ -27,6 +27,20 @@ int64_t Pool::find(const uint8_t* key) const {
   return -1;  // no entry lies further from its home
 }
 
+// Before a batch of finds: start every key's cache misses at once (its home bucket, then
+// the slot that bucket names) instead of one key after another. A hint only: a bucket value
+// out of range is skipped here and checked, as always, by find. Not with coherence=flush,
+// where every line is invalidated before it is read.
+void Pool::prefetch_keys(const uint8_t* keys, size_t n) const {
+  if (flush_) return;
+  for (size_t i = 0; i < n; ++i)
+    atomics::prefetch(&index_[detail::key_hash(keys + i * kKeyBytes) & mask_]);
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t v = atomics::read_once(index_[detail::key_hash(keys + i * kKeyBytes) & mask_]);
+    if (v != kEmpty && v - 1 < g_.slot_count) atomics::prefetch(&slots_[v - 1]);
+  }
+}
+
 bool Pool::index_insert(const uint8_t* key, uint32_t slot) {
   uint64_t b = detail::key_hash(key) & mask_;
   for (uint64_t probes = 0; probes < kMaxProbe && probes <= mask_; ++probes, b = (b + 1) & mask_) {

@@ -58,6 +58,7 @@ void Pool::pin_locked(const uint8_t* keys, size_t n, std::vector<uint32_t>& out)
   uint32_t npins = atomics::read_once(line(me.npins));
   if (npins > g_.max_pins)
     corrupt("client " + std::to_string(client_) + " has " + std::to_string(npins) + " pins");
+  prefetch_keys(keys, std::min<size_t>(n, g_.max_pins - npins));
   for (size_t i = 0; i < n && npins < g_.max_pins; ++i) {
     const uint8_t* key = keys + i * kKeyBytes;
     const int64_t b = find(key);
@@ -117,6 +118,7 @@ Result<std::vector<Reservation>> Pool::prepare_store(const uint8_t* keys, size_t
 }
 
 void Pool::reserve(const uint8_t* keys, size_t n, std::vector<Reservation>& out) {
+  prefetch_keys(keys, n);
   for (size_t i = 0; i < n; ++i) {
     const uint8_t* key = keys + i * kKeyBytes;
     if (find(key) >= 0) {

@@ -265,6 +265,7 @@ class Pool {
   void settle();   // under the lock: deferred unpins and aborts of this handle
   // Index and eviction (index.cpp).
   int64_t find(const uint8_t* key) const;
+  void prefetch_keys(const uint8_t* keys, size_t n) const;  // hint for the next finds
   int64_t bucket_of(const uint8_t* key, uint32_t s) const;
   bool index_insert(const uint8_t* key, uint32_t slot);  // false: no bucket within kMaxProbe
   void index_erase(uint64_t at);
