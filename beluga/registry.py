@@ -60,6 +60,8 @@ _URL_RE = re.compile(r"(?P<scheme>https?)://(?P<host>[^/:\[\]]+|\[[^\]/]*\])"
 _WORKER_ID_RE = re.compile(r"[\x21-\x7e]{1,200}")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+MAX_ADAPTERS = 64  # LoRA adapters one worker may advertise
 _HINT_KEY_RE = re.compile(rb"[0-9a-f]{32}")
 
 
@@ -184,6 +186,19 @@ class WorkerRecord(BaseModel):
     heartbeat_at: float = Field(allow_inf_nan=False)
     running: int = Field(0, ge=0, le=10**7)
     waiting: int = Field(0, ge=0, le=10**7)
+    # LoRA adapters served beside `model`: requests name one as their model.
+    adapters: list[str] = Field(default_factory=list, max_length=MAX_ADAPTERS)
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapter_names(cls, value: list[str]) -> list[str]:
+        if not all(_ADAPTER_NAME_RE.fullmatch(n) for n in value) or len(set(value)) < len(value):
+            raise ValueError("adapter names are distinct, 1-100 letters, digits, '.', '_' "
+                             "or '-'")
+        return value
+
+    def serves(self, model: str) -> bool:
+        return model == self.model or model in self.adapters
 
     @field_validator("id")
     @classmethod
@@ -281,6 +296,19 @@ class HintsRecord(BaseModel):
     pool_path: str | None = Field(None, max_length=4096)  # where that pool is mapped there
     keys: int = Field(ge=0, le=10**7)  # how many keys the set holds
     updated_at: float = Field(allow_inf_nan=False)
+    # LoRA adapters served beside the model: name -> digest of its files (kvpool.keys):
+    # what a gateway keys an adapter's prompts with.
+    adapters: dict[str, str] = Field(default_factory=dict, max_length=MAX_ADAPTERS)
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, digest in value.items():
+            if not _ADAPTER_NAME_RE.fullmatch(name):
+                raise ValueError("adapter names are 1-100 letters, digits, '.', '_' or '-'")
+            if not _HEX64_RE.fullmatch(digest):
+                raise ValueError("an adapter digest is 64 lowercase hex characters")
+        return value
 
     @field_validator("worker_id")
     @classmethod
@@ -399,6 +427,7 @@ REASONS = frozenset({
     # one field (WorkerRecord, HintsRecord)
     "id", "url", "model", "capacity", "pid", "started_at", "heartbeat_at", "running",
     "waiting", "worker_id", "fingerprint", "block_tokens", "pool_uuid", "pool_path", "keys",
+    "adapters",
     "updated_at",
     # hint-key set members
     "hint_key",

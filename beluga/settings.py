@@ -278,6 +278,16 @@ class Settings(BaseSettings):
     max_hint_keys: int = Field(
         8192, ge=1, description="Most block keys one worker advertises in Redis."
     )
+    lora_modules: str = Field(
+        "", description="LoRA adapters a worker serves beside its model: comma-separated "
+        "`name=folder` pairs (vLLM's --lora-modules; requests name an adapter as their "
+        "model). Their blocks are keyed by name and by a digest of the adapter's files."
+    )
+    kv_events_dir: Path | None = Field(
+        None, description="Private folder of the sockets through which a worker's vLLM "
+        "publishes its KV cache events to the worker's hint publisher (set by `beluga "
+        "worker` for the vLLM it starts; not a user setting)."
+    )
 
     # --- beluga up ---------------------------------------------------------------------
     num_workers: int = Field(2, ge=1, le=64, description="Workers started by `beluga up`.")
@@ -323,6 +333,11 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return value
+
+    @model_validator(mode="after")
+    def _lora_modules_parse(self) -> Settings:
+        self.lora_adapters  # noqa: B018 - raises ValueError for a malformed value
+        return self
 
     @model_validator(mode="after")
     def _worker_identity_fits_the_registry(self) -> Settings:
@@ -387,6 +402,30 @@ class Settings(BaseSettings):
             return self.pool_path
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.served_model_name)
         return Path("/dev/shm") / f"beluga-{safe}.pool"
+
+    @property
+    def lora_adapters(self) -> dict[str, Path]:
+        """name -> folder, from `lora_modules`."""
+        out: dict[str, Path] = {}
+        for item in filter(None, (p.strip() for p in self.lora_modules.split(","))):
+            name, sep, folder = item.partition("=")
+            name, folder = name.strip(), folder.strip()
+            if not name or not sep or not folder or not re.fullmatch(r"[A-Za-z0-9._-]{1,100}",
+                                                                     name):
+                raise ValueError("lora_modules must be comma-separated `name=folder` pairs, "
+                                 "names of letters, digits, '.', '_' and '-'")
+            if name in out or name == self.served_model_name:
+                raise ValueError(f"lora_modules: {name!r} is named twice")
+            out[name] = Path(folder).expanduser()
+        return out
+
+    @property
+    def kv_events_endpoints(self) -> tuple[str, str] | None:
+        """(publish, replay) ZMQ endpoints in `kv_events_dir`."""
+        if self.kv_events_dir is None:
+            return None
+        d = self.kv_events_dir.resolve()
+        return f"ipc://{d}/events", f"ipc://{d}/replay"
 
     @property
     def resolved_worker_id(self) -> str:

@@ -10,8 +10,8 @@ Scheduler side (EngineCore process): for each new request, one batched pin of th
 block keys beyond its local prefix-cache hit tells vLLM how many tokens the pool can supply;
 the pinned slots are the promise, released when the worker reports the step that loaded
 them. Each step's plan names the loads (slot -> engine block) and the saves (every full block
-whose KV this step completes, keyed by DESIGN.md's block keys). Nothing on this path blocks:
-Redis hints go out through a background thread.
+whose KV this step completes, keyed by DESIGN.md's block keys). Routing hints are not the
+connector's: every worker publishes them from vLLM's KV events (engine/local_cache.py).
 
 Worker side (model runner process): registers the paged KV tensors as copy segments, then
 per step scatters the planned loads before the forward pass (one native call, verified
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,6 +59,7 @@ from engine.connector_meta import (
     StepPlan,
 )
 from engine.connector_metrics import BelugaPromMetrics, BelugaStats
+from engine.identity import model_identity
 from engine.kv_layout import BlockLayout, LayoutError, block_layout
 from kvpool import (
     KVPool,
@@ -69,9 +69,8 @@ from kvpool import (
     PoolFingerprintError,
     PoolFormatError,
     PoolGeometryError,
-    block_keys,
 )
-from kvpool.keys import next_key
+from kvpool.keys import Adapter, Identity, KeyChain, adapter_digest
 
 if TYPE_CHECKING:
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
@@ -82,13 +81,10 @@ if TYPE_CHECKING:
     )
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
-    from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
-
-    from engine.hints import HintPublisher
 
 logger = logging.getLogger(f"vllm.{__name__}")  # through vLLM's log handlers
 GiB = 1 << 30
@@ -103,14 +99,6 @@ class ConnectorConfig(BaseModel):
     pool_size_gib: float = Field(4.0, gt=0)
     coherence: Literal["none", "flush"] = "none"
     worker_id: str = "worker"
-    redis_url: str | None = None
-    # True: the URL is the worker's own setting (BELUGA_REDIS_URL in vLLM's environment),
-    # kept off vLLM's command line, where a password would be visible to every user.
-    redis_url_in_env: bool = False
-    redis_key_prefix: str = "beluga:v1"
-    hints_interval_s: float = Field(1.0, gt=0)
-    hints_ttl_s: int = Field(15, ge=2)
-    max_hint_keys: int = Field(8192, ge=1)
     copy_threads: int = Field(0, ge=0)  # 0: torch's thread count
     # How long a pool call waits for the lock while a live process holds it (a critical
     # section takes microseconds: longer means a peer is stuck), then PoolBusyError and the
@@ -140,21 +128,16 @@ def pool_geometry(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
     if len(groups) != 1:
         raise LayoutError(f"{len(groups)} KV cache groups (hybrid models are not shared yet)")
     spec = groups[0].kv_cache_spec
-    parallel = vllm_config.parallel_config
-    if parallel.pipeline_parallel_size != 1:
+    if vllm_config.parallel_config.pipeline_parallel_size != 1:
         raise LayoutError("pipeline parallelism is not shared yet")
-    model = vllm_config.model_config
-    cache = vllm_config.cache_config
-    name = model.served_model_name
-    if isinstance(name, list):
-        name = name[0]
-    identity = ModelIdentity(
-        name=str(name), revision=str(model.revision or ""),
-        dtype=f"{model.dtype}/{cache.cache_dtype}",
-        num_layers=len(groups[0].layer_names),
-        num_kv_heads=model.get_num_kv_heads(parallel), head_size=model.get_head_size(),
-        block_tokens=spec.block_size, tp_rank=tp_rank,
-        tp_size=parallel.tensor_parallel_size)
+    identity = model_identity(vllm_config, tp_rank)
+    # The identity is made from the configuration alone (the local-cache hints have no KV
+    # cache spec); the spec must say the same, or the keys would not describe the blocks.
+    if (len(groups[0].layer_names), spec.block_size) != (identity.num_layers,
+                                                         identity.block_tokens):
+        raise LayoutError(f"the KV cache has {len(groups[0].layer_names)} layers of "
+                          f"{spec.block_size}-token blocks; the model config says "
+                          f"{identity.num_layers} of {identity.block_tokens}")
     return PoolGeometry(identity, spec.block_size,
                         spec.page_size_bytes * len(groups[0].layer_names),
                         tuple(groups[0].layer_names))
@@ -231,10 +214,6 @@ class BelugaConnector(KVConnectorBase_V1):
                 side.close()
 
     # -- scheduler side ------------------------------------------------------------------
-    def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
-        if self._sched is not None:
-            self._sched.block_pool = gpu_block_pool
-
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._sched is not None
@@ -295,9 +274,9 @@ class BelugaConnector(KVConnectorBase_V1):
 class _Tracked:
     request: Request
     block_ids: list[int] = field(default_factory=list)
-    keys: list[bytes] = field(default_factory=list)
+    chain: KeyChain | None = None  # its block keys, extended as its tokens are computed
+    unshared: bool = False  # keys cannot express its identity: it never touches the pool
     saved_blocks: int = 0  # leading blocks already handed to the worker to save
-    remembered: int = 0    # leading blocks entered in the local-cache record
 
 
 @dataclass
@@ -313,20 +292,13 @@ class _SchedulerSide:
                  kv_cache_config: KVCacheConfig) -> None:
         self.cfg = cfg
         self.stats = BelugaStats()
-        self.block_pool: BlockPool | None = None
         self.pool: KVPool | None = None
-        self.hints: HintPublisher | None = None
         self._tracked: dict[str, _Tracked] = {}
         self._promised: dict[str, _Promise] = {}   # pinned, not yet in a step plan
         self._local_hit: dict[str, int] = {}       # tokens vLLM had locally, per request
         self._planned: dict[str, _Promise] = {}    # allocated, goes into the next plan
         self._in_flight: dict[int, list[_Promise]] = {}  # step -> its loads (pinned)
         self._step = 0
-        self._next_hints = 0.0
-        self._hints_behind = False  # the cache changed since the last offer (rate-limited)
-        # our key -> vLLM's block hash, for "is it still in the local cache" (bounded)
-        self._local: OrderedDict[bytes, Any] = OrderedDict()
-        self._local_cap = max(64, 4 * kv_cache_config.num_blocks)
         self.errors = PoolErrorLog(logger, "Beluga (scheduler)", self.stats.pool_error)
         self.backoff = BusyBackoff(cfg.busy_backoff_s)
         try:
@@ -342,16 +314,6 @@ class _SchedulerSide:
                            exc, hint)
             self.block_tokens = vllm_config.cache_config.block_size
         self.stats.set_enabled(self.pool is not None)
-        redis_url = cfg.redis_url
-        if redis_url is None and cfg.redis_url_in_env:
-            from beluga.settings import Settings
-            redis_url = Settings().redis_url
-        if redis_url and self.pool is not None:
-            from engine.hints import HintPublisher
-            self.hints = HintPublisher(
-                redis_url, cfg.redis_key_prefix, cfg.worker_id, self.geo.fingerprint,
-                self.block_tokens, str(self.pool.uuid), cfg.hints_ttl_s,
-                cfg.hints_interval_s, cfg.max_hint_keys, pool_path=self.pool.path)
 
     def _track(self, request: Request) -> _Tracked:
         t = self._tracked.get(request.request_id)
@@ -360,20 +322,36 @@ class _SchedulerSide:
         return t
 
     def _keys(self, t: _Tracked, upto_tokens: int) -> list[bytes]:
-        """Block keys of the request's full blocks within its first `upto_tokens` tokens."""
-        want = upto_tokens // self.block_tokens
-        if len(t.keys) < want:
-            if not t.keys:
-                t.keys = block_keys(t.request.all_token_ids[:want * self.block_tokens],
-                                    self.block_tokens, self.geo.fingerprint,
-                                    t.request.cache_salt or "")
-            else:  # extend the chain from its last key
-                start = len(t.keys) * self.block_tokens
-                more = _chain_from(t.keys[-1], t.request.all_token_ids[start:want *
-                                                                        self.block_tokens],
-                                   self.block_tokens)
-                t.keys.extend(more)
-        return t.keys[:want]
+        """Block keys of the request's full blocks within its first `upto_tokens` tokens;
+        none for a request whose identity they cannot express (it never touches the pool)."""
+        if t.chain is None:
+            if t.unshared:
+                return []
+            identity = self._identity(t.request)
+            if identity is None:
+                t.unshared = True
+                self.stats.add("unshared_requests", 1)
+                return []
+            t.chain = KeyChain.of(identity, self.block_tokens)
+        return t.chain.advance(t.request.all_token_ids, upto_tokens)
+
+    def _identity(self, request: Request) -> Identity | None:
+        """What besides its tokens decides the request's KV, as block keys express it: the
+        model, the cache salt and the LoRA adapter (by name and by the digest of its files,
+        kvpool.keys.adapter_digest). None for what they cannot express: multimodal inputs
+        and prompt embeddings, or an adapter whose files cannot be read."""
+        if request.mm_features or getattr(request, "prompt_embeds", None) is not None:
+            return None
+        adapter = None
+        lora = request.lora_request
+        if lora is not None:
+            try:
+                adapter = Adapter(lora.lora_name, adapter_digest(lora.lora_path))
+            except (OSError, ValueError) as exc:
+                logger.warning("Beluga: LoRA adapter %s (%s) cannot be keyed, its requests "
+                               "do not use the pool: %s", lora.lora_name, lora.lora_path, exc)
+                return None
+        return Identity(self.geo.fingerprint, request.cache_salt or "", adapter)
 
     def _failed(self, exc: PoolError, doing: str) -> None:
         self.errors.report(exc, doing)
@@ -488,8 +466,6 @@ class _SchedulerSide:
                 saves.append(SaveSpec(req_id, tuple(keys[i] for i in todo),
                                       tuple(t.block_ids[i] for i in todo)))
                 t.saved_blocks = len(keys)
-            self._remember_local(t)
-        self._maybe_publish_hints()
         return StepPlan(self._step, tuple(loads), tuple(saves))
 
     def steps_done(self, steps: set[int], bad_slots: set[int]) -> None:
@@ -523,42 +499,8 @@ class _SchedulerSide:
         self._release(self._promised.pop(req_id, None))
         self._release(self._planned.pop(req_id, None))
         self._tracked.pop(req_id, None)
-        if self._hints_behind and not self._tracked:
-            # The worker goes idle: no step will offer what its last requests left in the
-            # cache, so offer it now (otherwise it stays unadvertised until the next request).
-            self._maybe_publish_hints(force=True)
-
-    # -- routing hints -------------------------------------------------------------------
-    def _remember_local(self, t: _Tracked) -> None:
-        hashes = t.request.block_hashes
-        upto = min(len(t.keys), len(hashes))
-        if t.remembered == 0:  # a new request: its whole prefix was just used
-            for i in range(upto):
-                self._local[t.keys[i]] = hashes[i]
-                self._local.move_to_end(t.keys[i])
-        else:
-            for i in range(t.remembered, upto):
-                self._local[t.keys[i]] = hashes[i]
-        t.remembered = upto
-        while len(self._local) > self._local_cap:
-            self._local.popitem(last=False)
-
-    def _maybe_publish_hints(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.hints is None or self.block_pool is None:
-            return
-        if now < self._next_hints and not force:
-            self._hints_behind = True
-            return
-        self._hints_behind = False
-        self._next_hints = now + self.cfg.hints_interval_s
-        present = [k for k, h in self._local.items()
-                   if self.block_pool.get_cached_block(h, [0]) is not None]
-        self.hints.offer(present)
 
     def close(self) -> None:
-        if self.hints is not None:
-            self.hints.close()
         _close(self.pool, self.errors)
         self.pool = None
 
@@ -570,15 +512,6 @@ def _close(pool: KVPool | None, errors: PoolErrorLog) -> None:
         pool.close()
     except PoolError as exc:  # (detach does not raise; a pool error must not stop shutdown)
         errors.report(exc, "detaching")
-
-
-def _chain_from(last: bytes, token_ids: list[int], block_tokens: int) -> list[bytes]:
-    """Continue a key chain (DESIGN.md) from its last key, without recomputing the prefix."""
-    out = []
-    for s in range(0, len(token_ids) - block_tokens + 1, block_tokens):
-        last = next_key(last, token_ids[s:s + block_tokens])
-        out.append(last)
-    return out
 
 
 # ----------------------------------------------------------------------------------------

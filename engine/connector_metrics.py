@@ -10,6 +10,7 @@ the worker's and the scheduler's, sends them to the API server process, and call
     beluga_worker_pool_blocks_loaded_total, beluga_worker_pool_blocks_saved_total
     beluga_worker_pool_load_errors_total     blocks that failed validation (recomputed)
     beluga_worker_pool_save_errors_total     blocks that could not be stored
+    beluga_worker_pool_unshared_requests_total  requests whose identity keys cannot express
     beluga_worker_pool_errors_total{kind}    pool calls that failed (busy, corrupt, closed,
                                              ...: beluga/pool_errors.py KINDS); each one
                                              served its request or step without the pool
@@ -42,6 +43,8 @@ COUNTERS: dict[str, str] = {
     "blocks_saved": "Blocks stored in the pool (new ones; present ones are skipped).",
     "load_errors": "Blocks that failed validation on load and were recomputed.",
     "save_errors": "Blocks that could not be stored (pool full or an error).",
+    "unshared_requests": "Requests kept away from the pool: block keys cannot express what "
+    "decides their KV (multimodal inputs, prompt embeddings, an unreadable LoRA adapter).",
 }
 ENABLED = "pool_enabled"  # gauge: 1 sharing, 0 not (reported, not summed)
 # Failed pool calls by kind: one counter per kind, "pool_errors:<kind>" in the stats' data

@@ -1,10 +1,10 @@
-"""Publishing a worker's routing hints to Redis without ever blocking the scheduler.
+"""Publishing a worker's routing hints to Redis without ever blocking the caller.
 
-The scheduler-side connector hands a snapshot (the block keys its local KV cache holds) to
-`HintPublisher.offer`, which only swaps a reference. A daemon thread writes the latest
-snapshot to Redis (set + record, both with a TTL), re-publishes it to refresh the TTL, and
-rides out Redis outages (a warning when Redis goes away, an info when it is back). Losing
-Redis costs routing quality, never correctness.
+The local-cache tracker (engine/local_cache.py) hands a snapshot (the block keys the
+worker's KV cache holds) to `HintPublisher.offer`, which only swaps a reference. A daemon
+thread writes the latest snapshot to Redis (set + record, both with a TTL), re-publishes it
+to refresh the TTL, and rides out Redis outages (a warning when Redis goes away, an info
+when it is back). Losing Redis costs routing quality, never correctness.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import redis
 
@@ -26,7 +26,8 @@ logger = logging.getLogger(f"vllm.{__name__}")  # through vLLM's log handlers
 class HintPublisher:
     def __init__(self, redis_url: str, prefix: str, worker_id: str, fingerprint: bytes,
                  block_tokens: int, pool_uuid: str | None, ttl_s: int, interval_s: float,
-                 max_keys: int, pool_path: str | None = None) -> None:
+                 max_keys: int, pool_path: str | None = None,
+                 adapters: Mapping[str, bytes] | None = None) -> None:
         self._client = redis.Redis.from_url(redis_url, socket_timeout=2.0,
                                             socket_connect_timeout=2.0)
         self._prefix, self._worker = prefix, worker_id
@@ -35,6 +36,7 @@ class HintPublisher:
         self._pool_uuid = pool_uuid
         self._pool_path = os.path.abspath(pool_path) if pool_path else None
         self._ttl, self._interval, self._max = ttl_s, interval_s, max_keys
+        self._adapters = {name: d.hex() for name, d in (adapters or {}).items()}
         # Published at once, before the cache holds anything: the record tells gateways how
         # to key prompts for this worker (fingerprint, block size, pool), so they can route
         # to what the pool holds from the first request on.
@@ -49,6 +51,11 @@ class HintPublisher:
         """The keys the local cache holds now, most recently used last (never blocks)."""
         keys = [hint_key(k) for k in block_keys[-self._max:]]
         self._latest = keys
+        self._wake.set()
+
+    def set_pool(self, pool_uuid: str, pool_path: str) -> None:
+        """The pool this worker shares through, once known (the record says so next)."""
+        self._pool_uuid, self._pool_path = pool_uuid, os.path.abspath(pool_path)
         self._wake.set()
 
     def close(self) -> None:
@@ -94,7 +101,8 @@ class HintPublisher:
     def _publish(self, keys: list[str], changed: bool) -> None:
         record = HintsRecord(worker_id=self._worker, fingerprint=self._fingerprint,
                              block_tokens=self._block_tokens, pool_uuid=self._pool_uuid,
-                             pool_path=self._pool_path, keys=len(keys), updated_at=time.time())
+                             pool_path=self._pool_path, keys=len(keys), updated_at=time.time(),
+                             adapters=self._adapters)
         blocks = hint_blocks_key(self._prefix, self._worker)
         pipe = self._client.pipeline(transaction=True)
         if changed:

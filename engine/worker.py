@@ -21,11 +21,14 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import redis
@@ -99,6 +102,9 @@ def vllm_command(settings: Settings, python: str = sys.executable) -> list[str]:
         "--max-model-len", str(settings.max_model_len),
         "--max-num-seqs", str(settings.max_num_seqs),
         "--disable-uvicorn-access-log",
+        # usage.prompt_tokens_details.cached_tokens: what the gateway checks its routing
+        # predictions against (beluga_gateway_cache_mispredictions_total)
+        "--enable-prompt-tokens-details",
     ]
     if settings.enforce_eager:
         cmd.append("--enforce-eager")
@@ -106,11 +112,23 @@ def vllm_command(settings: Settings, python: str = sys.executable) -> list[str]:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
     if settings.pool:
         cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config(settings))]
+    endpoints = settings.kv_events_endpoints
+    if endpoints is not None:
+        # What the prefix cache holds, stored and evicted, for this worker's routing hints
+        # (engine/local_cache.py, inside vLLM's API server), pool or not.
+        cmd += ["--kv-events-config", json.dumps({
+            "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoints[0],
+            "replay_endpoint": endpoints[1], "topic": "beluga"})]
+        cmd += ["--middleware", "engine.local_cache.LocalCacheMiddleware"]
     if settings.pool or settings.worker_api_key:
         # POST /beluga/v1/pool/lookup for gateways on hosts without the pool, and the
         # worker credential on every route but /health and /metrics (vLLM's own check,
         # VLLM_API_KEY, covers only /v1 and a few other prefixes).
         cmd += ["--middleware", "engine.pool_lookup_endpoint.PoolLookupMiddleware"]
+    adapters = settings.lora_adapters
+    if adapters:
+        cmd += ["--enable-lora", "--lora-modules",
+                *(f"{name}={folder}" for name, folder in adapters.items())]
     if cuda:
         cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     block_size = settings.block_size or (None if cuda else CPU_BLOCK_SIZE)
@@ -133,11 +151,6 @@ def kv_transfer_config(settings: Settings) -> dict[str, object]:
             "pool_size_gib": settings.pool_size_gib,
             "coherence": settings.pool_coherence,
             "worker_id": settings.resolved_worker_id,
-            "redis_url_in_env": True,  # BELUGA_REDIS_URL (vllm_env): no password in `ps`
-            "redis_key_prefix": settings.redis_key_prefix,
-            "hints_interval_s": settings.hints_interval_s,
-            "hints_ttl_s": settings.hints_ttl_s,
-            "max_hint_keys": settings.max_hint_keys,
         },
     }
 
@@ -145,7 +158,7 @@ def kv_transfer_config(settings: Settings) -> dict[str, object]:
 def vllm_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     # KV space of a CPU worker, in GiB: capped on purpose so several workers fit.
-    env["BELUGA_REDIS_URL"] = settings.redis_url  # for the connector (kv_transfer_config)
+    env["BELUGA_REDIS_URL"] = settings.redis_url  # for the hint publisher (engine/hints.py)
     env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_space_gib:g}"
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.cpu_reserved_cores)
     env["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
@@ -159,7 +172,14 @@ def vllm_env(settings: Settings) -> dict[str, str]:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
-    # For the pool lookup endpoint (and credential check), which reads them through Settings.
+    # For the middlewares in vLLM's API server (engine/local_cache.py, the pool lookup
+    # endpoint and credential check), which read them through Settings.
+    for name in ("redis_key_prefix", "hints_interval_s", "hints_ttl_s", "max_hint_keys",
+                 "lora_modules", "served_model_name"):
+        env[f"BELUGA_{name.upper()}"] = str(getattr(settings, name))
+    env["BELUGA_WORKER_ID"] = settings.resolved_worker_id
+    if settings.kv_events_dir is not None:
+        env["BELUGA_KV_EVENTS_DIR"] = str(settings.kv_events_dir)
     env["BELUGA_POOL"] = "true" if settings.pool else "false"
     if settings.pool:
         env["BELUGA_POOL_PATH"] = str(settings.resolved_pool_path)
@@ -224,6 +244,11 @@ class Worker:
     """Owns one vLLM process and its registry entry."""
 
     def __init__(self, settings: Settings) -> None:
+        self._events_dir: Path | None = None
+        if settings.kv_events_dir is None:
+            # vLLM's KV event sockets, in a folder only this user can enter.
+            self._events_dir = Path(tempfile.mkdtemp(prefix="beluga-kv-"))
+            settings = settings.model_copy(update={"kv_events_dir": self._events_dir})
         self.settings = settings
         self.stop_event = threading.Event()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -289,7 +314,7 @@ class Worker:
             "schema": SCHEMA_VERSION, "id": s.resolved_worker_id, "url": s.worker_url,
             "model": s.served_model_name, "capacity": s.max_num_seqs, "pid": os.getpid(),
             "started_at": self.started_at, "heartbeat_at": time.time(),
-            "running": running, "waiting": waiting,
+            "running": running, "waiting": waiting, "adapters": list(s.lora_adapters),
         })
 
     def publish(self, rec: WorkerRecord) -> None:
@@ -340,6 +365,10 @@ class Worker:
         self.stop_vllm()
         return 0
 
+    def cleanup(self) -> None:
+        if self._events_dir is not None:
+            shutil.rmtree(self._events_dir, ignore_errors=True)
+
 
 def run_worker(settings: Settings) -> int:
     """Entry point of `beluga worker`; returns the process exit code."""
@@ -351,7 +380,11 @@ def run_worker(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return worker.run()
+    try:
+        return worker.run()
+    finally:
+        worker.stop_vllm()
+        worker.cleanup()
 
 
 

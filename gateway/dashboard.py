@@ -10,6 +10,9 @@ this host, the pool's own statistics, and appends one point per series:
     requests                         answered requests per second
     pool_used                        fraction of pool slots holding a block
     pool_evictions                   evictions per second
+    cached_predicted / _actual       prompt tokens per second the chosen workers were
+                                     predicted to find cached, and found (their reports)
+    mispredicted                     requests per second off the prediction by a block+
     share[worker] / load[worker]     fraction of the interval's requests each worker answered,
                                      and its occupancy as the router sees it
 
@@ -35,7 +38,8 @@ from kvpool import PoolStats
 STATIC = Path(__file__).resolve().parent / "static"
 UPLOT = STATIC / "node_modules" / "uplot" / "dist"
 SERIES = ("ttft_p50", "ttft_p95", "ttft_p99", "tokens_local", "tokens_pool", "tokens_computed",
-          "requests", "pool_used", "pool_evictions")
+          "requests", "pool_used", "pool_evictions", "cached_predicted", "cached_actual",
+          "mispredicted")
 
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
@@ -78,7 +82,8 @@ class Dashboard:
         ttft: dict[float, float] = {}
         tokens: dict[str, float] = {}
         answered: dict[str, float] = {}
-        requests = 0.0
+        requests = mispredicted = 0.0
+        cached: dict[str, float] = {}
         for metric in self._registry.collect():
             for s in metric.samples:
                 if s.name == "beluga_gateway_ttft_seconds_bucket":
@@ -91,9 +96,14 @@ class Dashboard:
                     answered[w] = answered.get(w, 0.0) + s.value
                 elif s.name == "beluga_gateway_requests_total":
                     requests += s.value
+                elif s.name == "beluga_gateway_cached_tokens_total":
+                    cached[s.labels["kind"]] = s.value
+                elif s.name == "beluga_gateway_cache_mispredictions_total":
+                    mispredicted += s.value
         stats = self._pool_stats()
         return {"at": time.monotonic(), "ttft": ttft, "tokens": tokens,
-                "answered": answered, "requests": requests, "pool": stats}
+                "answered": answered, "requests": requests, "pool": stats,
+                "cached": cached, "mispredicted": mispredicted}
 
     def sample(self) -> None:
         now = self._read()
@@ -111,6 +121,10 @@ class Dashboard:
         for source in ("local", "pool", "computed"):
             point[f"tokens_{source}"] = (now["tokens"].get(source, 0.0)
                                          - last["tokens"].get(source, 0.0)) / dt
+        for kind in ("predicted", "actual"):
+            point[f"cached_{kind}"] = (now["cached"].get(kind, 0.0)
+                                       - last["cached"].get(kind, 0.0)) / dt
+        point["mispredicted"] = (now["mispredicted"] - last["mispredicted"]) / dt
         pool: PoolStats | None = now["pool"]
         old: PoolStats | None = last["pool"]
         point["pool_used"] = pool.used_slots / pool.slot_count if pool else None

@@ -224,7 +224,7 @@ class Forwarder:
                                                                 "application/json"),
                                       headers, functools.partial(
                                           self.answered, req.endpoint, worker.id, started,
-                                          content))
+                                          content, info))
                     out = self.buffered_response(resp, content, headers)
                     self.metrics.answered(req.endpoint, out.status_code, worker.id,
                                           time.perf_counter() - started)
@@ -262,9 +262,11 @@ class Forwarder:
             return await self.client.request("POST", url, body, self.headers)
 
     def answered(self, endpoint: Endpoint, worker_id: str, started: float,
-                 content: bytes) -> None:
+                 content: bytes, info: RequestInfo) -> None:
         """Count a worker's 200 answer (once the client has it)."""
-        self.metrics.usage(usage_of(content))
+        usage = usage_of(content)
+        self.metrics.usage(usage)
+        self.metrics.prediction(info.held_tokens(worker_id), info.block_tokens, usage)
         self.metrics.answered(endpoint, 200, worker_id, time.perf_counter() - started)
 
     @staticmethod
@@ -310,6 +312,8 @@ class Forwarder:
             if rest:
                 yield rest
             self.metrics.usage(usage.usage)
+            self.metrics.prediction(info.held_tokens(worker.id), info.block_tokens,
+                                    usage.usage)
             self.metrics.answered(info.endpoint, 200, worker.id, time.perf_counter() - started)
         except TimeoutError:
             self.metrics.answered(info.endpoint, UpstreamTimeout.status_code, worker.id, None)

@@ -21,6 +21,16 @@
                                                              Redis records skipped (worker,
                                                              hints, hint_keys; reasons:
                                                              beluga/registry.py REASONS)
+    beluga_gateway_cached_tokens_total{kind}                 predicted | actual: prompt
+                                                             tokens routing expected the
+                                                             chosen worker to find cached
+                                                             (its own cache or the pool),
+                                                             and what it reported (vLLM's
+                                                             usage.prompt_tokens_details)
+    beluga_gateway_cache_prediction_error_tokens             |actual - predicted| per request
+    beluga_gateway_cache_mispredictions_total{direction}     off by a block or more: over
+                                                             (fewer found than predicted) |
+                                                             under
     beluga_pool_slots, beluga_pool_used_slots, beluga_pool_pinned_slots,
     beluga_pool_evictions_total, beluga_pool_inserts_total   the shared pool, when this
                                                              gateway maps it (same host)
@@ -48,6 +58,8 @@ from kvpool import PoolStats
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ERROR_BUCKETS = (0.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+                 16384.0)
 # Label values of beluga_gateway_pool_lookups_total (a bounded set; others count as error).
 POOL_LOOKUP_RESULTS = frozenset(("ok", "error", "timeout", *POOL_ERROR_KINDS))
 
@@ -81,6 +93,24 @@ class GatewayMetrics:
                                     "host); busy, corrupt, closed, ... (the pool mapped here "
                                     "failed; routed as if it held none).", ["result"],
                                     registry=r)
+        self.cached = Counter("beluga_gateway_cached_tokens", "Prompt tokens found cached "
+                              "by the chosen worker (its own cache or the pool): predicted "
+                              "when routing, actual as the worker reported.", ["kind"],
+                              registry=r)
+        self.prediction_error = Histogram(
+            "beluga_gateway_cache_prediction_error_tokens", "Per request, how far the cached "
+            "prompt tokens the worker reported were from routing's prediction.",
+            buckets=ERROR_BUCKETS, registry=r)
+        self.mispredicted = Counter(
+            "beluga_gateway_cache_mispredictions", "Requests whose cached prompt tokens were "
+            "off routing's prediction by a block or more: over (fewer than predicted: hints "
+            "that promised blocks the worker did not have, or keys that differ between "
+            "gateway and worker), under (more: blocks routing did not know of).",
+            ["direction"], registry=r)
+        for kind in ("predicted", "actual"):  # exported from the start, as 0
+            self.cached.labels(kind)
+        for direction in ("over", "under"):
+            self.mispredicted.labels(direction)
         self.tokens = Counter("beluga_gateway_tokens", "Tokens of answered requests, from "
                               "the workers' usage reports.", ["kind"], registry=r)
         self.unkeyed = Counter("beluga_gateway_prompts_unkeyed",
@@ -131,6 +161,27 @@ class GatewayMetrics:
             value = usage.get(f"{kind}_tokens")
             if isinstance(value, int) and value >= 0:
                 self.child(self.tokens, kind).inc(value)
+
+    def prediction(self, predicted_held: int | None, block_tokens: int,
+                   usage: object) -> None:
+        """Routing's prediction against what the worker reported: `predicted_held` prompt
+        tokens the chosen worker was expected to find cached (None: routing knew nothing
+        of the prompt), capped as vLLM caps a hit (never the block of the last prompt
+        token), against usage.prompt_tokens_details.cached_tokens."""
+        if predicted_held is None or block_tokens <= 0 or not isinstance(usage, dict):
+            return
+        prompt = usage.get("prompt_tokens")
+        details = usage.get("prompt_tokens_details")
+        actual = details.get("cached_tokens") if isinstance(details, dict) else None
+        if type(prompt) is not int or type(actual) is not int or prompt <= 0 \
+                or not 0 <= actual <= prompt:
+            return  # a worker that does not report it (--enable-prompt-tokens-details)
+        predicted = min(predicted_held, (prompt - 1) // block_tokens * block_tokens)
+        self.child(self.cached, "predicted").inc(predicted)
+        self.child(self.cached, "actual").inc(actual)
+        self.prediction_error.observe(abs(actual - predicted))
+        if abs(actual - predicted) >= block_tokens:
+            self.child(self.mispredicted, "over" if predicted > actual else "under").inc()
 
     def prompt_unkeyed(self, reason: str) -> None:
         self.child(self.unkeyed, reason).inc()

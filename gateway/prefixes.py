@@ -55,7 +55,7 @@ from beluga.registry import (
 )
 from beluga.settings import Settings
 from kvpool import KVPool, PoolError, PoolStats, block_keys
-from kvpool.keys import root_key
+from kvpool.keys import Adapter
 from kvpool.pool import DEFAULT_CANDIDATES
 
 logger = logging.getLogger(__name__)
@@ -85,54 +85,6 @@ class Keying:
 
 
 PENDING_MAX_BYTES = 64 * 1024 * 1024  # unread prompts kept for routing's follow-ups
-
-
-class BlockKeyMemo:
-    """Block keys of whole text pieces (a system prompt, an earlier turn), by the state of
-    the key chain they start from: (previous key, block size, the tokens left over from
-    before, the piece's text) -> (the keys the piece completes, the tokens it leaves over).
-    A prompt that comes back is hashed once, not on every request. Bounded, least recently
-    used out; also the root keys per (fingerprint, cache salt)."""
-
-    def __init__(self, entries: int = 512, roots: int = 1024,
-                 max_bytes: int = 16 * 1024 * 1024) -> None:
-        self._memo: OrderedDict[tuple[bytes, int, tuple[int, ...], str],
-                                tuple[tuple[bytes, ...], tuple[int, ...]]] = OrderedDict()
-        self._roots: dict[tuple[bytes, str], bytes] = {}
-        self._entries, self._max_roots = entries, roots
-        self._max_bytes, self._bytes = max_bytes, 0  # bounded by size, not only entries
-
-    def root(self, fingerprint: bytes, cache_salt: str) -> bytes:
-        key = self._roots.get((fingerprint, cache_salt))
-        if key is None:
-            if len(self._roots) >= self._max_roots:
-                self._roots.clear()
-            key = self._roots[(fingerprint, cache_salt)] = root_key(fingerprint, cache_salt)
-        return key
-
-    def get(self, state: tuple[bytes, int, tuple[int, ...], str]
-            ) -> tuple[tuple[bytes, ...], tuple[int, ...]] | None:
-        known = self._memo.get(state)
-        if known is not None:
-            self._memo.move_to_end(state)
-        return known
-
-    def put(self, state: tuple[bytes, int, tuple[int, ...], str],
-            result: tuple[tuple[bytes, ...], tuple[int, ...]]) -> None:
-        if state in self._memo:
-            return
-        self._memo[state] = result
-        self._bytes += _memo_bytes(state, result)
-        while self._memo and (len(self._memo) > self._entries
-                              or self._bytes > self._max_bytes):
-            old, old_result = self._memo.popitem(last=False)
-            self._bytes -= _memo_bytes(old, old_result)
-
-
-def _memo_bytes(state: tuple[bytes, int, tuple[int, ...], str],
-                result: tuple[tuple[bytes, ...], tuple[int, ...]]) -> int:
-    """About what one memo entry holds: the piece's text, ~70 bytes a key, ~40 an id."""
-    return len(state[3]) + 70 * len(result[0]) + 40 * (len(state[2]) + len(result[1]))
 
 
 class PrefixIndex:
@@ -327,6 +279,16 @@ class PrefixIndex:
             if h is not None:
                 r = h.record
                 return Keying(bytes.fromhex(r.fingerprint), r.block_tokens, r.pool_uuid)
+        return None
+
+    def adapter(self, worker_ids: Sequence[str], name: str) -> Adapter | None:
+        """The LoRA adapter `name` as the workers' hint records describe it (the digest of
+        its files), or None when none does."""
+        for wid in worker_ids:
+            h = self._hints.get(wid)
+            digest = h.record.adapters.get(name) if h is not None else None
+            if digest is not None:
+                return Adapter(name, bytes.fromhex(digest))
         return None
 
     def remote_pool(self, keying: Keying) -> str | None:

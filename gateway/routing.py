@@ -26,13 +26,13 @@ from beluga.pool_lookup import LOOKUP_PATH, MAX_KEYS, LookupReply, request_body
 from beluga.settings import Settings
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Choice, Policy, RequestInfo
-from gateway.prefixes import BlockKeyMemo, Keying, PrefixIndex
+from gateway.prefixes import PrefixIndex
 from gateway.requests import ParsedRequest
 from gateway.tokenize import Prompt, PromptTokenizer
 from gateway.upstream import UpstreamClient, UpstreamError
 from gateway.worker_thread import JobTimeout, WorkerThread
 from gateway.workers import WorkerState
-from kvpool.keys import next_key
+from kvpool.keys import ChainMemo, Identity, KeyChain
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Router:
         self.client: UpstreamClient | None = None
         self.thread = WorkerThread()
         prefixes.owner = self.thread.post  # its per-request state: only on this thread
-        self.key_memo = BlockKeyMemo()
+        self.key_memo = ChainMemo()
         self.lookup_backoff: dict[str, float] = {}  # worker id -> when to ask it again
 
     def close(self) -> None:
@@ -118,7 +118,12 @@ class Router:
             # vLLM decides whether to render it; the gateway never does unless told to.
             return self._unkeyed(req, "request_template")
         salt = req.payload.get("cache_salt")
-        salt = salt if isinstance(salt, str) else ""
+        adapter = None
+        if not any(w.record.model == req.model for w in workers):  # a LoRA adapter's name
+            adapter = self.prefixes.adapter(ids, req.model)
+            if adapter is None:  # no worker says which weights it is: no keys for it
+                return self._unkeyed(req, "adapter_unknown")
+        identity = Identity(keying.fingerprint, salt if isinstance(salt, str) else "", adapter)
         max_chars = self.settings.routing_max_chars
 
         def keyed() -> tuple[Prompt, list[bytes], dict[str, int], int, Iterator[bytes]] | None:
@@ -127,8 +132,8 @@ class Router:
             if prompt is None:
                 return None
             # Tokenized and keyed only as far as some worker or the pool holds the prefix.
-            later = Later(lazy_block_keys(prompt, keying, salt, self.key_memo),
-                          prompt.held_bytes)
+            later = Later(lazy_block_keys(prompt, identity, keying.block_tokens,
+                                          self.key_memo), prompt.held_bytes)
             keys, local, pooled = self.prefixes.match(keying, ids, later)
             return prompt, keys, local, pooled, later
 
@@ -215,15 +220,13 @@ class Router:
         self.metrics.routed(choice, info)
 
 
-def lazy_block_keys(prompt: Prompt, keying: Keying, cache_salt: str,
-                    memo: BlockKeyMemo) -> Iterator[bytes]:
-    """The prompt's block keys (kvpool.block_keys), each tokenized only when asked for. A
+def lazy_block_keys(prompt: Prompt, identity: Identity, block_tokens: int,
+                    memo: ChainMemo) -> Iterator[bytes]:
+    """The prompt's block keys (kvpool.keys.KeyChain), each tokenized only when asked for. A
     whole piece the memo has seen from the same chain state costs no hashing. Ends early,
     without an error, at the first piece that cannot be tokenized or keyed (routing on the
     keys before it)."""
-    bt = keying.block_tokens
-    prev = memo.root(keying.fingerprint, cache_salt)
-    buf: list[int] = []
+    chain = KeyChain.of(identity, block_tokens, memo)
     parts = prompt.parts()
     while True:
         try:
@@ -233,29 +236,8 @@ def lazy_block_keys(prompt: Prompt, keying: Keying, cache_salt: str,
         except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: route without it
             logger.debug("cannot tokenize the rest of a prompt: %s", exc)
             return
-        state = None
-        if piece is not None and len(ids) >= bt:
-            state = (prev, bt, tuple(buf), piece)
-            known = memo.get(state)
-            if known is not None:
-                keys, rest = known
-                yield from keys
-                if keys:
-                    prev = keys[-1]
-                buf = list(rest)
-                continue
-        buf.extend(ids)
-        start = 0
-        made: list[bytes] = []
-        while len(buf) - start >= bt:
-            try:
-                prev = next_key(prev, buf[start:start + bt])
-            except ValueError as exc:  # a token id no tokenizer makes: keys end here
-                logger.debug("cannot key a prompt block: %s", exc)
-                return
-            start += bt
-            made.append(prev)
-            yield prev
-        del buf[:start]
-        if state is not None:
-            memo.put(state, (tuple(made), tuple(buf)))
+        try:
+            yield from chain.extend(ids, memo, piece)
+        except ValueError as exc:  # a token id no tokenizer makes: keys end here
+            logger.debug("cannot key a prompt block: %s", exc)
+            return

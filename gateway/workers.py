@@ -121,10 +121,12 @@ class WorkerRegistry:
         return self._snapshot
 
     def models(self) -> list[str]:
-        return sorted({w.record.model for w in self._snapshot})
+        """Every model and LoRA adapter some worker serves."""
+        return sorted({m for w in self._snapshot
+                       for m in (w.record.model, *w.record.adapters)})
 
     def for_model(self, model: str) -> list[WorkerState]:
-        return [w for w in self._snapshot if w.record.model == model]
+        return [w for w in self._snapshot if w.record.serves(model)]
 
     def mark_unhealthy(self, worker: WorkerState, why: str = "failed") -> None:
         now = time.monotonic()

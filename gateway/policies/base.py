@@ -31,6 +31,13 @@ class RequestInfo:
     local_blocks: Mapping[str, int] = field(default_factory=dict)  # worker id -> blocks
     pool_blocks: int = 0
 
+    def held_tokens(self, worker_id: str) -> int | None:
+        """Prompt tokens the worker should find cached, in its own cache or (past that) in
+        the pool, as policies assume; None for a prompt routing has no keys for."""
+        if self.block_tokens <= 0:
+            return None
+        return max(self.local_blocks.get(worker_id, 0), self.pool_blocks) * self.block_tokens
+
 
 @dataclass(frozen=True)
 class Choice:

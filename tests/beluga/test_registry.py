@@ -48,7 +48,10 @@ BAD_TIMES = [NAN, INF, -INF, -1.0, -1e308, 1e308, 1e11 + 1, "1", True, None, [1.
 BAD_IDS = ["", " ", "a b", "a\nb", "a\rb", "a\r\nx-evil: 1", "a\x00", "a\x7f", "a\tb", "é",
            "w\u2028", "x" * 201, 5, None, True, ["w1"]]
 
+BAD_ADAPTER_NAMES: list[Any] = [["a", "a"], ["a b"], [""], ["x" * 101], ["a/b"], [1],
+                                 "sql", {"sql": 1}, [f"a{i}" for i in range(65)], None]
 HOSTILE_WORKER: dict[str, list[Any]] = {
+    "adapters": BAD_ADAPTER_NAMES,
     "url": [
         "file:///etc/passwd", "ftp://h:21", "gopher://h:70", "javascript:alert(1)",
         "redis://h:6379", "HTTP://h:1", "http:/h:1", "http//h:1", "//h:1", "h:1", "http://",
@@ -75,6 +78,7 @@ HOSTILE_WORKER: dict[str, list[Any]] = {
 }
 
 VALID_WORKER: dict[str, list[Any]] = {
+    "adapters": [[], ["sql"], ["a.b_c-1", "x" * 100], [f"a{i}" for i in range(64)]],
     "url": ["http://h", "https://h", "http://h:1", "http://h:65535", "https://h:443",
             "http://127.0.0.1:8100", "http://[::1]:8100", "http://worker_1.svc-x.local:80",
             "http://" + "a" * 253 + ":1"],
@@ -89,6 +93,9 @@ VALID_WORKER: dict[str, list[Any]] = {
 }
 
 HOSTILE_HINTS: dict[str, list[Any]] = {
+    "adapters": [{"a b": "0" * 64}, {"sql": "0" * 63}, {"sql": "G" * 64}, {"sql": "A" * 64},
+                 {"sql": "0" * 64 + "\n"}, {"sql": 5}, ["sql"], "sql", None,
+                 {f"a{i}": "0" * 64 for i in range(65)}],
     "worker_id": BAD_IDS,
     "fingerprint": ["", "a" * 63, "a" * 65, "A" * 64, "g" * 64, "a" * 64 + "\n",
                     " " + "a" * 63, 5, None, ["a" * 64]],
@@ -103,6 +110,7 @@ HOSTILE_HINTS: dict[str, list[Any]] = {
 }
 
 VALID_HINTS: dict[str, list[Any]] = {
+    "adapters": [{}, {"sql": "0" * 64}, {f"a{i}": "f" * 64 for i in range(64)}],
     "worker_id": ["a", "x" * 200, "127.0.0.1:8100"],
     "block_tokens": [1, 16, 1024],
     "pool_uuid": [None, str(uuid.UUID(int=0)), str(uuid.uuid4())],

@@ -117,14 +117,61 @@ def test_the_connector_is_configured_by_default_and_can_be_switched_off() -> Non
     assert "--kv-transfer-config" not in vllm_command(Settings(pool=False))
 
 
-def test_the_redis_url_reaches_the_connector_in_the_environment_not_the_command_line(
-) -> None:
+def test_the_redis_url_reaches_the_hint_publisher_in_the_environment_not_the_command_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings(redis_url="redis://:hunter2@10.0.0.5:6379/0")
     assert not any("hunter2" in arg for arg in vllm_command(s))
-    assert vllm_env(s)["BELUGA_REDIS_URL"] == s.redis_url
-    extra = json.loads(vllm_command(s)[vllm_command(s).index("--kv-transfer-config") + 1])[
-        "kv_connector_extra_config"]
-    assert ConnectorConfig.model_validate(extra).redis_url_in_env
+    env = vllm_env(s)
+    assert env["BELUGA_REDIS_URL"] == s.redis_url
+    for name, value in env.items():
+        if name.startswith("BELUGA_"):
+            monkeypatch.setenv(name, value)
+    assert Settings().redis_url == s.redis_url  # as the middleware in vLLM reads it
+
+
+def test_every_worker_publishes_its_cache_from_vllms_kv_events(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Pool or not: vLLM publishes its KV events on sockets in a private folder, and the
+    local-cache middleware in its API server, configured through the environment, turns
+    them into this worker's hints; usage reports cached tokens (the gateway's check)."""
+    for pool in (True, False):
+        s = Settings(pool=pool, kv_events_dir=tmp_path, worker_id="w-7",
+                     lora_modules="sql=/a/sql, chat=/b/chat", max_hint_keys=99)
+        cmd = vllm_command(s, python="/py")
+        cfg = json.loads(cmd[cmd.index("--kv-events-config") + 1])
+        assert cfg == {"enable_kv_cache_events": True, "publisher": "zmq",
+                       "endpoint": f"ipc://{tmp_path}/events",
+                       "replay_endpoint": f"ipc://{tmp_path}/replay", "topic": "beluga"}
+        middlewares = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--middleware"]
+        assert "engine.local_cache.LocalCacheMiddleware" in middlewares
+        assert "--enable-prompt-tokens-details" in cmd
+        at = cmd.index("--lora-modules")
+        assert "--enable-lora" in cmd and cmd[at + 1:at + 3] == ["sql=/a/sql", "chat=/b/chat"]
+        env = vllm_env(s)
+        for name, value in env.items():
+            if name.startswith("BELUGA_"):
+                monkeypatch.setenv(name, value)
+        child = Settings()
+        assert child.kv_events_endpoints == s.kv_events_endpoints
+        assert child.resolved_worker_id == "w-7" and child.max_hint_keys == 99
+        assert child.lora_adapters == {"sql": Path("/a/sql"), "chat": Path("/b/chat")}
+    assert "--kv-events-config" not in vllm_command(Settings(kv_events_dir=None), python="/py")
+
+
+def test_a_worker_makes_and_removes_a_private_folder_for_the_event_sockets() -> None:
+    w = Worker(Settings())
+    folder = w.settings.kv_events_dir
+    assert folder is not None and folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o700
+    assert len(w.settings.kv_events_endpoints[0]) < 100  # type: ignore[index]  # AF_UNIX
+    w.cleanup()
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("value", ["sql", "=x", "sql=", "a b=/x", "sql=/a,sql=/b",
+                                   "smollm2-135m-instruct=/x"])
+def test_malformed_lora_modules_are_refused_at_start(value: str) -> None:
+    with pytest.raises(ValueError):
+        Settings(lora_modules=value)
 
 
 def test_block_size_is_32_on_cpu_vllms_own_on_cuda_or_as_set(
@@ -158,7 +205,8 @@ def test_the_pool_lookup_endpoint_is_mounted_with_the_workers_pool(
     child = Settings()
     assert child.resolved_pool_path == Path("/dev/shm/odd.pool")
     assert child.pool_coherence == "flush"
-    assert "--middleware" not in vllm_command(Settings(pool=False), python="/py")
+    cmd = vllm_command(Settings(pool=False), python="/py")
+    assert "engine.pool_lookup_endpoint.PoolLookupMiddleware" not in cmd
 
 
 def test_the_worker_credential_reaches_vllm_in_its_environment_never_its_command_line(

@@ -50,6 +50,8 @@ def test_samples_are_interval_rates_and_quantiles() -> None:
     m.e2e.labels("b", "pool_aware").observe(0.5)
     m.prompt_tokens.labels("pool").inc(3000)
     m.prompt_tokens.labels("computed").inc(1000)
+    m.prediction(320, 32, {"prompt_tokens": 400, "prompt_tokens_details": {"cached_tokens": 0}})
+    m.prediction(64, 32, {"prompt_tokens": 400, "prompt_tokens_details": {"cached_tokens": 64}})
     pool[0] = stats(40, 5)
     time.sleep(0.2)
     d.sample()
@@ -60,6 +62,8 @@ def test_samples_are_interval_rates_and_quantiles() -> None:
     assert s["tokens_pool"][0] == pytest.approx(3 * s["tokens_computed"][0])
     assert s["tokens_local"][0] == 0
     assert s["pool_used"][0] == pytest.approx(0.4) and s["pool_evictions"][0] > 0
+    assert s["cached_predicted"][0] == pytest.approx(6 * s["cached_actual"][0])
+    assert s["mispredicted"][0] == pytest.approx(s["cached_actual"][0] / 64)  # 1 of them
     assert data["share"] == {"a": [0.75], "b": [0.25]}
     assert data["load"] == {"a": [0.5], "b": [0.0]}
     # A quiet interval: no TTFT to show (null), zero rates; a new worker starts its history.

@@ -17,10 +17,11 @@ import redis.asyncio as aioredis
 
 from beluga.registry import hint_blocks_key, hints_key
 from engine.hints import HintPublisher
-from gateway.prefixes import BlockKeyMemo, Keying, PrefixIndex
+from gateway.prefixes import Keying, PrefixIndex
 from gateway.routing import lazy_block_keys
 from gateway.tokenize import Prompt
 from kvpool import KVPool, block_keys
+from kvpool.keys import ChainMemo, Identity
 from tests.support import RedisServer, pool_lock_held, scribble_index
 
 FP = hashlib.sha256(b"model").digest()
@@ -223,9 +224,8 @@ def test_lazy_block_keys_from_the_memo_equal_the_whole_prompts_keys() -> None:
     """Pieces seen before (a shared system prompt, after leftovers of various lengths) come
     from the memo and give exactly kvpool.block_keys of the whole prompt."""
     system = list(range(5000, 5000 + 75))  # not a multiple of any block size below
-    memo = BlockKeyMemo(entries=8)
+    memo = ChainMemo(entries=8)
     for bt in (7, 16, 32):
-        keying = Keying(FP, bt, None)
         for salt in ("", "tenant"):
             for head in ([], [1], list(range(2, 2 + bt + 3))):
                 for question in ([9, 8, 7], list(range(300, 300 + 2 * bt))):
@@ -235,7 +235,8 @@ def test_lazy_block_keys_from_the_memo_equal_the_whole_prompts_keys() -> None:
                     for _ in range(2):  # the second time from the memo
                         prompt = Prompt(iter([(ids, len(ids), piece) for ids, piece in parts]),
                                         0)
-                        assert list(lazy_block_keys(prompt, keying, salt, memo)) == want
+                        got = lazy_block_keys(prompt, Identity(FP, salt), bt, memo)
+                        assert list(got) == want
     hits = 0
     get = memo.get
 
@@ -248,16 +249,16 @@ def test_lazy_block_keys_from_the_memo_equal_the_whole_prompts_keys() -> None:
     memo.get = counting  # type: ignore[method-assign]
     prompt = Prompt(iter([([], 0, None), (system, 75, "SYSTEM"), ([42], 1, "<|sep|>"),
                           ([9, 8, 7], 3, None)]), 0)
-    keys = list(lazy_block_keys(prompt, Keying(FP, 32, None), "tenant", memo))
+    keys = list(lazy_block_keys(prompt, Identity(FP, "tenant"), 32, memo))
     assert hits == 1 and keys == block_keys([*system, 42, 9, 8, 7], 32, FP, "tenant")
     assert len(memo._memo) <= 8
 
 
 def test_a_prompt_read_part_way_leaves_no_memo_entry() -> None:
-    memo = BlockKeyMemo()
+    memo = ChainMemo()
     system = list(range(5000, 5100))
     prompt = Prompt(iter([(system, 100, "SYSTEM")]), 0)
-    keys = lazy_block_keys(prompt, Keying(FP, 16, None), "", memo)
+    keys = lazy_block_keys(prompt, Identity(FP), 16, memo)
     assert next(keys) == block_keys(system, 16, FP)[0]
     assert not memo._memo  # only a piece read to its end is remembered
     assert list(keys) == block_keys(system, 16, FP)[1:]
