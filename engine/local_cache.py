@@ -28,6 +28,7 @@ that does not decode is skipped and counted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections import OrderedDict
@@ -41,6 +42,7 @@ logger = logging.getLogger(f"vllm.{__name__}")  # through vLLM's log handlers
 
 BlockHash = int | bytes
 MAX_BLOCKS_PER_EVENT = 1 << 16
+MIN_CAPACITY = 1 << 17  # blocks followed at least (the hints publish max_hint_keys of them)
 MAX_TOKEN_ID = (1 << 32) - 1
 
 
@@ -358,15 +360,25 @@ class LocalCacheMiddleware:
         self._publisher: Any = None
         self._started = False
         self._pool_tried = 0.0
+        self._fingerprint = b""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") == "lifespan":
+            async def receiving() -> Any:
+                message = await receive()
+                if message.get("type") == "lifespan.shutdown":
+                    await asyncio.to_thread(self.close)
+                return message
+
+            await self.app(scope, receiving, send)
+            return
         if not self._started and scope.get("type") == "http":
             state = getattr(scope.get("app"), "state", None)
             config = getattr(state, "vllm_config", None)
             if config is not None:
                 self._started = True
-                try:
-                    self.start(config)
+                try:  # (reads the adapters' files and the pool's header: off the loop)
+                    await asyncio.to_thread(self.start, config)
                 except Exception:  # hints are an optimisation: serve without them
                     logger.exception("Beluga: local-cache hints not started")
         await self.app(scope, receive, send)
@@ -386,11 +398,19 @@ class LocalCacheMiddleware:
             return
         identity = model_identity(vllm_config)
         adapters = {name: adapter_digest(folder) for name, folder in s.lora_adapters.items()}
+        # Every block the engine may hold, with room: a parent dropped here while vLLM
+        # still holds it would leave its descendants without keys (~150 bytes an entry).
         cache = LocalCache(identity.fingerprint(), identity.block_tokens, adapters,
-                           capacity=max(s.max_hint_keys, 4 * _num_blocks(vllm_config)))
+                           capacity=max(s.max_hint_keys, 4 * _num_blocks(vllm_config),
+                                        MIN_CAPACITY))
+        # The pool (the engine created it before the server started) goes into the first
+        # record, so gateways route to what the pool holds from the first request on.
+        self._fingerprint = identity.fingerprint()
+        pool = self._pool_identity()
         self._publisher = HintPublisher(
             s.redis_url, s.redis_key_prefix, s.resolved_worker_id, identity.fingerprint(),
-            identity.block_tokens, None, s.hints_ttl_s, s.hints_interval_s, s.max_hint_keys,
+            identity.block_tokens, pool[0] if pool else None, s.hints_ttl_s,
+            s.hints_interval_s, s.max_hint_keys, pool_path=pool[1] if pool else None,
             adapters=adapters)
         self.feed = HintsFeed(cache, self._offer, s.max_hint_keys, s.hints_interval_s,
                               time.monotonic)
@@ -401,28 +421,53 @@ class LocalCacheMiddleware:
                     publish, identity.block_tokens,
                     f", adapters {sorted(adapters)}" if adapters else "")
 
+    def close(self) -> None:
+        """At the server's shutdown: stop reading, and take this worker's hints out of Redis
+        (else they would be routed on until their TTL ends)."""
+        if self._subscriber is not None:
+            self._subscriber.close()
+            self._subscriber = None
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+
     def _offer(self, keys: list[bytes]) -> None:
+        publisher = self._publisher
+        if publisher is None:  # closed
+            return
         self._attach_pool()
-        self._publisher.offer(keys)
+        publisher.offer(keys)
 
     def _attach_pool(self) -> None:
-        """The pool's UUID for the record, read once the engine has created the pool."""
+        """A pool not there at start (created late): its UUID for the record, once it is."""
         import time
 
+        if self._pool_tried < 0 or time.monotonic() - self._pool_tried < 5.0:
+            return
+        self._pool_tried = time.monotonic()
+        pool = self._pool_identity()
+        if pool is not None and self._publisher is not None:
+            self._publisher.set_pool(*pool)
+
+    def _pool_identity(self) -> tuple[str, str] | None:
+        """(UUID, path) of this worker's pool, read by attaching it without prefaulting;
+        None without a pool, while it cannot be attached, or when it is another model's
+        (the connector then serves without it)."""
         from kvpool import KVPool, PoolError
 
         s = self.settings
-        if not s.pool or self._pool_tried < 0 or time.monotonic() - self._pool_tried < 5.0:
-            return
-        self._pool_tried = time.monotonic()
+        if not s.pool:
+            self._pool_tried = -1.0  # nothing to look for
+            return None
         try:
-            pool = KVPool.attach(s.resolved_pool_path, prefault=False)
+            pool = KVPool.attach(s.resolved_pool_path, prefault=False,
+                                 fingerprint=self._fingerprint)
         except (PoolError, OSError) as exc:
             logger.debug("Beluga: pool not attached for the hints record yet: %s", exc)
-            return
+            return None
         try:
-            self._publisher.set_pool(str(pool.uuid), str(pool.path))
-            self._pool_tried = -1.0  # done
+            self._pool_tried = -1.0  # found
+            return str(pool.uuid), str(pool.path)
         finally:
             pool.close()
 

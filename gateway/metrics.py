@@ -117,7 +117,8 @@ class GatewayMetrics:
                                "Requests routed without prefix information, by reason: "
                                "timeout (routing_timeout_s), request_template (a template "
                                "sent with the request, not trusted), untokenizable, error, "
-                               "tokenizer_loading (the gateway just started).",
+                               "tokenizer_loading (the gateway just started), "
+                               "adapter_unknown (a LoRA adapter no worker's hints describe).",
                                ["reason"], registry=r)
         self.truncated = Counter("beluga_gateway_prompts_truncated",
                                  "Prompts keyed on their first routing_max_chars characters "

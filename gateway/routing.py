@@ -109,9 +109,11 @@ class Router:
             return base, iter(())
         ids = [w.id for w in workers]
         keying = self.prefixes.keying(ids)
-        if keying is None or not self.tokenizer.knows(req.model):
+        # A LoRA adapter's requests are tokenized as its base model's (vLLM does the same).
+        model = next((w.record.model for w in workers), req.model)
+        if keying is None or not self.tokenizer.knows(model):
             return base, iter(())
-        if not self.tokenizer.loaded(req.model):  # (still loading, beside serving)
+        if not self.tokenizer.loaded(model):  # (still loading, beside serving)
             return self._unkeyed(req, "tokenizer_loading")
         trusted = self.settings.trust_request_chat_template
         if req.endpoint == "chat" and not trusted and request_template(req.payload):
@@ -119,7 +121,7 @@ class Router:
             return self._unkeyed(req, "request_template")
         salt = req.payload.get("cache_salt")
         adapter = None
-        if not any(w.record.model == req.model for w in workers):  # a LoRA adapter's name
+        if model != req.model:  # an adapter's name
             adapter = self.prefixes.adapter(ids, req.model)
             if adapter is None:  # no worker says which weights it is: no keys for it
                 return self._unkeyed(req, "adapter_unknown")
@@ -127,7 +129,7 @@ class Router:
         max_chars = self.settings.routing_max_chars
 
         def keyed() -> tuple[Prompt, list[bytes], dict[str, int], int, Iterator[bytes]] | None:
-            prompt = self.tokenizer.prompt(req.model, req.endpoint, req.payload,
+            prompt = self.tokenizer.prompt(model, req.endpoint, req.payload,
                                            max_chars=max_chars, trust_templates=trusted)
             if prompt is None:
                 return None

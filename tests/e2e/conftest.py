@@ -26,6 +26,8 @@ from beluga.registry import WorkerRecord, parse_record, worker_pattern
 from beluga.up import worker_cores
 from engine.worker import CPU_BLOCK_SIZE
 from kvpool import KVPool
+from tests.e2e.lora import NAME as LORA_NAME
+from tests.e2e.lora import make_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / ".beluga" / "models" / "SmolLM2-135M-Instruct"
@@ -141,8 +143,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         p.unlink(missing_ok=True)
     KVPool.create(mismatch_pool, slot_size=4096, slot_count=16,
                   fingerprint=hashlib.sha256(b"another model").digest()).close()
+    # Every worker of the session serves a LoRA adapter beside the model (the reference
+    # too, so its answers are the cold answers of both configurations).
+    adapter = make_adapter(state / "lora", MODEL)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
     env.update({
+        "BELUGA_LORA_MODULES": f"{LORA_NAME}={adapter}",
         "BELUGA_STATE_DIR": str(state), "BELUGA_MODEL": str(MODEL),
         "BELUGA_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(gateway_port),

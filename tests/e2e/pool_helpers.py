@@ -38,9 +38,10 @@ def prompt(offset: int, length: int) -> list[int]:
     return ids[offset:offset + length]
 
 
-def complete(url: str, ids: list[int], max_tokens: int = 12) -> list[int]:
+def complete(url: str, ids: list[int], max_tokens: int = 12,
+             model: str = MODEL_NAME) -> list[int]:
     r = httpx.post(f"{url}/v1/completions", timeout=300, headers=WORKER_HEADERS, json={
-        "model": MODEL_NAME, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+        "model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
         "return_token_ids": True})
     assert r.status_code == 200, r.text
     out: list[int] = r.json()["choices"][0]["token_ids"]

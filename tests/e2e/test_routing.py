@@ -116,9 +116,9 @@ def worker_views(gateways: list[str]) -> dict[str, list[str]]:
 
 
 def test_a_worker_advertises_what_it_served_last_when_it_goes_idle(stack: Stack) -> None:
-    """Hints are offered at most once per interval from the scheduler's steps; the blocks of
-    requests that ran since the last offer are offered when the worker goes idle, not at
-    its next request (a gateway would not see them until then)."""
+    """Hints are offered at most once per interval as vLLM's KV events arrive; the blocks
+    of requests that ran since the last offer are offered when the events stop (the worker
+    goes idle), not at its next request (a gateway would not see them until then)."""
     worker = stack.workers()[0]
     client = stack.redis()
     raw = client.get(hints_key("beluga:v1", worker.id))

@@ -188,3 +188,23 @@ def test_a_gap_in_the_stream_is_replayed(events: tuple[Any, EventsEndpoint]) -> 
         assert not lost
     finally:
         sub.close()
+
+
+def test_the_feed_offers_at_most_once_an_interval_and_starts_over_after_a_loss() -> None:
+    now = [0.0]
+    offered: list[list[bytes]] = []
+    cache = LocalCache(FP, BT)
+    feed = HintsFeed(cache, offered.append, max_keys=2, interval_s=1.0, clock=lambda: now[0])
+    stored(cache, [1, 2, 3], None, list(range(12)))
+    feed.tick()
+    assert offered == [block_keys(list(range(12)), BT, FP)[1:]]  # the newest max_keys
+    cache.removed([3])
+    feed.tick()  # within the interval: held back
+    assert len(offered) == 1
+    now[0] = 1.5
+    feed.tick()
+    assert len(offered) == 2 and len(offered[-1]) == 2
+    feed.tick()  # nothing new: nothing offered
+    assert len(offered) == 2
+    feed.on_lost("gap")  # what the record says may be stale: empty, at once
+    assert offered[-1] == [] and len(cache) == 0 and feed.lost == {"gap": 1}
