@@ -285,8 +285,8 @@ class Settings(BaseSettings):
     )
     kv_events_dir: Path | None = Field(
         None, description="Private folder of the sockets through which a worker's vLLM "
-        "publishes its KV cache events to the worker's hint publisher (set by `beluga "
-        "worker` for the vLLM it starts; not a user setting)."
+        "publishes its KV cache events to the worker's hint publisher (internal: `beluga "
+        "worker` makes a fresh one for the vLLM it starts and ignores any value given)."
     )
 
     # --- beluga up ---------------------------------------------------------------------

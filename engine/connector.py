@@ -70,7 +70,7 @@ from kvpool import (
     PoolFormatError,
     PoolGeometryError,
 )
-from kvpool.keys import Adapter, Identity, KeyChain, adapter_digest
+from kvpool.keys import Adapter, Identity, KeyChain, adapter_digest, adapter_signature
 
 if TYPE_CHECKING:
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
@@ -299,6 +299,9 @@ class _SchedulerSide:
         self._planned: dict[str, _Promise] = {}    # allocated, goes into the next plan
         self._in_flight: dict[int, list[_Promise]] = {}  # step -> its loads (pinned)
         self._step = 0
+        # (name, path) -> (its files' signature, Adapter), as first met
+        self._adapters: dict[tuple[str, str], tuple[Any, Adapter]] = {}
+        self._adapter_warned: set[tuple[str, str]] = set()
         self.errors = PoolErrorLog(logger, "Beluga (scheduler)", self.stats.pool_error)
         self.backoff = BusyBackoff(cfg.busy_backoff_s)
         try:
@@ -345,13 +348,37 @@ class _SchedulerSide:
         adapter = None
         lora = request.lora_request
         if lora is not None:
-            try:
-                adapter = Adapter(lora.lora_name, adapter_digest(lora.lora_path))
-            except (OSError, ValueError) as exc:
-                logger.warning("Beluga: LoRA adapter %s (%s) cannot be keyed, its requests "
-                               "do not use the pool: %s", lora.lora_name, lora.lora_path, exc)
+            adapter = self._adapter(lora.lora_name, lora.lora_path)
+            if adapter is None:
                 return None
         return Identity(self.geo.fingerprint, request.cache_salt or "", adapter)
+
+    def _adapter(self, name: str, path: str) -> Adapter | None:
+        """The adapter as keys see it, digested the first time it is met (when vLLM loads
+        it): the weights the engine runs. If its files change afterwards, what the engine
+        computes and what a digest of the files says may differ (vLLM may or may not have
+        reloaded them): from then on its requests do not use the pool."""
+        why = ""
+        try:
+            now = adapter_signature(path)
+        except (OSError, ValueError) as exc:
+            now = None
+            why = str(exc)
+        known = self._adapters.get((name, path))
+        if known is None and now is not None:
+            try:
+                known = self._adapters[(name, path)] = (now, Adapter(name, adapter_digest(path)))
+            except (OSError, ValueError) as exc:
+                why = str(exc)
+        if known is not None and known[0] == now:
+            return known[1]
+        if (name, path) not in self._adapter_warned:
+            self._adapter_warned.add((name, path))
+            logger.warning("Beluga: LoRA adapter %s (%s) %s; its requests do not use the pool",
+                           name, path, "changed on disk since it was loaded"
+                           if known is not None and now is not None else
+                           f"cannot be keyed ({why})")
+        return None
 
     def _failed(self, exc: PoolError, doing: str) -> None:
         self.errors.report(exc, doing)

@@ -98,6 +98,9 @@ class LocalCache:
         (`token_ids`, all of them), the first one's parent `parent` (None: a prompt's first
         block)."""
         n = len(hashes) if isinstance(hashes, list | tuple) else -1
+        if type(block_size) is not int:
+            self.counts.skip("malformed", max(n, 0))
+            return
         if not 0 < n <= MAX_BLOCKS_PER_EVENT or block_size != self.block_tokens \
                 or not isinstance(token_ids, list | tuple) or len(token_ids) != n * block_size \
                 or not all(_is_hash(h) for h in hashes) \
@@ -313,6 +316,15 @@ class HintsFeed:
         self.lost: dict[str, int] = {}
 
     def apply(self, batch: Any) -> None:
+        try:
+            self._apply(batch)
+        except Exception:  # a bug: this batch is lost, the record starts over
+            logger.exception("Beluga: a KV event batch could not be applied")
+            self.on_lost("error")
+            return
+        self.tick()
+
+    def _apply(self, batch: Any) -> None:
         from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
         for ev in getattr(batch, "events", ()):
@@ -325,7 +337,6 @@ class HintsFeed:
                 self.cache.removed(ev.block_hashes)
             elif isinstance(ev, AllBlocksCleared):
                 self.cache.cleared()
-        self.tick()
 
     def on_lost(self, why: str) -> None:
         """Events that cannot be had again: what the record says may be stale. Start over."""
@@ -397,7 +408,14 @@ class LocalCacheMiddleware:
                            "hints from this worker")
             return
         identity = model_identity(vllm_config)
-        adapters = {name: adapter_digest(folder) for name, folder in s.lora_adapters.items()}
+        adapters = {}
+        for name, folder in s.lora_adapters.items():
+            try:
+                adapters[name] = adapter_digest(folder)
+            except (OSError, ValueError) as exc:  # e.g. a Hub id: vLLM downloads it
+                logger.warning("Beluga: LoRA adapter %s (%s) cannot be keyed: not in this "
+                               "worker's hints, its prompts routed without prefix "
+                               "information: %s", name, folder, exc)
         # Every block the engine may hold, with room: a parent dropped here while vLLM
         # still holds it would leave its descendants without keys (~150 bytes an entry).
         cache = LocalCache(identity.fingerprint(), identity.block_tokens, adapters,

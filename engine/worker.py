@@ -244,11 +244,10 @@ class Worker:
     """Owns one vLLM process and its registry entry."""
 
     def __init__(self, settings: Settings) -> None:
-        self._events_dir: Path | None = None
-        if settings.kv_events_dir is None:
-            # vLLM's KV event sockets, in a folder only this user can enter.
-            self._events_dir = Path(tempfile.mkdtemp(prefix="beluga-kv-"))
-            settings = settings.model_copy(update={"kv_events_dir": self._events_dir})
+        # vLLM's KV event sockets, in a fresh folder only this user can enter (never one
+        # given: binding a socket another worker's vLLM bound would take its events over).
+        self._events_dir = Path(tempfile.mkdtemp(prefix="beluga-kv-"))
+        settings = settings.model_copy(update={"kv_events_dir": self._events_dir})
         self.settings = settings
         self.stop_event = threading.Event()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -366,8 +365,7 @@ class Worker:
         return 0
 
     def cleanup(self) -> None:
-        if self._events_dir is not None:
-            shutil.rmtree(self._events_dir, ignore_errors=True)
+        shutil.rmtree(self._events_dir, ignore_errors=True)
 
 
 def run_worker(settings: Settings) -> int:

@@ -87,6 +87,18 @@ def usage_of(content: bytes) -> object:
     return value
 
 
+def predicted(info: RequestInfo, worker_id: str, payload: dict[str, Any]) -> int | None:
+    """The prompt tokens routing expects the worker to find cached, where the worker's
+    report can be compared with it: not for several prompts in one request (usage sums
+    them; routing saw the first), nor with prompt_logprobs (vLLM then skips its cache)."""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        return None
+    if payload.get("prompt_logprobs") is not None:
+        return None
+    return info.held_tokens(worker_id)
+
+
 class Attempt:
     """One try of a request on one worker. Opened when sent, `close()`d exactly once: as a
     context manager it closes on leaving, unless the stream relay took it over."""
@@ -141,6 +153,11 @@ class Forwarder:
             if not self.workers.snapshot():
                 raise NoHealthyWorker("no worker is registered; is any worker running?",
                                       code="no_worker")
+            if bases := self.workers.ambiguous(req.model):
+                raise NotFound(f"'{req.model}' names LoRA adapters of different base models "
+                               f"({', '.join(bases)}) on different workers; it is served by "
+                               "none until the workers agree", param="model",
+                               code="model_ambiguous")
             raise NotFound(f"The model '{req.model}' does not exist; available: "
                            f"{', '.join(self.workers.models())}", param="model",
                            code="model_not_found")
@@ -224,13 +241,13 @@ class Forwarder:
                                                                 "application/json"),
                                       headers, functools.partial(
                                           self.answered, req.endpoint, worker.id, started,
-                                          content, info))
+                                          content, info, req.payload))
                     out = self.buffered_response(resp, content, headers)
                     self.metrics.answered(req.endpoint, out.status_code, worker.id,
                                           time.perf_counter() - started)
                     return out
                 stream = self.relay(resp, attempt, choice, info, started,
-                                    UsageFilter(strip_usage))
+                                    UsageFilter(strip_usage), req.payload)
                 attempt.handed_over = True
                 # A client gone before the stream starts leaves the generator never run (its
                 # finally too): close the attempt and the connection when it is collected.
@@ -262,11 +279,11 @@ class Forwarder:
             return await self.client.request("POST", url, body, self.headers)
 
     def answered(self, endpoint: Endpoint, worker_id: str, started: float,
-                 content: bytes, info: RequestInfo) -> None:
+                 content: bytes, info: RequestInfo, payload: dict[str, Any]) -> None:
         """Count a worker's 200 answer (once the client has it)."""
         usage = usage_of(content)
         self.metrics.usage(usage)
-        self.metrics.prediction(info.held_tokens(worker_id), info.block_tokens, usage)
+        self.metrics.prediction(predicted(info, worker_id, payload), info.block_tokens, usage)
         self.metrics.answered(endpoint, 200, worker_id, time.perf_counter() - started)
 
     @staticmethod
@@ -285,8 +302,8 @@ class Forwarder:
                             status_code=resp.status, headers=headers)
 
     async def relay(self, resp: UpstreamResponse, attempt: Attempt, choice: Choice,
-                    info: RequestInfo, started: float,
-                    usage: UsageFilter) -> AsyncIterator[bytes]:
+                    info: RequestInfo, started: float, usage: UsageFilter,
+                    payload: dict[str, Any]) -> AsyncIterator[bytes]:
         """Pass SSE bytes through; a worker failure mid-stream ends with an error event.
         The first chunk's arrival is the request's TTFT, which the policy learns from once
         the chunk is on its way to the client (the learning is off the client's TTFT)."""
@@ -312,7 +329,7 @@ class Forwarder:
             if rest:
                 yield rest
             self.metrics.usage(usage.usage)
-            self.metrics.prediction(info.held_tokens(worker.id), info.block_tokens,
+            self.metrics.prediction(predicted(info, worker.id, payload), info.block_tokens,
                                     usage.usage)
             self.metrics.answered(info.endpoint, 200, worker.id, time.perf_counter() - started)
         except TimeoutError:

@@ -58,6 +58,7 @@ from kvpool import PoolStats
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+MAX_COUNT = 1 << 53  # token counts a worker reports beyond this are not counted
 ERROR_BUCKETS = (0.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
                  16384.0)
 # Label values of beluga_gateway_pool_lookups_total (a bounded set; others count as error).
@@ -160,7 +161,7 @@ class GatewayMetrics:
             return
         for kind in ("prompt", "completion"):
             value = usage.get(f"{kind}_tokens")
-            if isinstance(value, int) and value >= 0:
+            if type(value) is int and 0 <= value <= MAX_COUNT:
                 self.child(self.tokens, kind).inc(value)
 
     def prediction(self, predicted_held: int | None, block_tokens: int,
@@ -174,7 +175,7 @@ class GatewayMetrics:
         prompt = usage.get("prompt_tokens")
         details = usage.get("prompt_tokens_details")
         actual = details.get("cached_tokens") if isinstance(details, dict) else None
-        if type(prompt) is not int or type(actual) is not int or prompt <= 0 \
+        if type(prompt) is not int or type(actual) is not int or not 0 < prompt <= MAX_COUNT \
                 or not 0 <= actual <= prompt:
             return  # a worker that does not report it (--enable-prompt-tokens-details)
         predicted = min(predicted_held, (prompt - 1) // block_tokens * block_tokens)
@@ -212,7 +213,8 @@ class GatewayMetrics:
             return
         bt = info.block_tokens
         local = min(info.local_blocks.get(choice.worker.id, 0) * bt, info.prompt_tokens)
-        pool = max(0, min(info.pool_blocks * bt, info.prompt_tokens) - local)
+        pool = max(0, min(info.pool_blocks_for(choice.worker.id) * bt, info.prompt_tokens)
+                   - local)
         self._local.inc(local)
         self._pool.inc(pool)
         self._computed.inc(info.prompt_tokens - local - pool)

@@ -274,12 +274,18 @@ class PrefixIndex:
 
     # -- per request ---------------------------------------------------------------------
     def keying(self, worker_ids: Sequence[str]) -> Keying | None:
+        """How the workers' keys are made, from their hint records: one that shares a pool
+        first (workers without a pool publish hints too; their record must not hide the
+        pool from routing)."""
+        found: Keying | None = None
         for wid in worker_ids:
             h = self._hints.get(wid)
             if h is not None:
                 r = h.record
-                return Keying(bytes.fromhex(r.fingerprint), r.block_tokens, r.pool_uuid)
-        return None
+                found = Keying(bytes.fromhex(r.fingerprint), r.block_tokens, r.pool_uuid)
+                if r.pool_uuid is not None:
+                    break
+        return found
 
     def adapter(self, worker_ids: Sequence[str], name: str) -> Adapter | None:
         """The LoRA adapter `name` as the workers' hint records describe it (the digest of

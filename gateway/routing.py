@@ -170,10 +170,17 @@ class Router:
                 keys.extend(rest)
                 pooled += await self.ask_pool(remote, rest, workers)
                 later = iter(())
+        sharers = None
+        if keying.pool_uuid is not None:
+            uuid = keying.pool_uuid
+            sharers = frozenset(w for w in ids if self.prefixes.shares_pool(w, uuid))
+            if len(sharers) == len(ids):
+                sharers = None  # every worker
         return RequestInfo(
             model=req.model, endpoint=req.endpoint, stream=req.stream,
             prompt_tokens=prompt.estimate_total(), block_tokens=keying.block_tokens,
-            keys=tuple(keys), local_blocks=local, pool_blocks=pooled), later
+            keys=tuple(keys), local_blocks=local, pool_blocks=pooled,
+            pool_workers=sharers), later
 
     async def ask_pool(self, pool_uuid: str, keys: list[bytes],
                        workers: list[WorkerState]) -> int:

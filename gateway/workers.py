@@ -121,12 +121,33 @@ class WorkerRegistry:
         return self._snapshot
 
     def models(self) -> list[str]:
-        """Every model and LoRA adapter some worker serves."""
-        return sorted({m for w in self._snapshot
-                       for m in (w.record.model, *w.record.adapters)})
+        """Every model and LoRA adapter some worker serves (not an adapter name that is
+        ambiguous: see `for_model`)."""
+        models = {w.record.model for w in self._snapshot}
+        bases: dict[str, set[str]] = {}
+        for w in self._snapshot:
+            for name in w.record.adapters:
+                bases.setdefault(name, set()).add(w.record.model)
+        return sorted(models | {n for n, b in bases.items() if len(b) == 1 and n not in models})
 
     def for_model(self, model: str) -> list[WorkerState]:
-        return [w for w in self._snapshot if w.record.serves(model)]
+        """The workers that serve `model`: as their model, else as a LoRA adapter. A model
+        name is never also taken as an adapter's, and an adapter name that workers of
+        different base models list serves nobody (`ambiguous`): a request must never be
+        answered by one model on one worker and another on the next."""
+        base = [w for w in self._snapshot if w.record.model == model]
+        if base:
+            return base
+        served = [w for w in self._snapshot if model in w.record.adapters]
+        return [] if len({w.record.model for w in served}) > 1 else served
+
+    def ambiguous(self, model: str) -> list[str]:
+        """The base models an adapter name is listed under, when there are several (and no
+        worker serves it as its model); else []."""
+        if any(w.record.model == model for w in self._snapshot):
+            return []
+        bases = sorted({w.record.model for w in self._snapshot if model in w.record.adapters})
+        return bases if len(bases) > 1 else []
 
     def mark_unhealthy(self, worker: WorkerState, why: str = "failed") -> None:
         now = time.monotonic()

@@ -110,15 +110,19 @@ def next_key(prev: bytes, block: Sequence[int], namespace: str | bytes = b"") ->
     return h.digest()
 
 
-# (key of the chain's last full block, block size, tokens fed since, the piece's identity)
-MemoState = tuple[bytes, int, tuple[int, ...], str]
+MAX_MEMO_SALT = 256  # bytes of a cache salt whose root the memo keeps
+
+# (key of the chain's last full block, block size, namespace, tokens fed since, the piece's
+# identity)
+MemoState = tuple[bytes, int, bytes, tuple[int, ...], str]
 MemoResult = tuple[tuple[bytes, ...], tuple[int, ...]]  # (keys the piece completes, left over)
 
 
 class ChainMemo:
     """What whole pieces (a system prompt, an earlier turn) made of a chain state: a prompt
     that comes back is hashed once, not on every request. Bounded by entries and by about
-    the bytes held, least recently used out; also the roots per identity."""
+    the bytes held, least recently used out; also the roots per identity (not for salts
+    longer than MAX_MEMO_SALT: a client's salt is its own, and may be megabytes)."""
 
     def __init__(self, entries: int = 512, roots: int = 1024,
                  max_bytes: int = 16 * 1024 * 1024) -> None:
@@ -131,6 +135,8 @@ class ChainMemo:
         return len(self._memo)
 
     def root(self, identity: Identity) -> bytes:
+        if len(identity.cache_salt) > MAX_MEMO_SALT:
+            return identity.root()
         key = self._roots.get(identity)
         if key is None:
             if len(self._roots) >= self._max_roots:
@@ -157,7 +163,7 @@ class ChainMemo:
 
 def _memo_bytes(state: MemoState, result: MemoResult) -> int:
     """About what one memo entry holds: the piece's text, ~70 bytes a key, ~40 an id."""
-    return len(state[3]) + 70 * len(result[0]) + 40 * (len(state[2]) + len(result[1]))
+    return len(state[4]) + 70 * len(result[0]) + 40 * (len(state[3]) + len(result[1]))
 
 
 class KeyChain:
@@ -200,7 +206,8 @@ class KeyChain:
         bt = self.block_tokens
         state: MemoState | None = None
         if memo is not None and piece is not None and len(token_ids) >= bt:
-            state = (self._last, bt, tuple(self._pending), piece)
+            ns = self.namespace.encode() if isinstance(self.namespace, str) else self.namespace
+            state = (self._last, bt, ns, tuple(self._pending), piece)
             known = memo.get(state)
             if known is not None:
                 keys, rest = known
@@ -244,6 +251,8 @@ class KeyChain:
         want = min(upto, len(token_ids)) // self.block_tokens * self.block_tokens
         if want > self._fed:
             self.feed(token_ids[self._fed:want])
+        elif len(self._pending) >= self.block_tokens:  # an extend read only part way
+            self.feed(())
         return self.keys[:upto // self.block_tokens]
 
 
@@ -260,6 +269,20 @@ ADAPTER_MAX_FILES = 64
 _digests: dict[tuple[str, tuple[tuple[str, int, int], ...]], bytes] = {}
 
 
+def adapter_signature(path: str | os.PathLike[str]) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, modification time) of each regular file in an adapter's folder, by
+    name: what changes when the adapter's files are rewritten. Raises OSError for a folder
+    that cannot be read, ValueError for one with too many files."""
+    files = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_file():
+            st = entry.stat()
+            files.append((entry.name, st.st_size, st.st_mtime_ns))
+    if len(files) > ADAPTER_MAX_FILES:
+        raise ValueError(f"{path} holds {len(files)} files (an adapter has a few)")
+    return tuple(files)
+
+
 def adapter_digest(path: str | os.PathLike[str]) -> bytes:
     """A digest of a LoRA adapter's contents: the names, sizes and bytes of the regular
     files in its folder (adapter_config.json, the weights, ...), subfolders not included.
@@ -267,14 +290,8 @@ def adapter_digest(path: str | os.PathLike[str]) -> bytes:
     Remembered per folder while no file's size or modification time changes. Raises
     OSError for a folder that cannot be read, ValueError for one with too many files."""
     folder = Path(path)
-    files = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.is_file():
-            st = entry.stat()
-            files.append((entry.name, st.st_size, st.st_mtime_ns))
-    if len(files) > ADAPTER_MAX_FILES:
-        raise ValueError(f"{folder} holds {len(files)} files (an adapter has a few)")
-    memo_key = (str(folder.resolve()), tuple(files))
+    files = adapter_signature(folder)
+    memo_key = (str(folder.resolve()), files)
     digest = _digests.get(memo_key)
     if digest is None:
         h = hashlib.sha256(b"beluga-adapter-v1")

@@ -30,13 +30,23 @@ class RequestInfo:
     keys: tuple[bytes, ...] = ()  # block keys of the prompt's full blocks (DESIGN.md)
     local_blocks: Mapping[str, int] = field(default_factory=dict)  # worker id -> blocks
     pool_blocks: int = 0
+    # The workers that share that pool (None: every worker)
+    pool_workers: frozenset[str] | None = None
+
+    def pool_blocks_for(self, worker_id: str) -> int:
+        """The pool's leading blocks, for a worker that can load them (0 for one that does
+        not share the pool)."""
+        if self.pool_workers is not None and worker_id not in self.pool_workers:
+            return 0
+        return self.pool_blocks
 
     def held_tokens(self, worker_id: str) -> int | None:
         """Prompt tokens the worker should find cached, in its own cache or (past that) in
         the pool, as policies assume; None for a prompt routing has no keys for."""
         if self.block_tokens <= 0:
             return None
-        return max(self.local_blocks.get(worker_id, 0), self.pool_blocks) * self.block_tokens
+        return max(self.local_blocks.get(worker_id, 0),
+                   self.pool_blocks_for(worker_id)) * self.block_tokens
 
 
 @dataclass(frozen=True)

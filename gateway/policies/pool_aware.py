@@ -102,7 +102,7 @@ class PoolAware:
     def split(self, w: WorkerState, request: RequestInfo) -> Split:
         bt = request.block_tokens
         local = min(request.local_blocks.get(w.id, 0) * bt, request.prompt_tokens)
-        pool = max(0, min(request.pool_blocks * bt, request.prompt_tokens) - local)
+        pool = max(0, min(request.pool_blocks_for(w.id) * bt, request.prompt_tokens) - local)
         computed = max(0, request.prompt_tokens - local - pool)
         return Split(w.load() * w.record.capacity, local, pool, computed, w.pending_prefill)
 

@@ -61,3 +61,23 @@ def test_a_missing_or_hostile_report_is_not_counted(report: Any) -> None:
     m.prediction(None, 32, usage(100, 32))
     assert value(m, "beluga_gateway_cache_prediction_error_tokens_count") == 0
     assert value(m, "beluga_gateway_cached_tokens_total", kind="actual") == 0
+
+
+def test_no_prediction_where_the_report_cannot_be_compared() -> None:
+    from gateway.forward import predicted
+
+    info = RequestInfo("m", "completions", False, prompt_tokens=100, block_tokens=32,
+                       local_blocks={"a": 2})
+    assert predicted(info, "a", {"prompt": "one prompt"}) == 64
+    assert predicted(info, "a", {"prompt": [1, 2, 3]}) == 64  # token ids: one prompt
+    assert predicted(info, "a", {"prompt": ["two", "prompts"]}) is None  # usage sums them
+    assert predicted(info, "a", {"prompt": [[1, 2], [3]]}) is None
+    assert predicted(info, "a", {"prompt": "p", "prompt_logprobs": 1}) is None
+
+
+def test_absurd_counts_are_not_counted() -> None:
+    m = GatewayMetrics("p")
+    m.usage({"prompt_tokens": 10**400, "completion_tokens": 2**60})
+    m.prediction(64, 32, usage(10**400, 5))
+    assert value(m, "beluga_gateway_tokens_total", kind="prompt") == 0
+    assert value(m, "beluga_gateway_cache_prediction_error_tokens_count") == 0

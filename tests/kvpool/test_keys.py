@@ -160,3 +160,25 @@ def test_adapter_digest_is_of_the_contents(tmp_path: Path) -> None:
         adapter_digest(two)
     with pytest.raises(OSError):
         adapter_digest(tmp_path / "missing")
+
+
+def test_advance_after_an_extend_read_part_way_keys_the_rest() -> None:
+    tokens = list(range(16))
+    chain = KeyChain.of(Identity(FP), 4)
+    lazy = chain.extend(tokens)
+    next(lazy)
+    lazy.close()
+    assert chain.advance(tokens, 16) == block_keys(tokens, 4, FP)
+
+
+def test_the_memo_keeps_namespaces_apart_and_no_huge_salt() -> None:
+    memo = ChainMemo()
+    piece = list(range(40))
+    a = KeyChain(root_key(FP), 16, namespace="a").feed(piece, memo, "P")
+    b = KeyChain(root_key(FP), 16, namespace="b").feed(piece, memo, "P")
+    assert a == block_keys(piece, 16, FP, namespace="a")
+    assert b == block_keys(piece, 16, FP, namespace="b") != a
+    big = Identity(FP, "s" * 10_000)
+    assert memo.root(big) == big.root() and big not in memo._roots
+    small = Identity(FP, "tenant")
+    assert memo.root(small) == small.root() and small in memo._roots
