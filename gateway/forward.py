@@ -27,6 +27,7 @@ from typing import Any
 from beluga.settings import Settings
 from gateway.errors import (
     APIError,
+    BadRequest,
     LoopDetected,
     NoHealthyWorker,
     NotFound,
@@ -85,6 +86,20 @@ def usage_of(content: bytes) -> object:
     except (ValueError, RecursionError):
         return None
     return value
+
+
+def lora_crash(endpoint: str, payload: dict[str, Any]) -> bool:
+    """A request that kills a vLLM 0.32 engine started with --enable-lora on the CPU: more
+    than one sequence with prompt logprobs (punica_cpu.add_lora_logits gets as many rows
+    as prompt positions times sequences, its indices one per sequence; the einsum raises
+    in the engine, and the engine stops). Refused at the gateway, for every request to a
+    worker serving adapters."""
+    n, best_of = payload.get("n"), payload.get("best_of")
+    several = any(type(v) is int and v > 1 for v in (n, best_of))
+    prompt_logprobs = payload.get("prompt_logprobs") is not None or (
+        endpoint == "completions" and payload.get("echo") is True
+        and payload.get("logprobs") is not None)
+    return several and prompt_logprobs
 
 
 def predicted(info: RequestInfo, worker_id: str, payload: dict[str, Any]) -> int | None:
@@ -161,6 +176,11 @@ class Forwarder:
             raise NotFound(f"The model '{req.model}' does not exist; available: "
                            f"{', '.join(self.workers.models())}", param="model",
                            code="model_not_found")
+        if any(w.record.adapters for w in workers) and lora_crash(req.endpoint, req.payload):
+            raise BadRequest("n > 1 with prompt logprobs (echo with logprobs, or "
+                             "prompt_logprobs) is not served by workers with LoRA adapters: "
+                             "it stops their engine (vLLM 0.32's CPU LoRA logits path)",
+                             param="n", code="unsupported_with_lora")
         now = time.monotonic()
         return [w for w in workers if w.healthy(now) and w.id not in tried]
 

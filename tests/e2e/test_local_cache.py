@@ -111,12 +111,40 @@ def test_the_gateway_predicts_what_the_worker_finds_cached(stack: Stack) -> None
     assert after[OVER] == before[OVER] and after[UNDER] == before[UNDER]
 
 
+BROKEN_TEXT = " ".join(f"Entry {j}: lantern {j} hangs {(j * 53) % 97} meters up."
+                       for j in range(40))  # never sent before: no worker holds it
+
+
+def list_broken(stack: Stack, prefix: str) -> None:
+    """Worker A under `prefix`, with a hints record that says 16-token blocks (the engine's
+    are 32) and lists BROKEN_TEXT's blocks keyed that way: a hint publisher that keys
+    differently from the engine."""
+    a = stack.workers()[0]
+    client = stack.redis()
+    raw = client.get(hints_key("beluga:v1", a.id))
+    assert raw is not None and (real := parse_hints(raw)) is not None
+    assert real.block_tokens == BLOCK
+    tokens = httpx.post(f"{a.url}/tokenize", headers=WORKER_HEADERS, timeout=30, json={
+        "model": MODEL_NAME, "messages": [{"role": "user", "content": BROKEN_TEXT}],
+    }).json()["tokens"]
+    claimed = [hint_key(k) for k in block_keys(tokens, 16, bytes.fromhex(real.fingerprint))]
+    record = real.model_copy(update={"block_tokens": 16, "keys": len(claimed),
+                                     "updated_at": time.time(), "pool_uuid": None,
+                                     "pool_path": None})
+    worker = a.model_copy(update={"heartbeat_at": time.time(), "running": 0, "waiting": 0})
+    client.set(worker_key(prefix, a.id), worker.to_json(), ex=300)
+    client.set(hints_key(prefix, a.id), record.to_json(), ex=300)
+    client.delete(hint_blocks_key(prefix, a.id))
+    client.sadd(hint_blocks_key(prefix, a.id), *claimed)
+    client.expire(hint_blocks_key(prefix, a.id), 300)
+
+
 @pytest.fixture(scope="module")
-def broken_gateway(stack: Stack) -> Iterator[tuple[str, str]]:
-    """A gateway on a registry prefix of its own, where the stack's worker A is listed with
-    a hints record that says 16-token blocks: a hint publisher keying differently from the
-    engine (32-token blocks). Yields its URL and the prefix."""
+def broken_gateway(stack: Stack) -> Iterator[str]:
+    """A gateway (prefix_affinity) on a registry prefix of its own, where the stack's
+    worker A is listed by `list_broken`."""
     prefix = "beluga:broken"
+    list_broken(stack, prefix)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
     env.update({"BELUGA_REDIS_URL": stack.redis_url, "BELUGA_MODEL": str(MODEL),
@@ -133,43 +161,24 @@ def broken_gateway(stack: Stack) -> Iterator[tuple[str, str]]:
     while True:
         try:
             health = httpx.get(f"{url}/health", timeout=2).json()
-            if health["tokenizers"] and all(health["tokenizers"].values()):
+            if health["status"] == "ok" and health["tokenizers"] and all(
+                    health["tokenizers"].values()):
                 break
         except (httpx.HTTPError, ValueError, KeyError):
             pass
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.3)
-    yield url, prefix
+    yield url
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
 
 
-def test_a_broken_keying_shows_up_as_mispredictions(
-        stack: Stack, broken_gateway: tuple[str, str]) -> None:
-    url, prefix = broken_gateway
-    a = stack.workers()[0]
-    client = stack.redis()
-    raw = client.get(hints_key("beluga:v1", a.id))
-    assert raw is not None and (real := parse_hints(raw)) is not None
-    assert real.block_tokens == BLOCK
-    text = " ".join(f"Entry {j}: lantern {j} hangs {(j * 53) % 97} meters up." for j in
-                    range(40))  # never sent before: A holds none of it
-    tokens = httpx.post(f"{a.url}/tokenize", headers=WORKER_HEADERS, timeout=30, json={
-        "model": MODEL_NAME, "messages": [{"role": "user", "content": text}]}).json()["tokens"]
-    fp = bytes.fromhex(real.fingerprint)
-    claimed = [hint_key(k) for k in block_keys(tokens, 16, fp)]  # 16-token keys
-    record = real.model_copy(update={"block_tokens": 16, "keys": len(claimed),
-                                     "updated_at": time.time(), "pool_uuid": None,
-                                     "pool_path": None})
-    worker = a.model_copy(update={"heartbeat_at": time.time(), "running": 0, "waiting": 0})
-    client.set(worker_key(prefix, a.id), worker.to_json(), ex=120)
-    client.set(hints_key(prefix, a.id), record.to_json(), ex=120)
-    client.sadd(hint_blocks_key(prefix, a.id), *claimed)
-    client.expire(hint_blocks_key(prefix, a.id), 120)
+def test_a_broken_keying_shows_up_as_mispredictions(stack: Stack, broken_gateway: str) -> None:
+    list_broken(stack, "beluga:broken")  # a fresh heartbeat
     time.sleep(2.5)  # the gateway's registry and hints refresh
-    before = gateway_counts(url)
-    r = chat(url, text)
-    after = gateway_counts(url)
+    before = gateway_counts(broken_gateway)
+    r = chat(broken_gateway, BROKEN_TEXT)
+    after = gateway_counts(broken_gateway)
     assert r.headers["x-beluga-route"] == "prefix"  # routed on the (wrong) hints
     assert after[OVER] - before[OVER] == 1
     assert after[PREDICTED] - before[PREDICTED] >= 8 * 16
