@@ -118,6 +118,18 @@ class Stack:
                     out[names[name]] += float(line.rsplit(" ", 1)[1])
         return out
 
+    def predictions(self) -> dict[str, float]:
+        """The gateway's check of its routing (beluga_gateway_cached_tokens_total,
+        beluga_gateway_cache_mispredictions_total), summed over label values."""
+        out = {"predicted": 0.0, "actual": 0.0, "over": 0.0, "under": 0.0}
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            for key in out:
+                if line.startswith(("beluga_gateway_cached_tokens_total",
+                                    "beluga_gateway_cache_mispredictions_total")) \
+                        and f'"{key}"' in line:
+                    out[key] += float(line.rsplit(" ", 1)[1])
+        return out
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -255,12 +267,12 @@ def main() -> int:
         print(f"== {name}: starting the stack ...", flush=True)
         stack = Stack(policy, pool, args, tmp)
         try:
-            before = stack.counters()
+            before, predicted_before = stack.counters(), stack.predictions()
             t0 = time.perf_counter()
             shared = asyncio.run(shared_prefix(stack.url, model, args))
             rounds = asyncio.run(multi_round(stack.url, model, args))
             makespan = time.perf_counter() - t0
-            after = stack.counters()
+            after, predicted_after = stack.counters(), stack.predictions()
             rps, n_capacity = asyncio.run(capacity(stack.url, model, args))
         finally:
             stack.stop()
@@ -277,6 +289,9 @@ def main() -> int:
             "pool_hit_rate": round(d["pool"] / d["prompt"], 4) if d["prompt"] else 0.0,
             "local_hit_rate": round(d["local"] / d["prompt"], 4) if d["prompt"] else 0.0,
             "prompt_tokens": int(d["prompt"]),
+            # the gateway's predictions of cached tokens against the workers' reports
+            "routing_check": {k: predicted_after[k] - predicted_before[k]
+                              for k in predicted_after},
             # every request's TTFT, in the order they finished, for looking past the medians
             "shared_prefix_ttfts_s": [round(t, 3) for t in shared],
             "multi_round_ttfts_s": [round(t, 3) for t in rounds],

@@ -4,6 +4,7 @@ is still alive afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -100,6 +101,41 @@ def start_worker(env: dict[str, str], port: int, prefix: str, log: Path,
         return subprocess.Popen([sys.executable, "-m", "beluga.cli", "worker", *flags],
                                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=wenv, cwd=ROOT)
+
+
+@contextlib.contextmanager
+def extra_gateway(stack: Stack, name: str, **settings: str) -> Iterator[str]:
+    """Another `beluga gateway` on the session's Redis (BELUGA_* `settings` on top), once
+    it serves and keys prompts (its tokenizer loads beside serving: until then it routes
+    without prefix information). Yields its URL; stopped on exit."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
+    env.update({"BELUGA_REDIS_URL": stack.redis_url, "BELUGA_MODEL": str(MODEL),
+                "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(port),
+                "BELUGA_STATE_DIR": str(stack.state_dir),
+                "BELUGA_WORKER_API_KEY": stack.worker_key,
+                **{f"BELUGA_{k.upper()}": v for k, v in settings.items()}})
+    log = stack.state_dir / f"{name}.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "gateway"], stdout=fh,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"{url}/health", timeout=2).json()
+                if health["status"] == "ok" and health["tokenizers"] and all(
+                        health["tokenizers"].values()):
+                    break
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, deadline: float) -> None:

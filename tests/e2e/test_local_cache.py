@@ -9,10 +9,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -30,12 +26,10 @@ from kvpool import block_keys
 from kvpool.keys import Adapter, adapter_digest
 from tests.e2e.conftest import (
     LORA_NAME,
-    MODEL,
     MODEL_NAME,
-    ROOT,
     WORKER_HEADERS,
     Stack,
-    free_port,
+    extra_gateway,
 )
 from tests.e2e.pool_helpers import BLOCK, complete, prompt
 
@@ -145,32 +139,9 @@ def broken_gateway(stack: Stack) -> Iterator[str]:
     worker A is listed by `list_broken`."""
     prefix = "beluga:broken"
     list_broken(stack, prefix)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
-    env.update({"BELUGA_REDIS_URL": stack.redis_url, "BELUGA_MODEL": str(MODEL),
-                "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(port),
-                "BELUGA_STATE_DIR": str(stack.state_dir), "BELUGA_REDIS_KEY_PREFIX": prefix,
-                "BELUGA_ROUTING_POLICY": "prefix_affinity",
-                "BELUGA_WORKER_API_KEY": stack.worker_key})
-    log = stack.state_dir / "gateway-broken.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "gateway"], stdout=fh,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            health = httpx.get(f"{url}/health", timeout=2).json()
-            if health["status"] == "ok" and health["tokenizers"] and all(
-                    health["tokenizers"].values()):
-                break
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.3)
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
+    with extra_gateway(stack, "gateway-broken", redis_key_prefix=prefix,
+                       routing_policy="prefix_affinity") as url:
+        yield url
 
 
 def test_a_broken_keying_shows_up_as_mispredictions(stack: Stack, broken_gateway: str) -> None:

@@ -3,10 +3,6 @@ what its cache holds, and two gateways on one Redis send one prefix to one worke
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -16,7 +12,7 @@ import pytest
 from beluga.registry import hint_blocks_key, hint_key, hints_key, parse_hints
 from gateway.tokenize import PromptTokenizer
 from kvpool import block_keys
-from tests.e2e.conftest import MODEL, MODEL_NAME, ROOT, WORKER_HEADERS, Stack, free_port
+from tests.e2e.conftest import MODEL, MODEL_NAME, WORKER_HEADERS, Stack, extra_gateway
 from tests.e2e.pool_helpers import BLOCK, complete, prompt
 
 CHATS = [
@@ -48,33 +44,8 @@ def test_the_gateway_tokenizes_exactly_as_vllm(stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def second_gateway(stack: Stack) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
-    env.update({"BELUGA_REDIS_URL": stack.redis_url, "BELUGA_MODEL": str(MODEL),
-                "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(port),
-                "BELUGA_STATE_DIR": str(stack.state_dir),
-                "BELUGA_WORKER_API_KEY": stack.worker_key})
-    log = stack.state_dir / "gateway2.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "gateway"], stdout=fh,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            health = httpx.get(f"{url}/health", timeout=2).json()
-            # Serving, and keying prompts (its tokenizer loads beside serving: until then it
-            # routes without prefix information, and the two gateways could not agree).
-            if health["status"] == "ok" and health["tokenizers"] and all(
-                    health["tokenizers"].values()):
-                break
-        except (httpx.HTTPError, ValueError):
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.3)
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
+    with extra_gateway(stack, "gateway2") as url:
+        yield url
 
 
 def test_two_gateways_send_one_prefix_to_one_worker(stack: Stack, second_gateway: str) -> None:
