@@ -38,7 +38,8 @@ FAST = 0.9        # "well under a second": the default lock timeout is 0.5 s
 def vllm_config() -> Any:
     model = SimpleNamespace(served_model_name="test-model", revision=None, dtype="float32",
                             get_num_kv_heads=lambda parallel: HEADS,
-                            get_head_size=lambda: HEAD)
+                            get_head_size=lambda: HEAD,
+                            get_num_layers=lambda parallel: len(LAYERS))
     return SimpleNamespace(
         model_config=model,
         cache_config=SimpleNamespace(cache_dtype="auto", block_size=BLOCK),
@@ -59,7 +60,8 @@ def config(path: Path, **kw: Any) -> ConnectorConfig:
 def request(req_id: str, tokens: list[int]) -> Any:
     return SimpleNamespace(request_id=req_id, num_tokens=len(tokens), all_token_ids=tokens,
                            prompt_token_ids=tokens, cache_salt=None, block_hashes=[],
-                           num_computed_tokens=0)
+                           num_computed_tokens=0, mm_features=[], lora_request=None,
+                           prompt_embeds=None)
 
 
 TOKENS = list(range(5000, 5000 + 5 * BLOCK))  # 5 blocks: the pool may supply 4
@@ -224,3 +226,42 @@ def test_worker_a_failed_load_is_recomputed_and_counted(worker: _WorkerSide,
     worker.save(save_plan(3, keys[2:4], [2, 3]))  # closed: counted, skipped
     assert worker.stats.pool_errors() == {"closed": 2}
     worker.close()
+
+
+# --- what block keys cannot express never touches the pool ---------------------------------
+
+def test_requests_keys_cannot_express_never_touch_the_pool(
+        sched: _SchedulerSide, tmp_path: Path) -> None:
+    """Multimodal inputs, prompt embeddings, an adapter whose files cannot be read or
+    changed since it was first met: no keys, no pins, no saves, counted once each."""
+    from kvpool.keys import Adapter, adapter_digest
+
+    assert sched.pool is not None
+    sched.pool.put(block_keys(TOKENS, BLOCK, sched.geo.fingerprint)[:4], [b"x" * 100] * 4)
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text('{"r": 8}')
+    (lora / "adapter_model.safetensors").write_bytes(b"\1" * 64)
+
+    def req(name: str, **kw: Any) -> Any:
+        r = request(name, TOKENS)
+        for k, v in kw.items():
+            setattr(r, k, v)
+        return r
+
+    plain = req("plain")
+    assert sched.matched_tokens(plain, 0) == 4 * BLOCK  # the base model's blocks
+    unshared = [req("mm", mm_features=[object()]), req("embeds", prompt_embeds=object()),
+                req("gone", lora_request=SimpleNamespace(lora_name="x", lora_path="/nope"))]
+    for r in unshared:
+        assert sched.matched_tokens(r, 0) == 0
+    adapter = SimpleNamespace(lora_name="sql", lora_path=str(lora))
+    assert sched.matched_tokens(req("sql", lora_request=adapter), 0) == 0  # other keys
+    keys = sched._keys(sched._track(req("sql2", lora_request=adapter)), len(TOKENS))
+    assert keys == block_keys(TOKENS, BLOCK, sched.geo.fingerprint,
+                              adapter=Adapter("sql", adapter_digest(lora)))
+    (lora / "adapter_model.safetensors").write_bytes(b"\2" * 65)  # rewritten in place
+    changed = req("sql3", lora_request=adapter)
+    assert sched.matched_tokens(changed, 0) == 0 and sched._keys(sched._track(changed), 64) == []
+    assert sched.stats.reduce()["unshared_requests"] == 4
+    sched.finished(plain.request_id)
