@@ -189,7 +189,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "BELUGA_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(gateway_port),
         "BELUGA_WORKER_PORT": str(worker_port), "BELUGA_KV_CACHE_SPACE_GIB": "1",
-        "BELUGA_MAX_MODEL_LEN": "2048", "BELUGA_HEARTBEAT_INTERVAL_S": "1",
+        "BELUGA_MAX_MODEL_LEN": "4096", "BELUGA_HEARTBEAT_INTERVAL_S": "1",
         "BELUGA_WORKER_TTL_S": "5", "BELUGA_UNHEALTHY_COOLDOWN_S": "60",
         "BELUGA_UPSTREAM_TIMEOUT_S": "120", "BELUGA_POOL_PATH": str(pool_path),
         "BELUGA_POOL_SIZE_GIB": "1", "BELUGA_BLOCK_SIZE": str(BLOCK),
