@@ -358,26 +358,21 @@ class _SchedulerSide:
         it): the weights the engine runs. If its files change afterwards, what the engine
         computes and what a digest of the files says may differ (vLLM may or may not have
         reloaded them): from then on its requests do not use the pool."""
-        why = ""
+        key = (name, path)
         try:
             now = adapter_signature(path)
+            known = self._adapters.get(key)
+            if known is None:
+                known = self._adapters[key] = (now, Adapter(name, adapter_digest(path)))
+            if known[0] == now:
+                return known[1]
+            why = "changed on disk since it was loaded"
         except (OSError, ValueError) as exc:
-            now = None
-            why = str(exc)
-        known = self._adapters.get((name, path))
-        if known is None and now is not None:
-            try:
-                known = self._adapters[(name, path)] = (now, Adapter(name, adapter_digest(path)))
-            except (OSError, ValueError) as exc:
-                why = str(exc)
-        if known is not None and known[0] == now:
-            return known[1]
-        if (name, path) not in self._adapter_warned:
-            self._adapter_warned.add((name, path))
+            why = f"cannot be keyed ({exc})"
+        if key not in self._adapter_warned:
+            self._adapter_warned.add(key)
             logger.warning("Beluga: LoRA adapter %s (%s) %s; its requests do not use the pool",
-                           name, path, "changed on disk since it was loaded"
-                           if known is not None and now is not None else
-                           f"cannot be keyed ({why})")
+                           name, path, why)
         return None
 
     def _failed(self, exc: PoolError, doing: str) -> None:

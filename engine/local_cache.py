@@ -31,10 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client import Counter
 
 from kvpool.keys import Adapter, Identity, next_key
 
@@ -44,6 +47,16 @@ BlockHash = int | bytes
 MAX_BLOCKS_PER_EVENT = 1 << 16
 MIN_CAPACITY = 1 << 17  # blocks followed at least (the hints publish max_hint_keys of them)
 MAX_TOKEN_ID = (1 << 32) - 1
+
+
+# On the API server's /metrics (as the pool lookup endpoint's counters).
+SKIPPED = Counter("beluga_worker_hints_skipped_blocks", "Blocks vLLM reported stored that the "
+                  "worker's hints cannot list, by reason: multimodal, prompt_embeds, "
+                  "adapter_unknown, parent_unknown (their parent was not listed), block_size, "
+                  "malformed.", ["reason"])
+LOST = Counter("beluga_worker_hints_restarts", "Times the worker's hints record started over "
+               "because vLLM's KV events were lost, by why: gap (not replayable), restarted "
+               "(a new engine), reader_failed, error.", ["why"])
 
 
 @dataclass
@@ -57,6 +70,7 @@ class CacheCounts:
 
     def skip(self, reason: str, blocks: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + blocks
+        SKIPPED.labels(reason).inc(blocks)
 
 
 class LocalCache:
@@ -97,17 +111,15 @@ class LocalCache:
         """A BlockStored event: `hashes` are consecutive full blocks of `block_size` tokens
         (`token_ids`, all of them), the first one's parent `parent` (None: a prompt's first
         block)."""
-        n = len(hashes) if isinstance(hashes, list | tuple) else -1
-        if type(block_size) is not int:
-            self.counts.skip("malformed", max(n, 0))
+        n = len(hashes) if isinstance(hashes, list | tuple) else 0
+        if type(block_size) is int and block_size != self.block_tokens:
+            self.counts.skip("block_size", n)
             return
-        if not 0 < n <= MAX_BLOCKS_PER_EVENT or block_size != self.block_tokens \
+        if type(block_size) is not int or not 0 < n <= MAX_BLOCKS_PER_EVENT \
                 or not isinstance(token_ids, list | tuple) or len(token_ids) != n * block_size \
                 or not all(_is_hash(h) for h in hashes) \
                 or (parent is not None and not _is_hash(parent)):
-            self.counts.skip("malformed", max(n, 0) if block_size == self.block_tokens else 0)
-            if block_size != self.block_tokens and n > 0:
-                self.counts.skip("block_size", n)
+            self.counts.skip("malformed", n)
             return
         if extra_keys is not None and (not isinstance(extra_keys, list | tuple)
                                        or len(extra_keys) != n):
@@ -133,7 +145,7 @@ class LocalCache:
                 self.counts.skip(why, n - i)  # and its descendants: their parent is unkeyed
                 return
             tokens = token_ids[i * block_size:(i + 1) * block_size]
-            if not all(isinstance(t, int) and 0 <= t <= MAX_TOKEN_ID for t in tokens):
+            if not all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in tokens):
                 self.counts.skip("malformed", n - i)
                 return
             if prev is None:
@@ -341,6 +353,7 @@ class HintsFeed:
     def on_lost(self, why: str) -> None:
         """Events that cannot be had again: what the record says may be stale. Start over."""
         self.lost[why] = self.lost.get(why, 0) + 1
+        LOST.labels(why).inc()
         logger.warning("Beluga: vLLM KV events lost (%s); the local-cache hints start over",
                        why)
         self.cache.cleared()
@@ -395,8 +408,6 @@ class LocalCacheMiddleware:
         await self.app(scope, receive, send)
 
     def start(self, vllm_config: Any) -> None:
-        import time
-
         from engine.hints import HintPublisher
         from engine.identity import model_identity
         from kvpool.keys import adapter_digest
@@ -458,8 +469,6 @@ class LocalCacheMiddleware:
 
     def _attach_pool(self) -> None:
         """A pool not there at start (created late): its UUID for the record, once it is."""
-        import time
-
         if self._pool_tried < 0 or time.monotonic() - self._pool_tried < 5.0:
             return
         self._pool_tried = time.monotonic()

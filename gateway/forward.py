@@ -94,12 +94,24 @@ def lora_crash(endpoint: str, payload: dict[str, Any]) -> bool:
     as prompt positions times sequences, its indices one per sequence; the einsum raises
     in the engine, and the engine stops). Refused at the gateway, for every request to a
     worker serving adapters."""
-    n, best_of = payload.get("n"), payload.get("best_of")
-    several = any(type(v) is int and v > 1 for v in (n, best_of))
+    several = any(_more_than_one(payload.get(k)) for k in ("n", "best_of"))
     prompt_logprobs = payload.get("prompt_logprobs") is not None or (
         endpoint == "completions" and payload.get("echo") is True
         and payload.get("logprobs") is not None)
     return several and prompt_logprobs
+
+
+def _more_than_one(value: object) -> bool:
+    """Whether vLLM would read `value` as a count above one (its models coerce numbers and
+    numeric strings; `n` itself is checked to be an int by gateway/requests.py)."""
+    if isinstance(value, bool) or value is None:
+        return False
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return False
+    return isinstance(value, int | float) and value > 1
 
 
 def predicted(info: RequestInfo, worker_id: str, payload: dict[str, Any]) -> int | None:

@@ -54,6 +54,13 @@ def test_a_salted_prompt_and_an_adapter_key_as_their_chains_do() -> None:
     ([("salt", "second-string")], "malformed"), (["not-a-tuple"], "malformed")])
 def test_blocks_our_keys_cannot_express_get_none_nor_do_their_descendants(
         extra: list[Any], why: str) -> None:
+    from prometheus_client import REGISTRY
+
+    def exported(reason: str) -> float:
+        return REGISTRY.get_sample_value("beluga_worker_hints_skipped_blocks_total",
+                                         {"reason": reason}) or 0.0
+
+    before = exported(why)
     cache = LocalCache(FP, BT)
     tokens = list(range(8))
     extra_keys = [(("img-1", 0),) if why == "multimodal" else e for e in extra] + [None]
@@ -61,6 +68,7 @@ def test_blocks_our_keys_cannot_express_get_none_nor_do_their_descendants(
     stored(cache, [3], 2, list(range(8, 12)))
     assert len(cache) == 0
     assert cache.counts.skipped == {why: 2, "parent_unknown": 1}
+    assert exported(why) - before == 2  # on the worker's /metrics
 
 
 def test_removed_and_cleared_blocks_leave_the_record() -> None:
@@ -85,6 +93,8 @@ def test_the_record_is_bounded_and_keeps_the_newest() -> None:
     ([1], None, [1, 2, 3, -4], BT),                  # not a token id
     ([1], None, [1, 2, 3, 2**32], BT),
     ([1], None, [1, 2, 3, "x"], BT),
+    ([1], None, [1, 2, 3, True], BT),
+    ([1], None, [1, 2, 3, 4], 4.0),
     (["h"], None, [1, 2, 3, 4], BT),                 # not a hash
     ([True], None, [1, 2, 3, 4], BT),
     ([1], 1.5, [1, 2, 3, 4], BT),

@@ -53,3 +53,22 @@ def test_pool_blocks_count_only_for_workers_sharing_the_pool() -> None:
     assert info.pool_blocks_for("a") == 0
     everyone = RequestInfo("m", "chat", False, block_tokens=32, pool_blocks=10)
     assert everyone.held_tokens("a") == 10 * 32
+
+
+def test_the_request_that_stops_a_cpu_lora_engine_is_recognised_and_nothing_else() -> None:
+    from gateway.forward import lora_crash
+
+    assert lora_crash("completions", {"n": 2, "echo": True, "logprobs": 2})
+    assert lora_crash("completions", {"n": 3, "prompt_logprobs": 0})
+    assert lora_crash("chat", {"best_of": 2, "prompt_logprobs": 1})
+    # what vLLM's models coerce to a count (n itself must be an int: gateway/requests.py)
+    for best_of in ("2", " 3 ", 2.0, 1e300, "1e3"):
+        assert lora_crash("completions", {"best_of": best_of, "prompt_logprobs": 1}), best_of
+    for payload in ({"n": 2, "logprobs": 2}, {"n": 1, "echo": True, "logprobs": 2},
+                    {"echo": True, "logprobs": 2}, {"n": 2, "echo": True},
+                    {"n": True, "prompt_logprobs": 1}, {"n": 1.0, "prompt_logprobs": 1},
+                    {"best_of": "x", "prompt_logprobs": 1},
+                    {"best_of": "nan", "prompt_logprobs": 1},
+                    {"n": [2], "prompt_logprobs": 1}, {"n": 2, "prompt_logprobs": None}):
+        assert not lora_crash("completions", payload), payload
+    assert not lora_crash("chat", {"n": 2, "echo": True, "logprobs": True})  # chat's echo
