@@ -171,7 +171,7 @@ class Router:
                 pooled += await self.ask_pool(remote, rest, workers)
                 later = iter(())
         sharers = None
-        if keying.pool_uuid is not None:
+        if keying.pool_uuid is not None and pooled:
             uuid = keying.pool_uuid
             sharers = frozenset(w for w in ids if self.prefixes.shares_pool(w, uuid))
             if len(sharers) == len(ids):
