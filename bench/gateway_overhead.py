@@ -21,9 +21,21 @@ when asked, then [DONE]):
                                steadier than the two above on a shared machine
   added_ttft_p50_ms / _p99_ms  (`stream`) the same for the time to the first event; each
                                stream must end with [DONE]
-No prompt is sent twice in any workload (`--workloads` picks some). `--remote-pool`: the
-workers' pool is not mapped on the gateway's host, so each request is keyed whole and the
-stand-in's real pool lookup endpoint is asked (`pool_lookups`: their results, cumulative).
+No prompt is sent twice in any workload (`--workloads` picks some). `routed_tokens`: where
+the gateway predicted each workload's prompt tokens would come from (local, pool, computed),
+for the latency pairs and for the rps run: what the run really exercised.
+
+Layouts (`layout` in the JSON says what each run had):
+  single   (default) one stand-in worker whose hints list no keys, and no pool: a new
+           prompt is read as far as its first block key. The gateway's best case.
+           `--remote-pool`: the workers' pool is not mapped on the gateway's host, so each
+           request is keyed whole and the stand-in's real pool lookup endpoint is asked
+           (`pool_lookups`: their results, cumulative).
+  cluster  --workers stand-ins (separate processes), a real pool mapped on this host that
+           holds every latency prompt's full blocks, and a full hint set per worker
+           (--hint-keys, default max_hint_keys) listing the latency prompts' keys of all
+           but one in workers + 1 prompts; the shared system prompt is in worker 0's set.
+           The gateway reads each latency prompt whole and looks it up in both.
 """
 
 from __future__ import annotations
@@ -54,13 +66,16 @@ sys.path.insert(0, str(ROOT))
 from beluga.registry import (  # noqa: E402
     HintsRecord,
     WorkerRecord,
+    hint_blocks_key,
+    hint_key,
     hints_key,
     worker_key,
 )
 from beluga.settings import Settings  # noqa: E402
-from kvpool import KVPool  # noqa: E402
+from kvpool import KVPool, block_keys  # noqa: E402
 
 FINGERPRINT = bytes.fromhex("ab" * 32)
+BLOCK = bytes(256)  # what the pool holds for a block here: only its key is looked up
 from engine.worker import CPU_BLOCK_SIZE  # noqa: E402
 
 STAND_IN = '''
@@ -265,44 +280,130 @@ app = PoolLookupMiddleware(plain, Settings(pool_path=%r))
 '''
 
 
-def start_stand_in(settings: Settings, tmp: Path, procs: list[subprocess.Popen[bytes]],
-                   block_tokens: int, remote_pool: KVPool | None = None) -> tuple[int, str]:
-    """A private Redis and the stand-in upstream, registered there as a worker with routing
-    hints for the default model: (the Redis port, the stand-in's URL). Started processes
-    go into `procs`. With `remote_pool`, the hints name that pool at a path that does not
-    exist here, so the gateway cannot attach it and asks the stand-in, which answers with
-    the worker's real lookup endpoint."""
+def start_redis(procs: list[subprocess.Popen[bytes]]) -> int:
     server = shutil.which("redis-server")
     if server is None:
         raise SystemExit("redis-server is missing: run `make setup`")
-    redis_port, up_port = free_port(), free_port()
-    procs.append(subprocess.Popen([server, "--port", str(redis_port), "--save", "",
+    port = free_port()
+    procs.append(subprocess.Popen([server, "--port", str(port), "--save", "",
                                    "--appendonly", "no"], stdout=subprocess.DEVNULL))
+    return port
+
+
+def start_upstream(tmp: Path, procs: list[subprocess.Popen[bytes]],
+                   remote_pool: KVPool | None = None) -> str:
+    """One stand-in upstream process (uvicorn); with `remote_pool`, it also answers the
+    worker's real pool lookup endpoint over that pool. Its URL, once it answers."""
     (tmp / "standin.py").write_text(STAND_IN)
     module = "standin:app"
     if remote_pool is not None:
         (tmp / "standin_lookup.py").write_text(STAND_IN_WITH_LOOKUP % remote_pool.path)
         module = "standin_lookup:app"
+    port = free_port()
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", module, "--port", str(up_port),
+        [sys.executable, "-m", "uvicorn", module, "--port", str(port),
          "--log-level", "warning", "--no-access-log"], cwd=tmp,
         env=dict(os.environ, PYTHONPATH=str(ROOT))))
-    direct = f"http://127.0.0.1:{up_port}"
-    wait_http(direct)
-    r = redis.Redis(port=redis_port)
-    prefix = settings.redis_key_prefix
-    now = time.time()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url)
+    return url
+
+
+def register(r: redis.Redis, settings: Settings, wid: str, url: str, pid: int,
+             block_tokens: int, pool_uuid: str | None, pool_path: str | None,
+             hint_keys: list[str]) -> None:
+    """A worker record and its hints record (and hint set, when `hint_keys`), as a worker
+    publishes them."""
+    prefix, now = settings.redis_key_prefix, time.time()
     rec = WorkerRecord.model_validate({
-        "schema": 1, "id": "standin", "url": direct, "model": settings.served_model_name,
-        "capacity": 10_000, "pid": procs[-1].pid, "started_at": now, "heartbeat_at": now})
-    r.set(worker_key(prefix, "standin"), rec.to_json(), ex=3600)
-    hints = HintsRecord(worker_id="standin", fingerprint=FINGERPRINT.hex(),
-                        block_tokens=block_tokens,
-                        pool_uuid=None if remote_pool is None else str(remote_pool.uuid),
-                        pool_path=None if remote_pool is None else "/nowhere/on/this/host",
-                        keys=0, updated_at=now)
-    r.set(hints_key(prefix, "standin"), hints.to_json(), ex=3600)
+        "schema": 1, "id": wid, "url": url, "model": settings.served_model_name,
+        "capacity": 10_000, "pid": pid, "started_at": now, "heartbeat_at": now})
+    r.set(worker_key(prefix, wid), rec.to_json(), ex=3600)
+    hints = HintsRecord(worker_id=wid, fingerprint=FINGERPRINT.hex(),
+                        block_tokens=block_tokens, pool_uuid=pool_uuid, pool_path=pool_path,
+                        keys=len(hint_keys), updated_at=now)
+    if hint_keys:
+        r.sadd(hint_blocks_key(prefix, wid), *hint_keys)
+        r.expire(hint_blocks_key(prefix, wid), 3600)
+    r.set(hints_key(prefix, wid), hints.to_json(), ex=3600)
+
+
+def start_stand_in(settings: Settings, tmp: Path, procs: list[subprocess.Popen[bytes]],
+                   block_tokens: int, remote_pool: KVPool | None = None) -> tuple[int, str]:
+    """A private Redis and the stand-in upstream, registered there as a worker with routing
+    hints (no keys) for the default model: (the Redis port, the stand-in's URL). Started
+    processes go into `procs`. With `remote_pool`, the hints name that pool at a path that
+    does not exist here, so the gateway cannot attach it and asks the stand-in, which
+    answers with the worker's real lookup endpoint."""
+    redis_port = start_redis(procs)
+    direct = start_upstream(tmp, procs, remote_pool)
+    register(redis.Redis(port=redis_port), settings, "standin", direct, procs[-1].pid,
+             block_tokens, None if remote_pool is None else str(remote_pool.uuid),
+             None if remote_pool is None else "/nowhere/on/this/host", [])
     return redis_port, direct
+
+
+def start_cluster(settings: Settings, tmp: Path, procs: list[subprocess.Popen[bytes]],
+                  block_tokens: int, pool: KVPool, hint_sets: list[list[str]]
+                  ) -> tuple[int, list[str]]:
+    """A private Redis and one stand-in per hint set, each registered as a worker sharing
+    `pool` (mapped on this host, so the gateway attaches it) with that set as the keys its
+    cache holds: (the Redis port, the stand-ins' URLs)."""
+    redis_port = start_redis(procs)
+    r = redis.Redis(port=redis_port)
+    urls = []
+    for i, keys in enumerate(hint_sets):
+        urls.append(start_upstream(tmp, procs))
+        register(r, settings, f"standin-{i}", urls[-1], procs[-1].pid, block_tokens,
+                 str(pool.uuid), pool.path, keys)
+    return redis_port, urls
+
+
+def cluster_state(settings: Settings, bodies: dict[str, list[dict[str, Any]]],
+                  shared: set[str], workers: int, block_tokens: int, pool: KVPool,
+                  hint_keys: int, seed: int) -> tuple[list[list[str]], dict[str, Any]]:
+    """What a running cluster would hold for these requests: every prompt's full blocks in
+    the pool (as the workers that answered them stored them) and, for all but one in
+    `workers + 1` prompts, in one worker's cache too (round robin; a scenario in `shared`
+    has its common system prompt in worker 0's cache). Each worker's hint set is padded
+    with other keys to `hint_keys` members (a worker's set is usually full). Returns the
+    hint sets and what was put where."""
+    from gateway.tokenize import PromptTokenizer
+
+    tok = PromptTokenizer({settings.served_model_name: settings.model_path})
+    sets: list[set[str]] = [set() for _ in range(workers)]
+    blocks = 0
+    held = {"worker_and_pool": 0, "pool_only": 0}
+    for scenario, group in bodies.items():
+        common: list[bytes] | None = None
+        for j, body in enumerate(group):
+            ids = tok.tokens(settings.served_model_name, "chat", body)
+            if ids is None:
+                raise RuntimeError(f"a {scenario} body could not be tokenized")
+            keys = block_keys(ids, block_tokens, FINGERPRINT)
+            put = pool.put(keys, [BLOCK] * len(keys))
+            blocks += put.stored
+            if put.full or put.stored + put.duplicate != len(keys):
+                raise RuntimeError("the pool is too small for the prompts' blocks")
+            owner = 0 if scenario in shared else j % (workers + 1)
+            if scenario in shared:  # the worker holds the system prompt's blocks
+                if common is None:
+                    common = keys
+                n = 0
+                while n < min(len(keys), len(common)) and keys[n] == common[n]:
+                    n += 1
+                common = keys = keys[:n]
+            if owner == workers:
+                held["pool_only"] += 1
+                continue
+            held["worker_and_pool"] += 1
+            sets[owner].update(hint_key(k) for k in keys)
+    rng = random.Random(seed)
+    for s in sets:
+        while len(s) < hint_keys:
+            s.add(rng.randbytes(16).hex())
+    return [sorted(s) for s in sets], {"blocks_put": blocks, "prompts": held,
+                                       "hint_keys_per_worker": [len(s) for s in sets]}
 
 
 def start_gateway(procs: list[subprocess.Popen[bytes]], redis_port: int, policy: str,
@@ -333,6 +434,16 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.kill()
 
 
+def sources(gw: str) -> dict[str, int]:
+    """The gateway's beluga_gateway_prompt_tokens_total by source (local, pool, computed):
+    where it predicted each routed prompt's tokens would come from."""
+    out = {}
+    for line in httpx.get(f"{gw}/metrics", timeout=10).text.splitlines():
+        if line.startswith("beluga_gateway_prompt_tokens_total{"):
+            out[line.split('source="')[1].split('"')[0]] = int(float(line.split()[-1]))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
@@ -341,6 +452,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--policy", default="pool_aware")
+    ap.add_argument("--seed", type=int, default=5, help="of the padding hint keys")
     ap.add_argument("--block-tokens", type=int, default=CPU_BLOCK_SIZE,
                     help="the stand-in worker's block size (default: a CPU worker's)")
     ap.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
@@ -348,9 +460,21 @@ def main() -> int:
     ap.add_argument("--workloads", nargs="+", default=["unique", "shared", "stream"],
                     choices=["unique", "shared", "stream"])
     ap.add_argument("--remote-pool", action="store_true",
-                    help="the workers' pool is not mapped on the gateway's host: every "
-                    "request also asks the stand-in's pool lookup endpoint")
+                    help="(single) the workers' pool is not mapped on the gateway's host: "
+                    "every request also asks the stand-in's pool lookup endpoint")
+    ap.add_argument("--layout", choices=("single", "cluster"), default="single",
+                    help="single: one stand-in worker whose hints list no keys, and no pool "
+                    "(or --remote-pool): the gateway's best case. cluster: --workers "
+                    "stand-ins, a real pool mapped on this host holding every latency "
+                    "prompt's blocks, and hint sets of --hint-keys keys each, most latency "
+                    "prompts' among them")
+    ap.add_argument("--workers", type=int, default=3, help="(cluster) stand-in workers")
+    ap.add_argument("--hint-keys", type=int, default=0,
+                    help="(cluster) keys in each worker's hint set (its prompts' keys padded "
+                    "with others; default: max_hint_keys, a full set)")
     args = ap.parse_args()
+    if args.layout == "cluster" and args.remote_pool:
+        ap.error("--remote-pool is for the single layout")
 
     client = args.client
     if client == "auto":
@@ -358,25 +482,51 @@ def main() -> int:
     settings = Settings()
     tmp = Path(tempfile.mkdtemp(prefix="beluga-gwbench-"))
     procs: list[subprocess.Popen[bytes]] = []
-    pool_file = Path(f"/dev/shm/beluga-gwbench-{os.getpid()}.elsewhere")
-    pool = (KVPool.create(pool_file, slot_size=4096, slot_count=64, fingerprint=FINGERPRINT)
-            if args.remote_pool else None)
+    model = settings.served_model_name
+    bodies = {scenario: (bodies_for(scenario, 20, args.tokens, model, 100 + k),
+                         bodies_for(scenario, args.requests, args.tokens, model, 200 + k),
+                         bodies_for(scenario, 500 if client == "wrk" else int(args.seconds * 800),
+                                    args.tokens, model, 300 + k))
+              for k, scenario in enumerate(args.workloads)}
+    pool: KVPool | None = None
+    layout: dict[str, Any] = {"name": args.layout}
+    if args.layout == "cluster":
+        pool_file = Path(f"/dev/shm/beluga-gwbench-{os.getpid()}.pool")
+        # every latency prompt's blocks, one 256-byte stand-in each (only keys are looked up)
+        pool = KVPool.create(pool_file, slot_size=4096, slot_count=1 << 16,
+                             fingerprint=FINGERPRINT)
+    elif args.remote_pool:
+        pool_file = Path(f"/dev/shm/beluga-gwbench-{os.getpid()}.elsewhere")
+        pool = KVPool.create(pool_file, slot_size=4096, slot_count=64, fingerprint=FINGERPRINT)
     try:
-        redis_port, direct = start_stand_in(settings, tmp, procs, args.block_tokens, pool)
+        if pool is not None and args.layout == "cluster":
+            hint_sets, held = cluster_state(
+                settings, {s: warm + pairs for s, (warm, pairs, _) in bodies.items()},
+                {"shared"}, args.workers, args.block_tokens, pool,
+                args.hint_keys or settings.max_hint_keys, args.seed)
+            redis_port, urls = start_cluster(settings, tmp, procs, args.block_tokens, pool,
+                                             hint_sets)
+            direct = urls[0]  # the stand-ins are identical: the direct path is any of them
+            layout.update(workers=args.workers, **held, pool=(
+                "mapped on the gateway's host, holding every latency prompt's full blocks "
+                "(the rps run's prompts are new: held nowhere, except the shared system "
+                "prompt, in worker 0 and the pool)"))
+        else:
+            redis_port, direct = start_stand_in(settings, tmp, procs, args.block_tokens, pool)
+            layout.update(workers=1, hint_keys_per_worker=[0], pool=(
+                "on another host: asked of the stand-in's real lookup endpoint"
+                if args.remote_pool else "none (the hints name no pool)"))
         gw, gateway = start_gateway(procs, redis_port, args.policy, ROOT)
         from gateway.tokenize import PromptTokenizer
-        tok = PromptTokenizer({settings.served_model_name: settings.model_path})
+        tok = PromptTokenizer({model: settings.model_path})
         results: dict[str, dict[str, Any]] = {}
-        for k, scenario in enumerate(args.workloads):
-            warm = bodies_for(scenario, 20, args.tokens, settings.served_model_name, 100 + k)
-            pairs = bodies_for(scenario, args.requests, args.tokens, settings.served_model_name,
-                               200 + k)
-            load = bodies_for(scenario, 500 if client == "wrk" else int(args.seconds * 800),
-                              args.tokens, settings.served_model_name, 300 + k)
+        for scenario, (warm, pairs, load) in bodies.items():
+            before = sources(gw)
             n_tokens = statistics.median(
                 len(tok.tokens(settings.served_model_name, "chat", b) or []) for b in pairs[:20])
             asyncio.run(latencies(gw, direct, warm))  # tokenizer load, connections
             added = sorted(asyncio.run(latencies(gw, direct, pairs)))
+            mid = sources(gw)
             cpu0 = gateway.cpu_times()
             if client == "wrk":
                 rps, errors, total = throughput_wrk(gw, load, args.concurrency, args.seconds,
@@ -393,6 +543,12 @@ def main() -> int:
                 f"{what}_p99_ms": round(added[int(0.99 * (len(added) - 1))], 3),
                 "rps": round(rps, 1), "errors": errors,
                 "cpu_ms_per_request": round(1000 * cpu_s / max(1, total), 3)}
+            # where the gateway found the prompts' tokens (by source: local, pool, computed),
+            # for the latency pairs (with their warm-up) and for the rps run
+            after = sources(gw)
+            results[scenario]["routed_tokens"] = {
+                "latency": {k: mid[k] - before.get(k, 0) for k in mid},
+                "rps": {k: after[k] - mid.get(k, 0) for k in after}}
             if args.remote_pool:  # every lookup so far, by result (cumulative)
                 text = httpx.get(f"{gw}/metrics", timeout=10).text
                 results[scenario]["pool_lookups"] = {
@@ -407,7 +563,7 @@ def main() -> int:
             pool.close()
             pool_file.unlink(missing_ok=True)
     summary: dict[str, Any] = {
-        "policy": args.policy, "block_tokens": args.block_tokens,
+        "policy": args.policy, "block_tokens": args.block_tokens, "layout": layout,
         "remote_pool": args.remote_pool,
         "concurrency": args.concurrency, "cpus": os.cpu_count(),
         "load_generator": client, "scenarios": results,
