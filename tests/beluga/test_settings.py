@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from beluga.cli import UP_FIELDS, build_parser, settings_from_args
 from beluga.settings import Settings
-from beluga.up import settings_env
+from beluga_cli.cli import UP_FIELDS, build_parser, settings_from_args
+from beluga_cli.up import settings_env
 
 
 def test_defaults_are_the_documented_stack() -> None:

@@ -104,7 +104,7 @@ def beluga_command() -> list[str]:
     """`beluga` for a child process, logging at this process's level (so `beluga --log-level
     DEBUG up` reaches the workers and the gateway)."""
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    return [sys.executable, "-m", "beluga.cli", "--log-level", level]
+    return [sys.executable, "-m", "beluga_cli", "--log-level", level]
 
 
 class UpError(RuntimeError):

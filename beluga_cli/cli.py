@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "up":
-        from beluga.up import run_up
+        from beluga_cli.up import run_up
 
         return run_up(settings_from_args(args, UP_FIELDS))
     if args.command == "gateway":
