@@ -2,12 +2,14 @@
 
 Every flag is a field of `beluga.settings.Settings` (``--gateway-port`` is ``gateway_port``,
 also settable as ``BELUGA_GATEWAY_PORT``). Heavy imports (vLLM, transformers, FastAPI) happen
-inside the subcommand that needs them, so `beluga --help` is instant.
+inside the subcommand that needs them, so `beluga --help` is instant and a gateway-only
+install (no `engine/`, no vLLM) runs `beluga gateway` and says what is missing for the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import types
@@ -50,6 +52,8 @@ UP_FIELDS = tuple(dict.fromkeys(
     WORKER_FIELDS + GATEWAY_FIELDS + ("num_workers", "start_redis", "up_metrics_port",
                                         "restart_backoff_max_s")))
 MODEL_FIELDS = ("state_dir", "model")
+# What each command imports beyond a gateway-only install (checked before it runs).
+NEEDS = {"up": ("engine", "vllm"), "worker": ("engine", "vllm"), "model": ("engine",)}
 
 
 def _scalar_type(annotation: Any) -> tuple[Any, bool, list[str] | None]:
@@ -84,6 +88,15 @@ def add_settings_flags(parser: argparse.ArgumentParser, fields: Sequence[str]) -
 def settings_from_args(args: argparse.Namespace, fields: Sequence[str]) -> Settings:
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
     return Settings(**overrides)
+
+
+def missing_module(command: str) -> str | None:
+    """The first module `command` needs that this install cannot import (found without
+    importing it), or None."""
+    for name in NEEDS.get(command, ()):
+        if importlib.util.find_spec(name) is None:
+            return name
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    missing = missing_module(args.command)
+    if missing is not None:
+        logger.error("`beluga %s` needs %s, which this install lacks (a gateway-only install "
+                     "runs `beluga gateway`): install beluga[engine-cpu] or "
+                     "beluga[engine-cuda], or run `make setup`", args.command, missing)
+        return 2
     try:
         return run(args)
     except ValidationError as exc:
