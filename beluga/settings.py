@@ -15,8 +15,11 @@ field or line, which `beluga` prints as one line, never a traceback.
 from __future__ import annotations
 
 import difflib
+import functools
+import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,6 +38,10 @@ DEFAULT_STATE_DIR = Path(".beluga")
 # Read by setup.py when the native module is built, never at run time.
 BUILD_ONLY_ENV = frozenset({"BELUGA_BUILD_CUDA"})
 
+
+# Listen addresses that mean "every interface": a worker on one names itself by its host name
+# (a container's is its id), so replicas of one service never share an id or a URL.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "", "::"})
 
 # Settings that are secrets: never logged, never on a command line, never quoted in an error.
 SECRET_FIELDS = frozenset({"worker_api_key", "server_secret", "api_keys"})
@@ -97,11 +104,13 @@ class Settings(BaseSettings):
     worker_host: str = Field("127.0.0.1", description="Address a worker listens on.")
     worker_port: int = Field(8100, ge=1, le=65535, description="Port of `beluga worker`.")
     worker_id: str | None = Field(
-        None, description="Stable worker id in the registry. Default: <host>:<port>."
+        None, description="Stable worker id in the registry. Default: <host>:<port>, with "
+        "this machine's host name (a container's: its id) for a worker_host of 0.0.0.0 or ::."
     )
     worker_advertise_url: str | None = Field(
         None,
-        description="URL the gateway uses to reach this worker. Default: http://<host>:<port>.",
+        description="URL the gateway uses to reach this worker. Default: http://<host>:<port>, "
+        "with this machine's host name for a worker_host of 0.0.0.0 or ::.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
@@ -422,12 +431,24 @@ class Settings(BaseSettings):
         return self.model
 
     @property
+    def default_model_path(self) -> Path:
+        """Where `beluga model prepare` puts the default model (SmolLM2-135M-Instruct)."""
+        return self.models_dir / "SmolLM2-135M-Instruct"
+
+    @property
     def model_path(self) -> Path:
         """The model folder to serve (the prepared default when `model` is unset); for a Hub
         id, the folder it would be if it were one (it is not: see `model_hub_id`)."""
         if self.model is not None:
             return Path(self.model).expanduser()
-        return self.models_dir / "SmolLM2-135M-Instruct"
+        return self.default_model_path
+
+    @property
+    def serves_default_model(self) -> bool:
+        """`model` is unset or names the default model's folder: `beluga model prepare` and
+        `beluga up` prepare it (a compose stack names it, in a volume its one-shot `model`
+        service fills)."""
+        return self.model_path.absolute() == self.default_model_path.absolute()
 
     @property
     def model_ref(self) -> str:
@@ -478,18 +499,34 @@ class Settings(BaseSettings):
 
     @property
     def resolved_worker_id(self) -> str:
-        return self.worker_id or f"{self.worker_host}:{self.worker_port}"
+        """`worker_id`, or <host>:<port> with this machine's host name for a wildcard
+        `worker_host`: unique per container (its host name is its id) and per pod."""
+        if self.worker_id:
+            return self.worker_id
+        host = socket.gethostname() if self.worker_host in WILDCARD_HOSTS else self.worker_host
+        return f"{host}:{self.worker_port}"
 
     @property
     def worker_url(self) -> str:
         if self.worker_advertise_url:
             return self.worker_advertise_url.rstrip("/")
-        host = "127.0.0.1" if self.worker_host in ("0.0.0.0", "") else self.worker_host
-        if host == "::":
-            host = "::1"
+        host = advertised_host() if self.worker_host in WILDCARD_HOSTS else self.worker_host
         if ":" in host:  # an IPv6 address
             host = f"[{host}]"
         return f"http://{host}:{self.worker_port}"
+
+
+@functools.cache
+def advertised_host() -> str:
+    """Where other machines reach this one, for a worker listening on every interface: the
+    address its host name has (a container's or a pod's own, which /etc/hosts gives), or the
+    host name itself where that is a loopback address or none (a plain host)."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return name
+    return name if ipaddress.ip_address(address).is_loopback else address
 
 
 # --- the config file ---------------------------------------------------------------------

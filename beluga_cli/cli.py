@@ -225,11 +225,11 @@ def run(args: argparse.Namespace) -> int:
             if settings.model_hub_id is not None:
                 logger.info("%s is a Hugging Face Hub id: vLLM downloads it when a worker "
                             "starts (into HF_HOME)", settings.model_hub_id)
-            elif settings.model is not None:
+            elif settings.serves_default_model:
+                prepare_default_model(settings.model_path, force=args.force)
+            else:
                 check_model_folder(settings.model_path)
                 logger.info("model folder %s looks servable", settings.model_path)
-            else:
-                prepare_default_model(settings.model_path, force=args.force)
         except ModelError as exc:
             logger.error("%s", exc)
             return 1

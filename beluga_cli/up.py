@@ -404,7 +404,7 @@ class Stack:
         s = self.settings
         if s.up_metrics_port:
             self.metrics.serve(s.up_metrics_port)
-        if s.model is None:
+        if s.serves_default_model:
             prepare_default_model(s.model_path)
         if s.model_hub_id is None:
             check_model_folder(s.model_path)
