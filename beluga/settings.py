@@ -110,7 +110,8 @@ class Settings(BaseSettings):
     worker_advertise_url: str | None = Field(
         None,
         description="URL the gateway uses to reach this worker. Default: http://<host>:<port>, "
-        "with this machine's host name for a worker_host of 0.0.0.0 or ::.",
+        "for a worker_host of 0.0.0.0 or :: with the address this machine's host name has "
+        "(a container's or a pod's own), or the name where that is a loopback address.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
@@ -540,12 +541,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node)
         if isinstance(key, str) and key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"{key!r} is set twice", key_node.start_mark)
         seen.add(key if isinstance(key, str) else id(key_node))
-    return dict(loader.construct_pairs(node))  # type: ignore[no-untyped-call]
+    return dict(loader.construct_pairs(node))
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
