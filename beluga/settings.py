@@ -2,25 +2,59 @@
 
 Every tunable is a field here, documented by its ``description``. Values come, in order of
 precedence, from command-line flags (``beluga <command> --flag``), from ``BELUGA_<FIELD>``
-environment variables (``BELUGA_GATEWAY_PORT=9000``), and from the defaults below. No other
-module reads ``os.environ`` for Beluga's own configuration.
+environment variables (``BELUGA_GATEWAY_PORT=9000``), from a YAML config file (``--config
+FILE`` or ``BELUGA_CONFIG``: a mapping of field names to values, ``gateway_port: 9000``), and
+from the defaults below. No other module reads ``os.environ`` for Beluga's own configuration.
+
+The config file is operator input read with care: at most ``MAX_CONFIG_BYTES``, YAML's safe
+subset, a mapping whose keys are field names (an unknown or repeated key is an error), each
+value checked against its field. A bad file is a `ConfigFileError` naming the file and the
+field or line, which `beluga` prints as one line, never a traceback.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import yaml
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 DEFAULT_STATE_DIR = Path(".beluga")
 
 
 # Read by setup.py when the native module is built, never at run time.
 BUILD_ONLY_ENV = frozenset({"BELUGA_BUILD_CUDA"})
+
+
+# Listen addresses that mean "every interface": a worker on one names itself by its host name
+# (a container's is its id), so replicas of one service never share an id or a URL.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "", "::"})
+
+# Settings that are secrets: never logged, never on a command line, never quoted in an error.
+SECRET_FIELDS = frozenset({"worker_api_key", "server_secret", "api_keys"})
+# Settings whose value an error message never quotes: the secrets, and URLs with a password.
+UNQUOTED_FIELDS = SECRET_FIELDS | {"redis_url"}
+
+# Largest config file read (a complete one is a few KiB).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+class ConfigFileError(ValueError):
+    """A config file that cannot be used: unreadable, too large, not YAML, not a mapping, an
+    unknown, repeated or invalid setting. The message names the file and the field or line."""
 
 
 # A Hugging Face Hub model id: `org/name` (what vLLM downloads when --model is not a folder).
@@ -31,6 +65,15 @@ class Settings(BaseSettings):
     """Typed configuration shared by the gateway, the workers and `beluga up`."""
 
     model_config = SettingsConfigDict(env_prefix="BELUGA_", extra="forbid", frozen=True)
+
+    # --- the config file -----------------------------------------------------------------
+    config: Path | None = Field(
+        None,
+        description="YAML file of settings: a mapping of these fields' names to values "
+        "(`gateway_port: 9000`, `enforce_eager: false`). Flags and BELUGA_* variables win "
+        "over it, it wins over the defaults; relative paths in it are relative to the "
+        "working directory, as on the command line.",
+    )
 
     # --- paths -------------------------------------------------------------------------
     state_dir: Path = Field(
@@ -61,11 +104,14 @@ class Settings(BaseSettings):
     worker_host: str = Field("127.0.0.1", description="Address a worker listens on.")
     worker_port: int = Field(8100, ge=1, le=65535, description="Port of `beluga worker`.")
     worker_id: str | None = Field(
-        None, description="Stable worker id in the registry. Default: <host>:<port>."
+        None, description="Stable worker id in the registry. Default: <host>:<port>, with "
+        "this machine's host name (a container's: its id) for a worker_host of 0.0.0.0 or ::."
     )
     worker_advertise_url: str | None = Field(
         None,
-        description="URL the gateway uses to reach this worker. Default: http://<host>:<port>.",
+        description="URL the gateway uses to reach this worker. Default: http://<host>:<port>, "
+        "for a worker_host of 0.0.0.0 or :: with the address this machine's host name has "
+        "(a container's or a pod's own), or the name where that is a loopback address.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
@@ -303,6 +349,19 @@ class Settings(BaseSettings):
         "that died (the wait doubles per quick death from 1 s, and resets once it ran 60 s)."
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init arguments) > environment > config file > defaults."""
+        return init_settings, env_settings, ConfigFileSource(settings_cls, init_settings,
+                                                             env_settings)
+
     @model_validator(mode="before")
     @classmethod
     def _no_unknown_environment(cls, data: Any) -> Any:
@@ -373,12 +432,24 @@ class Settings(BaseSettings):
         return self.model
 
     @property
+    def default_model_path(self) -> Path:
+        """Where `beluga model prepare` puts the default model (SmolLM2-135M-Instruct)."""
+        return self.models_dir / "SmolLM2-135M-Instruct"
+
+    @property
     def model_path(self) -> Path:
         """The model folder to serve (the prepared default when `model` is unset); for a Hub
         id, the folder it would be if it were one (it is not: see `model_hub_id`)."""
         if self.model is not None:
             return Path(self.model).expanduser()
-        return self.models_dir / "SmolLM2-135M-Instruct"
+        return self.default_model_path
+
+    @property
+    def serves_default_model(self) -> bool:
+        """`model` is unset or names the default model's folder: `beluga model prepare` and
+        `beluga up` prepare it (a compose stack names it, in a volume its one-shot `model`
+        service fills)."""
+        return self.model_path.absolute() == self.default_model_path.absolute()
 
     @property
     def model_ref(self) -> str:
@@ -429,18 +500,140 @@ class Settings(BaseSettings):
 
     @property
     def resolved_worker_id(self) -> str:
-        return self.worker_id or f"{self.worker_host}:{self.worker_port}"
+        """`worker_id`, or <host>:<port> with this machine's host name for a wildcard
+        `worker_host`: unique per container (its host name is its id) and per pod."""
+        if self.worker_id:
+            return self.worker_id
+        host = socket.gethostname() if self.worker_host in WILDCARD_HOSTS else self.worker_host
+        return f"{host}:{self.worker_port}"
 
     @property
     def worker_url(self) -> str:
         if self.worker_advertise_url:
             return self.worker_advertise_url.rstrip("/")
-        host = "127.0.0.1" if self.worker_host in ("0.0.0.0", "") else self.worker_host
-        if host == "::":
-            host = "::1"
+        host = advertised_host() if self.worker_host in WILDCARD_HOSTS else self.worker_host
         if ":" in host:  # an IPv6 address
             host = f"[{host}]"
         return f"http://{host}:{self.worker_port}"
+
+
+@functools.cache
+def advertised_host() -> str:
+    """Where other machines reach this one, for a worker listening on every interface: the
+    address its host name has (a container's or a pod's own, which /etc/hosts gives), or the
+    host name itself where that is a loopback address or none (a plain host)."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return name
+    return name if ipaddress.ip_address(address).is_loopback else address
+
+
+# --- the config file ---------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe subset (no Python objects), refusing a mapping that repeats a key (YAML
+    keeps the last one silently: an operator would edit the wrong line)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if isinstance(key, str) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is set twice", key_node.start_mark)
+        seen.add(key if isinstance(key, str) else id(key_node))
+    return dict(loader.construct_pairs(node))
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_mapping)
+
+
+def _field_error(path: Path, name: str, exc: ValidationError) -> ConfigFileError:
+    first = exc.errors(include_url=False)[0]
+    got = "" if name in UNQUOTED_FIELDS else f" (got {first['input']!r:.80})"
+    return ConfigFileError(f"config file {path}: {name}: {first['msg']}{got}")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings in the YAML file at `path`, each value checked against its field; a
+    `ConfigFileError` naming the file and the field (or the line) otherwise."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigFileError(f"config file {path}: cannot read it: "
+                              f"{exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigFileError(f"config file {path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(f"config file {path}: not UTF-8 (byte {exc.start})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigFileError(f"config file {path}: not valid YAML{where}: "
+                              f"{exc.problem or exc.context}") from None
+    except RecursionError:
+        raise ConfigFileError(f"config file {path}: nested too deeply") from None
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(f"config file {path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"config file {path}: must be a mapping of settings to values "
+                              f"(`gateway_port: 9000`), not a {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if not isinstance(name, str):
+            raise ConfigFileError(f"config file {path}: {name!r} is not a setting's name")
+        if name == "config":
+            raise ConfigFileError(f"config file {path}: config: a config file cannot name "
+                                  "another one")
+        info = Settings.model_fields.get(name)
+        if info is None:
+            close = difflib.get_close_matches(name.replace("-", "_"),
+                                              list(Settings.model_fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigFileError(f"config file {path}: {name!r:.80} is not a setting{hint}")
+        try:
+            out[name] = _field_adapter(name).validate_python(value)
+        except ValidationError as exc:
+            raise _field_error(path, name, exc) from None
+    return out
+
+
+def _field_adapter(name: str) -> TypeAdapter[Any]:
+    """A validator of one field's values: its type and constraints (the model's own
+    validators run again on the whole object)."""
+    info: FieldInfo = Settings.model_fields[name]
+    return TypeAdapter(Annotated[info.annotation, info])
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """The settings of the config file that the flags (init arguments) or the environment
+    name (`config`), below both of them."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init: PydanticBaseSettingsSource,
+                 env: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._init, self._env = init, env
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # whole-file source: see __call__
+
+    def __call__(self) -> dict[str, Any]:
+        path = self._init().get("config") or self._env().get("config")
+        if path is None:
+            return {}
+        return read_config_file(Path(path))
 
 
 def field_help(name: str) -> str:

@@ -415,7 +415,7 @@ def start_gateway(procs: list[subprocess.Popen[bytes]], redis_port: int, policy:
     env.update({"BELUGA_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
                 "BELUGA_GATEWAY_HOST": "127.0.0.1", "BELUGA_GATEWAY_PORT": str(port),
                 "BELUGA_ROUTING_POLICY": policy})
-    procs.append(subprocess.Popen([sys.executable, "-m", "beluga.cli", "gateway"], env=env,
+    procs.append(subprocess.Popen([sys.executable, "-m", "beluga_cli", "gateway"], env=env,
                                   cwd=checkout.resolve(), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL))
     url = f"http://127.0.0.1:{port}"

@@ -113,7 +113,7 @@ class Stack:
             "BELUGA_CPU_RESERVED_CORES": str(args.reserved_cores)})
         env["BELUGA_MODEL"] = str(MODEL_DIR)
         with open(self.log, "wb") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "--log-level",
+            self.proc = subprocess.Popen([sys.executable, "-m", "beluga_cli", "--log-level",
                                           args.log_level, "up"], stdout=fh,
                                          stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         deadline = time.monotonic() + 900

@@ -44,8 +44,9 @@ else
   say "dependencies up to date ($flavor)"
 fi
 
-# The native pool extension: rebuilt whenever its sources change.
-native_want="$(cat setup.py native/include/beluga/*.h native/src/*.h native/src/*.cpp native/cuda/*.cu | sha256sum | cut -c1-16)"
+# The native pool extension and the editable install of Beluga's packages: redone whenever
+# the extension's sources or the packaging (packages, the `beluga` entry point) change.
+native_want="$(cat setup.py pyproject.toml native/include/beluga/*.h native/src/*.h native/src/*.cpp native/cuda/*.cu | sha256sum | cut -c1-16)"
 native_stamp="$VENV/.beluga-native"
 if [ "$(cat "$native_stamp" 2>/dev/null)" != "$native_want" ] \
    || ! "$VENV/bin/python" -c "import beluga_native" 2>/dev/null; then

@@ -1843,7 +1843,7 @@ class OwnStack:
         self.log = self.tmp / "up.log"
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "beluga.cli", "--log-level", log_level, "up"],
+                [sys.executable, "-m", "beluga_cli", "--log-level", log_level, "up"],
                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full,
                 cwd=ROOT)
         deadline = time.monotonic() + start_timeout_s

@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from beluga.cli import UP_FIELDS, build_parser, settings_from_args
+from beluga.registry import check_worker_id, check_worker_url
 from beluga.settings import Settings
-from beluga.up import settings_env
+from beluga_cli.cli import UP_FIELDS, build_parser, settings_from_args
+from beluga_cli.up import settings_env
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_are_the_documented_stack() -> None:
@@ -98,3 +106,52 @@ def test_a_worker_identity_the_registry_would_refuse_fails_at_start(
 
 def test_an_ipv6_worker_host_makes_a_valid_url() -> None:
     assert Settings(worker_host="::1", worker_port=8100).worker_url == "http://[::1]:8100"
+
+
+def test_a_worker_on_every_interface_is_named_after_its_host() -> None:
+    s = Settings(worker_host="0.0.0.0", worker_port=8100)
+    assert s.resolved_worker_id == f"{socket.gethostname()}:8100"
+    assert s.worker_url.startswith("http://") and s.worker_url.endswith(":8100")
+    assert "0.0.0.0" not in s.worker_url
+    assert Settings(worker_host="0.0.0.0", worker_id="w-1").resolved_worker_id == "w-1"
+
+
+def test_replicas_of_one_container_get_distinct_ids_and_urls() -> None:
+    """Two processes with the same settings (a compose service's replicas: BELUGA_WORKER_HOST
+    0.0.0.0, nothing else) in two UTS namespaces, as two containers are, with container-id
+    host names."""
+    if shutil.which("unshare") is None:
+        pytest.skip("util-linux unshare is missing")
+    code = ("from beluga.settings import Settings; s = Settings(); "
+            "print(s.resolved_worker_id, s.worker_url)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BELUGA_")}
+    env.update(PYTHONPATH=str(ROOT), BELUGA_WORKER_HOST="0.0.0.0", BELUGA_WORKER_PORT="8100")
+    seen = []
+    for name in ("3f2a9c1b7d0e", "9b81d2c4e6aa"):
+        done = subprocess.run(["unshare", "--uts", "sh", "-c", f'hostname {name} && exec '
+                               f'"{sys.executable}" -c "{code}"'], env=env,
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0 and "hostname" in done.stderr + done.stdout:
+            pytest.skip(f"cannot make a UTS namespace here: {done.stderr.strip()}")
+        assert done.returncode == 0, done.stderr
+        worker_id, url = done.stdout.split()
+        assert worker_id == f"{name}:8100"
+        check_worker_id(worker_id)
+        check_worker_url(url)
+        seen.append((worker_id, url))
+    assert seen[0][0] != seen[1][0] and seen[0][1] != seen[1][1]
+
+
+def test_naming_the_default_models_own_folder_still_prepares_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the compose stack does: BELUGA_MODEL names the default model's folder in the
+    state dir, which its one-shot `model` service prepares (`beluga model prepare`)."""
+    assert Settings(state_dir=tmp_path).serves_default_model
+    folder = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    assert Settings(state_dir=tmp_path, model=str(folder)).serves_default_model
+    monkeypatch.chdir(tmp_path)
+    assert Settings(state_dir=Path("."), model=str(folder)).serves_default_model
+    assert not Settings(state_dir=tmp_path, model=str(tmp_path / "models" / "Other")) \
+        .serves_default_model
+    assert not Settings(state_dir=tmp_path, model="HuggingFaceTB/SmolLM2-135M-Instruct") \
+        .serves_default_model

@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from beluga.registry import WorkerRecord, parse_record, worker_pattern
-from beluga.up import worker_cores
+from beluga_cli.up import worker_cores
 from engine.worker import CPU_BLOCK_SIZE
 from kvpool import KVPool
 from tests.e2e.lora import NAME as LORA_NAME
@@ -98,7 +98,7 @@ def start_worker(env: dict[str, str], port: int, prefix: str, log: Path,
     """A `beluga worker` outside the stack (its own registry prefix: the gateway ignores it)."""
     wenv = dict(env, BELUGA_WORKER_PORT=str(port), BELUGA_REDIS_KEY_PREFIX=prefix)
     with open(log, "wb") as fh:
-        return subprocess.Popen([sys.executable, "-m", "beluga.cli", "worker", *flags],
+        return subprocess.Popen([sys.executable, "-m", "beluga_cli", "worker", *flags],
                                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=wenv, cwd=ROOT)
 
@@ -117,7 +117,7 @@ def extra_gateway(stack: Stack, name: str, **settings: str) -> Iterator[str]:
                 **{f"BELUGA_{k.upper()}": v for k, v in settings.items()}})
     log = stack.state_dir / f"{name}.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "gateway"], stdout=fh,
+        proc = subprocess.Popen([sys.executable, "-m", "beluga_cli", "gateway"], stdout=fh,
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -201,7 +201,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     })
     log = state / "up.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "beluga.cli", "up"], stdout=fh,
+        proc = subprocess.Popen([sys.executable, "-m", "beluga_cli", "up"], stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=ROOT)
     # Started alongside the stack: a cold reference without the connector, and a worker

@@ -41,7 +41,7 @@ RSS_MAX = 1024**3
 
 def gateway_process(stack: Stack) -> psutil.Process:
     found = [p for p in psutil.Process(stack.proc.pid).children(recursive=True)
-             if "gateway" in p.cmdline() and "beluga.cli" in p.cmdline()]
+             if "gateway" in p.cmdline() and "beluga_cli" in p.cmdline()]
     assert len(found) == 1, found
     return found[0]
 

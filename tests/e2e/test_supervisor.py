@@ -36,9 +36,9 @@ def children(stack: Stack) -> dict[str, psutil.Process]:
             cmd = p.cmdline()
             if p.name() == "redis-server" or (cmd and cmd[0].endswith("redis-server")):
                 out["redis"] = p
-            elif "beluga.cli" in cmd and "gateway" in cmd:
+            elif "beluga_cli" in cmd and "gateway" in cmd:
                 out["gateway"] = p
-            elif "beluga.cli" in cmd and "worker" in cmd:
+            elif "beluga_cli" in cmd and "worker" in cmd:
                 out[f"worker-{cmd[cmd.index('--worker-port') + 1]}"] = p
         except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError, IndexError):
             continue

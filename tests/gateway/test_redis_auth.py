@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from beluga.registry import SCHEMA_VERSION, hint_blocks_key, hint_key, hints_key, worker_key
 from beluga.settings import Settings
-from beluga.up import redis_alive
+from beluga_cli.up import redis_alive
 from engine.hints import HintPublisher
 from gateway.prefixes import PrefixIndex
 from gateway.workers import WorkerRegistry

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from beluga.settings import Settings
-from beluga.up import (
+from beluga_cli.up import (
     Backoff,
     Role,
     Spec,
@@ -268,12 +268,12 @@ def test_secrets_travel_in_the_environment_never_on_a_command_line_or_in_a_log(
         assert secret not in shown
     assert redacted(Settings())["server_secret"] == ""  # unset stays visibly unset
     # What run_up logs about the settings and its children, at DEBUG.
-    caplog.set_level(logging.DEBUG, logger="beluga.up")
+    caplog.set_level(logging.DEBUG, logger="beluga_cli.up")
     stack = Stack(s, ready=lambda: True)
     echo = Spec("worker-8100", [sys.executable, "-c", "pass"], "worker", specs[0].env)
     stack.launch(echo).proc.wait(30)
     stack.stop()
-    logging.getLogger("beluga.up").debug("settings: %s", redacted(s))
+    logging.getLogger("beluga_cli.up").debug("settings: %s", redacted(s))
     for secret in (key, "s3cret-value", "client-key"):
         assert secret not in caplog.text
 
@@ -290,7 +290,7 @@ def test_workers_keep_their_port_and_core_share(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_dead_child_comes_back_by_itself_and_the_others_keep_serving(
         tmp_path: Path, stand_ins: StandIns, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="beluga.up")
+    caplog.set_level(logging.INFO, logger="beluga_cli.up")
     metrics_port = free_port()
     s = Settings(state_dir=tmp_path / "state", up_metrics_port=metrics_port)
     names = ("redis", "worker-1", "worker-2", "gateway")
@@ -356,7 +356,7 @@ def test_a_dead_child_comes_back_by_itself_and_the_others_keep_serving(
 
 def test_a_child_that_keeps_dying_waits_longer_each_time(
         tmp_path: Path, stand_ins: StandIns, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="beluga.up")
+    caplog.set_level(logging.WARNING, logger="beluga_cli.up")
     stack = Stack(Settings(state_dir=tmp_path, restart_backoff_max_s=0.8),
                   first_restart_s=0.2, poll_s=0.05)
     stack.launch(stand_ins.spec("gateway", "gateway"))
@@ -400,7 +400,7 @@ RUNNER = r'''
 import logging, sys
 from pathlib import Path
 from beluga.settings import Settings
-from beluga.up import Spec, Stack, run_stack
+from beluga_cli.up import Spec, Stack, run_stack
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 script, events, state, mode, *ports = sys.argv[1:]
@@ -483,7 +483,7 @@ def test_a_metrics_port_in_use_is_a_warning(caplog: pytest.LogCaptureFixture) ->
 def test_a_redis_with_a_password_is_started_with_it_in_a_private_file(tmp_path: Path) -> None:
     import shutil
 
-    from beluga.up import redis_alive
+    from beluga_cli.up import redis_alive
     from tests.support import free_port
 
     port = free_port()
@@ -509,7 +509,7 @@ def test_a_redis_with_a_password_is_started_with_it_in_a_private_file(tmp_path: 
 
 
 def test_a_tls_redis_is_not_started_by_beluga_up(tmp_path: Path) -> None:
-    from beluga.up import UpError
+    from beluga_cli.up import UpError
     from tests.support import free_port
 
     stack = Stack(Settings(state_dir=tmp_path,
@@ -521,7 +521,7 @@ def test_a_tls_redis_is_not_started_by_beluga_up(tmp_path: Path) -> None:
 
 def test_a_restart_that_cannot_start_is_tried_again_and_the_rest_keep_running(
         tmp_path: Path, stand_ins: StandIns, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="beluga.up")
+    caplog.set_level(logging.WARNING, logger="beluga_cli.up")
     stack = Stack(Settings(state_dir=tmp_path, restart_backoff_max_s=0.4),
                   first_restart_s=0.2, poll_s=0.05)
     stack.launch(stand_ins.spec("gateway", "gateway"))

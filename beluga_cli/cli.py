@@ -1,14 +1,23 @@
 """The `beluga` command: up, gateway, worker, model prepare.
 
 Every flag is a field of `beluga.settings.Settings` (``--gateway-port`` is ``gateway_port``,
-also settable as ``BELUGA_GATEWAY_PORT``). Heavy imports (vLLM, transformers, FastAPI) happen
-inside the subcommand that needs them, so `beluga --help` is instant.
+also settable as ``BELUGA_GATEWAY_PORT`` or as ``gateway_port:`` in the YAML file named by
+``--config``); flags win over the environment, the environment over the file. Arguments after
+``--`` go to vLLM as they are (`beluga worker` and `beluga up`): ``beluga worker --
+--max-num-batched-tokens 512`` appends them to ``vllm_extra_args``.
+
+Heavy imports (vLLM, transformers, FastAPI) happen inside the subcommand that needs them, so
+`beluga --help` is instant and a gateway-only install (no `engine/`, no vLLM) runs `beluga
+gateway` and says what is missing for the others. A bad setting, in a flag, a variable or
+the file, is one error line naming it (exit status 2), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import shlex
 import sys
 import types
 import typing
@@ -18,12 +27,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from beluga.settings import Settings, field_help
+from beluga.settings import UNQUOTED_FIELDS, ConfigFileError, Settings, field_help
 
 logger = logging.getLogger("beluga")
 
 WORKER_FIELDS = (
-    "state_dir", "model", "served_model_name", "redis_url", "redis_key_prefix",
+    "config", "state_dir", "model", "served_model_name", "redis_url", "redis_key_prefix",
     "worker_host", "worker_port", "worker_id", "worker_advertise_url", "dtype",
     "enforce_eager", "kv_cache_space_gib", "cpu_reserved_cores", "cpu_threads_bind",
     "gpu_memory_utilization",
@@ -35,7 +44,7 @@ WORKER_FIELDS = (
     "pool_lock_timeout_s",
 )
 GATEWAY_FIELDS = (
-    "state_dir", "model", "served_model_name", "redis_url", "redis_key_prefix",
+    "config", "state_dir", "model", "served_model_name", "redis_url", "redis_key_prefix",
     "gateway_host", "gateway_port", "api_keys",
     "routing_policy", "registry_refresh_s", "connect_timeout_s", "upstream_timeout_s",
     "max_request_bytes", "unhealthy_cooldown_s", "health_check_interval_s",
@@ -49,7 +58,13 @@ GATEWAY_FIELDS = (
 UP_FIELDS = tuple(dict.fromkeys(
     WORKER_FIELDS + GATEWAY_FIELDS + ("num_workers", "start_redis", "up_metrics_port",
                                         "restart_backoff_max_s")))
-MODEL_FIELDS = ("state_dir", "model")
+MODEL_FIELDS = ("config", "state_dir", "model")
+# Commands whose arguments after `--` go to vLLM.
+PASSTHROUGH_COMMANDS = ("up", "worker")
+PASSTHROUGH_HELP = ("Arguments after `--` go to vLLM's server as they are, after "
+                    "--vllm-extra-args: `beluga worker -- --max-num-batched-tokens 512`.")
+# What each command imports beyond a gateway-only install (checked before it runs).
+NEEDS = {"up": ("engine", "vllm"), "worker": ("engine", "vllm"), "model": ("engine",)}
 
 
 def _scalar_type(annotation: Any) -> tuple[Any, bool, list[str] | None]:
@@ -82,8 +97,47 @@ def add_settings_flags(parser: argparse.ArgumentParser, fields: Sequence[str]) -
 
 
 def settings_from_args(args: argparse.Namespace, fields: Sequence[str]) -> Settings:
+    """The settings of the flags in `fields` over the environment, the config file and the
+    defaults; arguments after `--` (`args.vllm_args`) appended to `vllm_extra_args`."""
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
-    return Settings(**overrides)
+    settings = Settings(**overrides)
+    vllm_args = getattr(args, "vllm_args", None)
+    if vllm_args:
+        overrides["vllm_extra_args"] = " ".join(
+            filter(None, (settings.vllm_extra_args, shlex.join(vllm_args))))
+        settings = Settings(**overrides)
+    return settings
+
+
+def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(beluga's arguments, vLLM's): those after the first `--` are vLLM's."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
+def describe(exc: ValidationError) -> str:
+    """A settings error as one line per field: the field, what is wrong, the value given
+    (not for secrets and URLs that may carry one)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"])
+        got = ""
+        if field and field not in UNQUOTED_FIELDS and "input" in err:
+            got = f" (got {err['input']!r:.80})"
+        lines.append(f"{field or 'settings'}: {err['msg']}{got}")
+    return "; ".join(lines)
+
+
+def missing_module(command: str) -> str | None:
+    """The first module `command` needs that this install cannot import (found without
+    importing it), or None."""
+    for name in NEEDS.get(command, ()):
+        if importlib.util.find_spec(name) is None:
+            return name
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="Start Redis (if needed), the workers and the gateway.",
                         description="Start Redis when none answers, `--num-workers` vLLM "
                         "workers and the gateway; wait until all are ready; stop them all "
-                        "on Ctrl-C or SIGTERM.")
+                        "on Ctrl-C or SIGTERM.", epilog=PASSTHROUGH_HELP)
     add_settings_flags(up, UP_FIELDS)
 
     gw = sub.add_parser("gateway", help="Run the OpenAI-compatible gateway.",
@@ -106,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     wk = sub.add_parser("worker", help="Run one vLLM worker and register it in Redis.",
                         description="Start one vLLM OpenAI server and keep its registry "
-                        "entry fresh while it is healthy.")
+                        "entry fresh while it is healthy.", epilog=PASSTHROUGH_HELP)
     add_settings_flags(wk, WORKER_FIELDS)
 
     model = sub.add_parser("model", help="Model management.",
@@ -123,14 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    own, vllm_args = split_passthrough(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(own)
+    if vllm_args and args.command not in PASSTHROUGH_COMMANDS:
+        parser.error(f"arguments after `--` go to vLLM: `beluga {args.command}` takes none")
+    args.vllm_args = vllm_args
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    missing = missing_module(args.command)
+    if missing is not None:
+        logger.error("`beluga %s` needs %s, which this install lacks (a gateway-only install "
+                     "runs `beluga gateway`): install beluga[engine-cpu] or "
+                     "beluga[engine-cuda], or run `make setup`", args.command, missing)
+        return 2
     try:
         return run(args)
+    except ConfigFileError as exc:
+        logger.error("%s", exc)
+        return 2
     except ValidationError as exc:
-        logger.error("invalid settings:\n%s", exc)
+        logger.error("invalid settings: %s", describe(exc))
         return 2
     except KeyboardInterrupt:
         return 130
@@ -138,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "up":
-        from beluga.up import run_up
+        from beluga_cli.up import run_up
 
         return run_up(settings_from_args(args, UP_FIELDS))
     if args.command == "gateway":
@@ -158,11 +225,11 @@ def run(args: argparse.Namespace) -> int:
             if settings.model_hub_id is not None:
                 logger.info("%s is a Hugging Face Hub id: vLLM downloads it when a worker "
                             "starts (into HF_HOME)", settings.model_hub_id)
-            elif settings.model is not None:
+            elif settings.serves_default_model:
+                prepare_default_model(settings.model_path, force=args.force)
+            else:
                 check_model_folder(settings.model_path)
                 logger.info("model folder %s looks servable", settings.model_path)
-            else:
-                prepare_default_model(settings.model_path, force=args.force)
         except ModelError as exc:
             logger.error("%s", exc)
             return 1

@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from beluga.credentials import new_token
 from beluga.registry import redacted_url
-from beluga.settings import Settings
+from beluga.settings import SECRET_FIELDS, Settings
 from engine.model import ModelError, check_model_folder, prepare_default_model
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,6 @@ GROUP_GONE_S = 10.0            # how long a dead child's group may take to vanis
 FIRST_RESTART_S = 1.0
 STABLE_RUN_S = 60.0            # a process that ran this long died "slowly": back-off resets
 POLL_S = 0.2                   # how often the supervisor looks at its children
-
-# Fields that are secrets: never logged, never on a command line.
-SECRET_FIELDS = frozenset({"worker_api_key", "server_secret", "api_keys"})
 
 Role = Literal["gateway", "worker", "redis"]
 STOP_ORDER: tuple[Role, ...] = ("gateway", "worker", "redis")
@@ -104,7 +101,7 @@ def beluga_command() -> list[str]:
     """`beluga` for a child process, logging at this process's level (so `beluga --log-level
     DEBUG up` reaches the workers and the gateway)."""
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    return [sys.executable, "-m", "beluga.cli", "--log-level", level]
+    return [sys.executable, "-m", "beluga_cli", "--log-level", level]
 
 
 class UpError(RuntimeError):
@@ -114,9 +111,10 @@ class UpError(RuntimeError):
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as BELUGA_* variables, for child processes. Secrets are among them (the
     children need them): pass this only as an environment, never log it or put it on a
-    command line (see `redacted`)."""
+    command line (see `redacted`). Every setting is among them, so the config file that
+    gave some of them (`config`) is not: a child reading it again would change nothing."""
     env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(exclude={"config"}).items():
         if value is None:
             continue
         if isinstance(value, bool):
@@ -334,6 +332,7 @@ class Stack:
     def child_env(self) -> dict[str, str]:
         s = self.settings
         env = dict(os.environ)
+        env.pop("BELUGA_CONFIG", None)  # every setting travels on its own (settings_env)
         env.update(settings_env(s))
         env["BELUGA_MODEL"] = s.model_hub_id or str(s.model_path.resolve())
         env["BELUGA_STATE_DIR"] = str(s.state_dir.resolve())
@@ -405,7 +404,7 @@ class Stack:
         s = self.settings
         if s.up_metrics_port:
             self.metrics.serve(s.up_metrics_port)
-        if s.model is None:
+        if s.serves_default_model:
             prepare_default_model(s.model_path)
         if s.model_hub_id is None:
             check_model_folder(s.model_path)
