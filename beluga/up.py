@@ -43,6 +43,7 @@ import httpx
 import redis
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from beluga import logs
 from beluga.credentials import new_token
 from beluga.registry import redacted_url
 from beluga.settings import Settings
@@ -104,7 +105,8 @@ def beluga_command() -> list[str]:
     """`beluga` for a child process, logging at this process's level (so `beluga --log-level
     DEBUG up` reaches the workers and the gateway)."""
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    return [sys.executable, "-m", "beluga.cli", "--log-level", level]
+    return [sys.executable, "-m", "beluga.cli", "--log-level", level,
+            "--log-format", logs.active_format()]
 
 
 class UpError(RuntimeError):

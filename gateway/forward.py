@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import Any
 
+from beluga.logs import current_request
 from beluga.settings import Settings
 from gateway.errors import (
     APIError,
@@ -217,6 +218,8 @@ class Forwarder:
                 break
             worker = choice.worker
             tried.add(worker.id)
+            if (ctx := current_request.get()) is not None:
+                ctx.worker = worker.id
             if logger.isEnabledFor(logging.DEBUG):  # its arguments cost per request
                 logger.debug("routed to %s (%s, estimate %s): %d tokens, first key %s, "
                              "local %s, pool %d, candidates %s", worker.id, choice.reason,
@@ -301,14 +304,22 @@ class Forwarder:
         for). A worker that cannot be connected to at all is not retried here."""
         assert self.client is not None
         url = worker.url + UPSTREAM_PATHS[endpoint]
+        headers = self.headers
+        ctx = current_request.get()
+        if ctx is not None:  # the request's id and trace context go on to the worker
+            headers = {**headers, "x-request-id": ctx.request_id}
+            if ctx.traceparent is not None:
+                headers["traceparent"] = ctx.traceparent
+                if ctx.tracestate is not None:
+                    headers["tracestate"] = ctx.tracestate
         try:
-            return await self.client.request("POST", url, body, self.headers)
+            return await self.client.request("POST", url, body, headers)
         except Disconnected as exc:
             if not (exc.reused and exc.before_response):
                 raise
             logger.info("worker %s closed a kept-alive connection (%s); sending again",
                         worker.id, exc)
-            return await self.client.request("POST", url, body, self.headers)
+            return await self.client.request("POST", url, body, headers)
 
     def answered(self, endpoint: Endpoint, worker_id: str, started: float,
                  content: bytes, info: RequestInfo, payload: dict[str, Any]) -> None:
@@ -351,6 +362,8 @@ class Forwarder:
                 if last is None:
                     attempt.prefilled()
                     ttft = now - started
+                    if (ctx := current_request.get()) is not None:
+                        ctx.ttft_s = ttft
                     self.policy.observe(choice, info, ttft)
                     self.metrics.child(self.metrics.ttft, worker.id,
                                        self.metrics.policy).observe(ttft)
@@ -366,8 +379,12 @@ class Forwarder:
             self.metrics.answered(info.endpoint, 200, worker.id, time.perf_counter() - started)
         except TimeoutError:
             self.metrics.answered(info.endpoint, UpstreamTimeout.status_code, worker.id, None)
+            if (ctx := current_request.get()) is not None:
+                ctx.error = "worker_silent_mid_stream"
             yield UpstreamTimeout("the worker went silent mid-stream").sse_event()
         except UpstreamError as exc:
+            if (ctx := current_request.get()) is not None:
+                ctx.error = "worker_failed_mid_stream"
             self.workers.mark_unhealthy(worker, f"failed mid-stream ({exc!r})")
             self.metrics.answered(info.endpoint, UpstreamFailure.status_code, worker.id, None)
             yield UpstreamFailure(f"the worker failed mid-stream (it {failure_kind(exc)})",
