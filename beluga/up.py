@@ -452,6 +452,7 @@ class Stack:
         base = f"http://{host}:{s.gateway_port}"
         logger.info("Beluga is up: %d workers serving '%s'", s.num_workers, s.served_model_name)
         logger.info("  OpenAI endpoint: %s/v1/chat/completions", base)
+        logger.info("  dashboard:       %s/dashboard", base)
         logger.info("  models:          %s/v1/models", base)
         logger.info("  health:          %s/health", base)
         for i in range(s.num_workers):
