@@ -190,7 +190,8 @@ def test_streams_get_usage_only_when_asked_and_the_gateway_counts_it(stack: Stac
 
     def completion_tokens(text: str) -> float:
         for line in text.splitlines():
-            if line.startswith('beluga_gateway_tokens_total{kind="completion"}'):
+            if line.startswith('beluga_gateway_tokens_total{kind="completion",'
+                               f'model="{MODEL_NAME}"}}'):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 

@@ -45,9 +45,9 @@ def test_samples_are_interval_rates_and_quantiles() -> None:
     d.sample()                                  # the baseline: no point yet
     assert d.data()["t"] == []
     for _ in range(3):
-        m.ttft.labels("a", "pool_aware").observe(0.3)
-        m.e2e.labels("a", "pool_aware").observe(0.5)
-    m.e2e.labels("b", "pool_aware").observe(0.5)
+        m.ttft.labels("a", "pool_aware", "m").observe(0.3)
+        m.e2e.labels("a", "pool_aware", "m").observe(0.5)
+    m.e2e.labels("b", "pool_aware", "m").observe(0.5)
     m.prompt_tokens.labels("pool").inc(3000)
     m.prompt_tokens.labels("computed").inc(1000)
     m.prediction(320, 32, {"prompt_tokens": 400, "prompt_tokens_details": {"cached_tokens": 0}})
