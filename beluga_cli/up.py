@@ -43,6 +43,7 @@ import httpx
 import redis
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from beluga import logs
 from beluga.credentials import new_token
 from beluga.registry import redacted_url
 from beluga.settings import SECRET_FIELDS, Settings
@@ -101,7 +102,8 @@ def beluga_command() -> list[str]:
     """`beluga` for a child process, logging at this process's level (so `beluga --log-level
     DEBUG up` reaches the workers and the gateway)."""
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    return [sys.executable, "-m", "beluga_cli", "--log-level", level]
+    return [sys.executable, "-m", "beluga_cli", "--log-level", level,
+            "--log-format", logs.active_format()]
 
 
 class UpError(RuntimeError):
@@ -449,6 +451,7 @@ class Stack:
         base = f"http://{host}:{s.gateway_port}"
         logger.info("Beluga is up: %d workers serving '%s'", s.num_workers, s.served_model_name)
         logger.info("  OpenAI endpoint: %s/v1/chat/completions", base)
+        logger.info("  dashboard:       %s/dashboard", base)
         logger.info("  models:          %s/v1/models", base)
         logger.info("  health:          %s/health", base)
         for i in range(s.num_workers):

@@ -72,7 +72,7 @@ def cpu_dtype(flags: frozenset[str]) -> str:
     """What `--dtype auto` means on a CPU worker: bfloat16 where the cores compute it
     natively, float32 elsewhere. Without native bf16 (AVX2-only x86 such as AMD Zen 3) every
     bf16 matmul is emulated: SmolLM2-135M prefilled a 2,000-token prompt in 41.7 s in bf16 and
-    9.26 s in float32 on one Zen 3 core (README, "Which dtype on a CPU")."""
+    9.26 s in float32 on one Zen 3 core (docs/cpu.md, "Which dtype on a CPU")."""
     return "bfloat16" if flags & BF16_CPU_FLAGS else "float32"
 
 

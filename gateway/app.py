@@ -34,6 +34,7 @@ from fastapi.responses import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from beluga.credentials import server_secret, tenant_salt
+from beluga.logs import current_request
 from beluga.settings import Settings
 from gateway.dashboard import STATIC, UPLOT, Dashboard
 from gateway.errors import (
@@ -141,6 +142,8 @@ class Gateway:
         try:
             tenant = self.authorize(authorization)
             req = parse_request(body, endpoint, self.tokenizer.vocab_size)
+            if (ctx := current_request.get()) is not None:
+                ctx.model = req.model
             if tenant is not None:
                 req, body = self.salted(req, tenant, body)
             response: Response = await self.forward(req, body)
@@ -325,12 +328,15 @@ def create_app(settings: Settings, workers: WorkerRegistry | None = None) -> Fro
             {"id": name, "object": "model", "created": 0, "owned_by": "beluga"}
             for name in gw.workers.models()]}
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", responses={
+        200: {"description": "At least one healthy worker; the document lists them all."},
+        503: {"description": "No healthy worker (the same document)."}})
+    async def health() -> Response:
         now = time.monotonic()
         workers = gw.workers.snapshot()
-        return {
-            "status": "ok" if any(w.healthy(now) for w in workers) else "no_healthy_worker",
+        ok = any(w.healthy(now) for w in workers)
+        return JSONResponse(status_code=200 if ok else 503, content={
+            "status": "ok" if ok else "no_healthy_worker",
             "redis": gw.workers.redis_ok,
             # Per served model: whether its tokenizer has loaded (until then requests are
             # routed without prefix information).
@@ -342,7 +348,7 @@ def create_app(settings: Settings, workers: WorkerRegistry | None = None) -> Fro
                          "pending_prefill_tokens": w.pending_prefill,
                          "running": w.record.running, "waiting": w.record.waiting}
                         for w in workers],
-        }
+        })
 
     status_doc = {"content": {"application/json": {"schema": {
         "type": "object", "required": ["status"],

@@ -13,8 +13,14 @@ this host, the pool's own statistics, and appends one point per series:
     cached_predicted / _actual       prompt tokens per second the chosen workers were
                                      predicted to find cached, and found (their reports)
     mispredicted                     requests per second off the prediction by a block+
+    hit_local / hit_pool             fraction of the interval's prompt tokens found in the
+                                     workers' own caches / loaded from the pool (a rate)
     share[worker] / load[worker]     fraction of the interval's requests each worker answered,
                                      and its occupancy as the router sees it
+
+and the page's headline (`headline`), over the last HEADLINE_S seconds: TTFT p50, the shares
+of prompt tokens from the local caches and from the pool, requests per second, and the
+pool's fill now.
 
 The page (static/dashboard.html) draws them with uPlot, installed from npm by `make setup`
 and served from here: nothing is fetched from a CDN.
@@ -39,7 +45,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 UPLOT = STATIC / "node_modules" / "uplot" / "dist"
 SERIES = ("ttft_p50", "ttft_p95", "ttft_p99", "tokens_local", "tokens_pool", "tokens_computed",
           "requests", "pool_used", "pool_evictions", "cached_predicted", "cached_actual",
-          "mispredicted")
+          "mispredicted", "hit_local", "hit_pool")
+HEADLINE_S = 30.0  # the window of the headline numbers
 
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
@@ -75,6 +82,10 @@ class Dashboard:
         self._load: dict[str, deque[float | None]] = {}
         self._keep = keep
         self._last: dict[str, Any] | None = None
+        # cumulative reads of the last HEADLINE_S seconds (and one before), for the headline
+        self._reads: deque[dict[str, Any]] = deque(
+            maxlen=max(2, math.ceil(HEADLINE_S / max(interval_s, 1e-3)) + 1))
+        self._headline: dict[str, float | None] = {}
 
     # -- sampling ------------------------------------------------------------------------
     def _read(self) -> dict[str, Any]:
@@ -105,22 +116,42 @@ class Dashboard:
                 "answered": answered, "requests": requests, "pool": stats,
                 "cached": cached, "mispredicted": mispredicted}
 
-    def sample(self) -> None:
-        now = self._read()
-        last, self._last = self._last, now
-        if last is None:
-            return
+    @staticmethod
+    def _between(last: dict[str, Any], now: dict[str, Any]) -> dict[str, float | None]:
+        """TTFT quantiles, requests/s, token rates and shares from one read to another."""
         dt = max(1e-6, now["at"] - last["at"])
         buckets = sorted((b, c - last["ttft"].get(b, 0.0)) for b, c in now["ttft"].items())
-        point: dict[str, float | None] = {
+        out: dict[str, float | None] = {
             "ttft_p50": histogram_quantile(0.50, buckets),
             "ttft_p95": histogram_quantile(0.95, buckets),
             "ttft_p99": histogram_quantile(0.99, buckets),
             "requests": (now["requests"] - last["requests"]) / dt,
         }
-        for source in ("local", "pool", "computed"):
-            point[f"tokens_{source}"] = (now["tokens"].get(source, 0.0)
-                                         - last["tokens"].get(source, 0.0)) / dt
+        tokens = {source: now["tokens"].get(source, 0.0) - last["tokens"].get(source, 0.0)
+                  for source in ("local", "pool", "computed")}
+        total = sum(tokens.values())
+        for source, n in tokens.items():
+            out[f"tokens_{source}"] = n / dt
+        out["hit_local"] = tokens["local"] / total if total > 0 else None
+        out["hit_pool"] = tokens["pool"] / total if total > 0 else None
+        return out
+
+    def sample(self) -> None:
+        now = self._read()
+        last, self._last = self._last, now
+        self._reads.append(now)
+        pool_now: PoolStats | None = now["pool"]
+        window = self._between(self._reads[0], now) if len(self._reads) > 1 else {}
+        self._headline = {
+            "window_s": round(now["at"] - self._reads[0]["at"], 1),
+            "ttft_p50_s": window.get("ttft_p50"),
+            "local_share": window.get("hit_local"), "pool_share": window.get("hit_pool"),
+            "requests_per_s": window.get("requests"),
+            "pool_used": pool_now.used_slots / pool_now.slot_count if pool_now else None}
+        if last is None:
+            return
+        dt = max(1e-6, now["at"] - last["at"])
+        point = self._between(last, now)
         for kind in ("predicted", "actual"):
             point[f"cached_{kind}"] = (now["cached"].get(kind, 0.0)
                                        - last["cached"].get(kind, 0.0)) / dt
@@ -156,6 +187,7 @@ class Dashboard:
     def data(self) -> dict[str, Any]:
         return {
             "interval_s": self.interval_s,
+            "headline": dict(self._headline),
             "t": list(self._t),
             "series": {name: list(values) for name, values in self._series.items()},
             "share": {w: list(v) for w, v in sorted(self._share.items())},

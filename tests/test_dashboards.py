@@ -49,9 +49,20 @@ def test_grafana_provisioning_points_at_prometheus_and_the_board() -> None:
     source = sources["datasources"][0]
     assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
     board = json.loads((DASH / "grafana" / "beluga.json").read_text())
+    # Every query reads the board's datasource variable (so the board imports into an
+    # existing Grafana), which defaults to the provisioned Prometheus.
+    (var,) = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
+    assert var["query"] == "prometheus" and var["current"]["value"] == source["uid"]
+    uses = {"type": "prometheus", "uid": "${" + var["name"] + "}"}
     for panel in board["panels"]:
-        assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+        assert panel["datasource"] == uses, panel["title"]
         assert panel["targets"], panel["title"]
+        assert all(t["datasource"] == uses for t in panel["targets"]), panel["title"]
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+    titles = " ".join(p["title"] for p in board["panels"])
+    for needed in ("End-to-end latency", "Inter-token latency", "Tokens per second",
+                   "mispredictions"):
+        assert needed in titles
     providers = yaml.safe_load(
         (DASH / "grafana" / "provisioning" / "dashboards" / "beluga.yml").read_text())
     assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"

@@ -190,8 +190,23 @@ def test_streams_get_usage_only_when_asked_and_the_gateway_counts_it(stack: Stac
 
     def completion_tokens(text: str) -> float:
         for line in text.splitlines():
-            if line.startswith('beluga_gateway_tokens_total{kind="completion"}'):
+            if line.startswith('beluga_gateway_tokens_total{kind="completion",'
+                               f'model="{MODEL_NAME}"}}'):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
     assert completion_tokens(after) - completion_tokens(before) == 4
+
+
+def test_a_request_id_reaches_vllm_and_comes_back(client: openai.OpenAI) -> None:
+    # vLLM names the completion after the X-Request-Id it is sent (its `id` field), so
+    # this proves the gateway forwarded the client's id to the real worker.
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=4,
+        extra_headers={"X-Request-Id": "e2e-request-42"})
+    assert raw.headers["x-request-id"] == "e2e-request-42"
+    assert raw.parse().id == "chatcmpl-e2e-request-42"
+    made = client.chat.completions.with_raw_response.create(
+        model=MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=4)
+    rid = made.headers["x-request-id"]
+    assert len(rid) == 32 and made.parse().id == f"chatcmpl-{rid}"

@@ -15,12 +15,14 @@ import pytest
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.e2e.conftest import MODEL_NAME, ROOT, Stack
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
-CHARTS = ("ttft", "tokens", "share", "load", "pool_used", "pool_evictions")
+CHARTS = ("ttft", "hits", "tokens", "share", "load", "pool_used", "pool_evictions")
+TILES = ("h_ttft", "h_local", "h_pool", "h_fill", "h_rps")
 
 
 @pytest.fixture
@@ -95,6 +97,13 @@ def test_the_dashboard_charts_the_traffic(stack: Stack, browser: webdriver.Chrom
     assert isinstance(first, int | float) and first > 0
     WebDriverWait(browser, 10, poll_frequency=0.25).until(
         lambda d: d.execute_script(CHART_STATE, [])["last"] > first)
+    # The headline: numbers at a glance, over the last 30 s of this traffic.
+    tiles = {t: browser.find_element(By.ID, t) for t in TILES}
+    values = {t: e.get_attribute("data-value") for t, e in tiles.items()}
+    assert float(values["h_ttft"] or 0) > 0 and float(values["h_rps"] or 0) > 0, values
+    assert 0 <= float(values["h_local"] or -1) <= 1, values
+    assert 0 <= float(values["h_pool"] or -1) <= 1, values
+    assert tiles["h_ttft"].text.endswith(("ms", "s")) and tiles["h_local"].text.endswith("%")
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

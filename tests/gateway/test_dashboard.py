@@ -45,14 +45,15 @@ def test_samples_are_interval_rates_and_quantiles() -> None:
     d.sample()                                  # the baseline: no point yet
     assert d.data()["t"] == []
     for _ in range(3):
-        m.ttft.labels("a", "pool_aware").observe(0.3)
-        m.e2e.labels("a", "pool_aware").observe(0.5)
-    m.e2e.labels("b", "pool_aware").observe(0.5)
+        m.ttft.labels("a", "pool_aware", "m").observe(0.3)
+        m.e2e.labels("a", "pool_aware", "m").observe(0.5)
+    m.e2e.labels("b", "pool_aware", "m").observe(0.5)
     m.prompt_tokens.labels("pool").inc(3000)
     m.prompt_tokens.labels("computed").inc(1000)
     m.prediction(320, 32, {"prompt_tokens": 400, "prompt_tokens_details": {"cached_tokens": 0}})
     m.prediction(64, 32, {"prompt_tokens": 400, "prompt_tokens_details": {"cached_tokens": 64}})
     pool[0] = stats(40, 5)
+    m.answered("chat", 404, None, None)  # a request: counted, not charted per worker
     time.sleep(0.2)
     d.sample()
     data = d.data()
@@ -66,9 +67,18 @@ def test_samples_are_interval_rates_and_quantiles() -> None:
     assert s["mispredicted"][0] == pytest.approx(s["cached_actual"][0] / 64)  # 1 of them
     assert data["share"] == {"a": [0.75], "b": [0.25]}
     assert data["load"] == {"a": [0.5], "b": [0.0]}
+    assert s["hit_pool"][0] == pytest.approx(0.75) and s["hit_local"][0] == 0
+    head = data["headline"]
+    assert 0.25 <= head["ttft_p50_s"] <= 0.5 and head["pool_share"] == pytest.approx(0.75)
+    assert head["local_share"] == 0 and head["pool_used"] == pytest.approx(0.4)
+    assert head["requests_per_s"] > 0 and head["window_s"] > 0
     # A quiet interval: no TTFT to show (null), zero rates; a new worker starts its history.
     workers.append(worker("c", 1))
     d.sample()
     data = d.data()
     assert data["series"]["ttft_p50"][1] is None and data["series"]["tokens_pool"][1] == 0
+    assert data["series"]["hit_pool"][1] is None  # no tokens: no rate, not zero
+    # the headline still covers the earlier traffic: it is over the last 30 s
+    assert data["headline"]["pool_share"] == pytest.approx(0.75)
+    assert data["headline"]["ttft_p50_s"] is not None
     assert data["share"]["c"] == [None, None] and data["load"]["c"] == [None, 0.25]

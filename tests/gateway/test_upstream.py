@@ -149,8 +149,14 @@ def test_metrics_count_requests_routes_and_latencies(gateway: TestClient) -> Non
     bad = gateway.post("/v1/chat/completions", content=b"{")
     assert bad.status_code == 400
     text = gateway.get("/metrics").text
-    assert 'beluga_gateway_requests_total{endpoint="chat",status="200"}' in text
-    assert 'beluga_gateway_requests_total{endpoint="chat",status="400"}' in text
+    # the answering worker's model; "-" where no worker answered (the client's string never
+    # becomes a label value)
+    assert 'beluga_gateway_requests_total{endpoint="chat",model="m",status="200"}' in text
+    assert 'beluga_gateway_requests_total{endpoint="chat",model="-",status="400"}' in text
+    unknown = gateway.post("/v1/chat/completions", json={
+        "model": "no-such-model-\u2603", "messages": [{"role": "user", "content": "hi"}]})
+    assert unknown.status_code == 404
+    assert "no-such-model" not in gateway.get("/metrics").text
     assert "beluga_gateway_route_decisions_total{" in text
     assert "beluga_gateway_e2e_seconds_bucket{" in text
     assert 'beluga_gateway_prompt_tokens_total{source="pool"}' in text
