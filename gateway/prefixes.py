@@ -32,6 +32,7 @@ import asyncio
 import glob
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,13 @@ class Keying:
 
 
 PENDING_MAX_BYTES = 64 * 1024 * 1024  # unread prompts kept for routing's follow-ups
+# How long this gateway's own record of a prompt it routed to a worker counts, when that
+# worker publishes hints: long enough for the worker to compute the prompt and publish its
+# blocks (then the hints say whether it still holds them), not so long that the record
+# outlives the worker's cache. A worker's cache may turn over in seconds (a CPU worker with
+# a few thousand tokens of KV space); a record kept up to `own_capacity` keys promised
+# blocks long evicted (bench/README.md, "Issue 19").
+OWN_GRACE_S = 5.0
 
 
 class PrefixIndex:
@@ -100,8 +108,11 @@ class PrefixIndex:
         self._pool_dirs = pool_dirs(pool_search_dirs)
         self.invalid = invalid if invalid is not None else InvalidRecords()
         self._hints: dict[str, WorkerHints] = {}
-        self._own: dict[str, OrderedDict[str, None]] = {}
+        # worker -> hint keys this gateway routed there -> when (oldest first)
+        self._own: dict[str, OrderedDict[str, float]] = {}
         self._own_cap = own_capacity
+        self._own_grace_s = OWN_GRACE_S
+        self._clock = time.monotonic
         # (worker, hint key of the last block routing read) -> the prompt's later block keys,
         # not tokenized yet: read only if the prompt comes back (most never do).
         # Bounded by entries and by what the prompts behind them hold (`routed`'s `size`).
@@ -247,10 +258,17 @@ class PrefixIndex:
             self.owner(fn)
 
     def _prune(self, ids: list[str]) -> None:
-        """Forget what this gateway routed to workers no longer registered."""
+        """Forget what this gateway routed to workers no longer registered, and what it
+        routed more than OWN_GRACE_S ago to a worker whose hints say what it holds."""
+        expired = self._clock() - self._own_grace_s
         for wid in list(self._own):
             if wid not in ids:
                 del self._own[wid]
+                continue
+            if wid in self._hints:
+                own = self._own[wid]
+                while own and next(iter(own.values())) < expired:
+                    own.popitem(last=False)
         for key in [k for k in self._pending if k[0] not in ids]:
             self._drop_pending(key)
 
@@ -331,7 +349,7 @@ class PrefixIndex:
         the keys read (the last one held by nobody, unless the prompt ran out), the leading
         blocks each worker holds, and the leading blocks the pool holds. Block keys chain, so
         once no worker and not the pool holds block i, nobody holds any block after it."""
-        held: dict[str, tuple[frozenset[str], OrderedDict[str, None]]] = {}
+        held: dict[str, tuple[frozenset[str], OrderedDict[str, float]]] = {}
         for wid in worker_ids:
             hinted = self._hints.get(wid)
             held[wid] = (hinted.keys if hinted is not None else frozenset(),
@@ -417,9 +435,10 @@ class PrefixIndex:
                                      or self._pending_bytes > self._pending_max_bytes):
                 self._drop_pending(next(iter(self._pending)))
         own = self._own.setdefault(worker_id, OrderedDict())
+        now = self._clock()
         for k in keys:
             h = hint_key(k)
-            own[h] = None
+            own[h] = now
             own.move_to_end(h)
         while len(own) > self._own_cap:
             own.popitem(last=False)

@@ -347,3 +347,35 @@ def test_pool_lookups_are_counted_in_the_gateways_metrics() -> None:
     assert 'beluga_gateway_pool_lookups_total{result="busy"} 1.0' in text
     assert 'beluga_gateway_pool_lookups_total{result="corrupt"} 1.0' in text
     assert 'beluga_gateway_pool_lookups_total{result="error"} 1.0' in text  # bounded labels
+
+
+def test_its_own_record_yields_to_the_hints_of_a_worker_that_publishes_them(
+        server: RedisServer) -> None:
+    """What this gateway routed counts until the worker has had time to publish its blocks;
+    after that the worker's hints say what it still holds (its cache may have evicted the
+    prompt long before `own_capacity` keys were routed there). A worker publishing no hints
+    keeps the gateway's record."""
+    keys = block_keys(TOKENS, 16, FP)
+    publish(server, "w1", [], None)  # w1 publishes hints, currently holding nothing
+
+    async def go() -> None:
+        async with index_on(server) as index:
+            now = [1000.0]
+            index._clock = lambda: now[0]
+            assert await index.refresh(["w1", "w2"])
+            index.routed("w1", keys)
+            index.routed("w2", keys)          # w2 publishes no hints at all
+            now[0] += 4.0                     # within the grace: still counted
+            assert await index.refresh(["w1", "w2"])
+            assert index.local_blocks("w1", keys) == 6
+            index.routed("w1", keys[:2])      # routed again: those two are fresh
+            now[0] += 2.0                     # past the grace for the other four
+            assert await index.refresh(["w1", "w2"])
+            assert index.local_blocks("w1", keys) == 2
+            assert index.local_blocks("w2", keys) == 6
+            now[0] += 10.0
+            assert await index.refresh(["w1", "w2"])
+            assert index.local_blocks("w1", keys) == 0
+            assert index.local_blocks("w2", keys) == 6
+
+    asyncio.run(go())
