@@ -420,6 +420,14 @@ def start_gateway(procs: list[subprocess.Popen[bytes]], redis_port: int, policy:
                                   stderr=subprocess.DEVNULL))
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health")
+    # The tokenizer loads beside serving; until it has, prompts are routed unkeyed
+    # (beluga_gateway_prompts_unkeyed_total{reason="tokenizer_loading"}): not what is measured.
+    deadline = time.monotonic() + 300
+    while not all(httpx.get(f"{url}/health", timeout=5).json().get("tokenizers", {}).values()
+                  or [False]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the gateway's tokenizer did not load within 300 s")
+        time.sleep(0.2)
     return url, psutil.Process(procs[-1].pid)
 
 
