@@ -630,7 +630,8 @@ def _field_adapter(name: str) -> TypeAdapter[Any]:
     """A validator of one field's values: its type and constraints (the model's own
     validators run again on the whole object)."""
     info: FieldInfo = Settings.model_fields[name]
-    return TypeAdapter(Annotated[info.annotation, info])
+    annotated: Any = Annotated[info.annotation, info]  # a type built at run time
+    return TypeAdapter(annotated)
 
 
 class ConfigFileSource(PydanticBaseSettingsSource):

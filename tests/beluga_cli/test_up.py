@@ -421,6 +421,11 @@ sys.exit(run_stack(stack, start))
 '''
 
 
+def this_tree_env() -> dict[str, str]:
+    """The runner imports this checkout's packages, not whichever copy is installed."""
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_stops_everything_in_order_and_leaves_nothing(
         tmp_path: Path, stand_ins: StandIns, sig: signal.Signals) -> None:
@@ -431,7 +436,8 @@ def test_ctrl_c_or_sigterm_stops_everything_in_order_and_leaves_nothing(
     with open(log, "wb") as fh:
         up = subprocess.Popen([sys.executable, str(runner), str(stand_ins.script),
                                str(stand_ins.events), str(tmp_path / "state"), "ok", *ports],
-                              stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+                              stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env=this_tree_env())
     try:
         wait_for(lambda: b"Press Ctrl-C" in log.read_bytes(), 30, "not ready")
         started = psutil.Process(up.pid).children(recursive=True)
@@ -458,7 +464,8 @@ def test_a_broken_start_exits_1_and_leaves_nothing(tmp_path: Path,
     ports = [str(free_port()) for _ in range(4)]
     out = subprocess.run([sys.executable, str(runner), str(stand_ins.script),
                           str(stand_ins.events), str(tmp_path / "state"), "broken", *ports],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+                         capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env=this_tree_env())
     assert out.returncode == 1, out.stdout + out.stderr
     assert "worker-2 exited with code 3 before the stack was ready" in out.stderr
     assert "restart" not in out.stderr
