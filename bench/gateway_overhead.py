@@ -33,9 +33,10 @@ Layouts (`layout` in the JSON says what each run had):
            (`pool_lookups`: their results, cumulative).
   cluster  --workers stand-ins (separate processes), a real pool mapped on this host that
            holds every latency prompt's full blocks, and a full hint set per worker
-           (--hint-keys, default max_hint_keys) listing the latency prompts' keys of all
-           but one in workers + 1 prompts; the shared system prompt is in worker 0's set.
-           The gateway reads each latency prompt whole and looks it up in both.
+           (--hint-keys, default max_hint_keys) listing the keys of all but one in
+           workers + 1 prompts; the shared system prompt is in worker 0's set. The rps
+           run's prompts are tagged at their end, so their leading blocks are held too.
+           The gateway reads each prompt whole and looks it up in both.
 """
 
 from __future__ import annotations
@@ -225,14 +226,22 @@ end
 
 
 def throughput_wrk(gw: str, bodies: list[dict[str, Any]], concurrency: int,
-                   seconds: float, tmp: Path) -> tuple[float, int, int]:
-    """wrk (C, one thread per core) posting the bodies with a unique tag each time."""
+                   seconds: float, tmp: Path, tag_at_end: bool = False
+                   ) -> tuple[float, int, int]:
+    """wrk (C, one thread per core) posting the bodies with a unique tag each time: at the
+    start of the last message (its first block differs: nobody holds any of it), or with
+    `tag_at_end` at its end (only its last blocks differ: what the cluster holds of the
+    body is found, and the whole prompt is read)."""
     threads = max(1, min(2, os.cpu_count() or 1))
     lines = []
     for b in bodies:
         text = json.dumps(b)
-        cut = text.rindex('"content": "') + len('"content": "')
-        lines.append(text[:cut] + "\t" + text[cut:])
+        if tag_at_end:
+            cut = text.rindex('"}]')
+            lines.append(text[:cut] + " \t" + text[cut:])
+        else:
+            cut = text.rindex('"content": "') + len('"content": "')
+            lines.append(text[:cut] + "\t" + text[cut:])
     (tmp / "bodies.tsv").write_text("\n".join(lines) + "\n")
     (tmp / "post.lua").write_text(WRK_SCRIPT)
     out = subprocess.run(
@@ -444,11 +453,14 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def sources(gw: str) -> dict[str, int]:
     """The gateway's beluga_gateway_prompt_tokens_total by source (local, pool, computed):
-    where it predicted each routed prompt's tokens would come from."""
-    out = {}
+    where it predicted each routed prompt's tokens would come from; and `unkeyed`, the
+    prompts it routed without keying them (beluga_gateway_prompts_unkeyed_total)."""
+    out = {"unkeyed": 0}
     for line in httpx.get(f"{gw}/metrics", timeout=10).text.splitlines():
         if line.startswith("beluga_gateway_prompt_tokens_total{"):
             out[line.split('source="')[1].split('"')[0]] = int(float(line.split()[-1]))
+        elif line.startswith("beluga_gateway_prompts_unkeyed_total{"):
+            out["unkeyed"] += int(float(line.split()[-1]))
     return out
 
 
@@ -501,7 +513,7 @@ def main() -> int:
     if args.layout == "cluster":
         pool_file = Path(f"/dev/shm/beluga-gwbench-{os.getpid()}.pool")
         # every latency prompt's blocks, one 256-byte stand-in each (only keys are looked up)
-        pool = KVPool.create(pool_file, slot_size=4096, slot_count=1 << 16,
+        pool = KVPool.create(pool_file, slot_size=4096, slot_count=1 << 17,
                              fingerprint=FINGERPRINT)
     elif args.remote_pool:
         pool_file = Path(f"/dev/shm/beluga-gwbench-{os.getpid()}.elsewhere")
@@ -509,16 +521,15 @@ def main() -> int:
     try:
         if pool is not None and args.layout == "cluster":
             hint_sets, held = cluster_state(
-                settings, {s: warm + pairs for s, (warm, pairs, _) in bodies.items()},
+                settings, {s: warm + pairs + load for s, (warm, pairs, load) in bodies.items()},
                 {"shared"}, args.workers, args.block_tokens, pool,
                 args.hint_keys or settings.max_hint_keys, args.seed)
             redis_port, urls = start_cluster(settings, tmp, procs, args.block_tokens, pool,
                                              hint_sets)
             direct = urls[0]  # the stand-ins are identical: the direct path is any of them
             layout.update(workers=args.workers, **held, pool=(
-                "mapped on the gateway's host, holding every latency prompt's full blocks "
-                "(the rps run's prompts are new: held nowhere, except the shared system "
-                "prompt, in worker 0 and the pool)"))
+                "mapped on the gateway's host, holding every prompt's full blocks (the rps "
+                "run's are tagged at their end: all but their last blocks are held)"))
         else:
             redis_port, direct = start_stand_in(settings, tmp, procs, args.block_tokens, pool)
             layout.update(workers=1, hint_keys_per_worker=[0], pool=(
@@ -538,7 +549,7 @@ def main() -> int:
             cpu0 = gateway.cpu_times()
             if client == "wrk":
                 rps, errors, total = throughput_wrk(gw, load, args.concurrency, args.seconds,
-                                                    tmp)
+                                                    tmp, tag_at_end=args.layout == "cluster")
             else:
                 rps, errors, total = asyncio.run(throughput(gw, load, args.concurrency,
                                                             args.seconds))
