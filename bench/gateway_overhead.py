@@ -380,7 +380,9 @@ def cluster_state(settings: Settings, bodies: dict[str, list[dict[str, Any]]],
     from gateway.tokenize import PromptTokenizer
 
     tok = PromptTokenizer({settings.served_model_name: settings.model_path})
-    sets: list[set[str]] = [set() for _ in range(workers)]
+    # per worker, its hint keys in the order stored (a worker publishes its most recent
+    # `hint_keys` ones, as engine/local_cache.py does with max_hint_keys)
+    sets: list[dict[str, None]] = [{} for _ in range(workers)]
     blocks = 0
     held = {"worker_and_pool": 0, "pool_only": 0}
     for scenario, group in bodies.items():
@@ -406,13 +408,21 @@ def cluster_state(settings: Settings, bodies: dict[str, list[dict[str, Any]]],
                 held["pool_only"] += 1
                 continue
             held["worker_and_pool"] += 1
-            sets[owner].update(hint_key(k) for k in keys)
+            for k in keys:
+                h = hint_key(k)
+                sets[owner].pop(h, None)
+                sets[owner][h] = None
     rng = random.Random(seed)
+    out: list[list[str]] = []
     for s in sets:
-        while len(s) < hint_keys:
-            s.add(rng.randbytes(16).hex())
-    return [sorted(s) for s in sets], {"blocks_put": blocks, "prompts": held,
-                                       "hint_keys_per_worker": [len(s) for s in sets]}
+        keep = list(s)[-hint_keys:]  # the most recently stored
+        padding: set[str] = set()
+        while len(keep) + len(padding) < hint_keys:
+            padding.add(rng.randbytes(16).hex())
+        out.append(keep + sorted(padding - set(keep)))
+    return out, {"blocks_put": blocks, "prompts": held,
+                 "hint_keys_per_worker": [len(s) for s in out],
+                 "keys_held_beyond_the_hint_sets": [max(0, len(s) - hint_keys) for s in sets]}
 
 
 def start_gateway(procs: list[subprocess.Popen[bytes]], redis_port: int, policy: str,
