@@ -88,6 +88,7 @@ VARIANTS = (
 def helm_env() -> dict[str, str]:
     home = Path(tempfile.gettempdir()) / f"beluga-helm-{os.getuid()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HELM_")}
+    env["KUBECONFIG"] = os.devnull  # nothing here ever talks to a cluster
     for name in ("CACHE", "CONFIG", "DATA"):
         env[f"HELM_{name}_HOME"] = str(home / name.lower())
     return env

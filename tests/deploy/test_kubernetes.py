@@ -59,10 +59,18 @@ def test_helm_is_the_pinned_official_build() -> None:
 
 
 @variants
-def test_helm_lint_strict(variant: Variant) -> None:
+def test_helm_lint_strict_and_notes(variant: Variant) -> None:
     out = helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *variant.args,
                check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+    # NOTES.txt, which `helm template` leaves out: what to label, how to reach the gateway
+    out = helm("install", variant.release, str(CHART), "--dry-run=client", "--namespace",
+               NAMESPACE, *variant.args)
+    notes = out.stdout.split("NOTES:\n", 1)[1]
+    for sts in by_kind(rendered(variant), "StatefulSet"):
+        group = sts["metadata"]["labels"]["beluga/worker-group"]
+        assert f"kubectl label node <node> beluga/kv-pool={group}\n" in notes, notes
+    assert f"port-forward svc/{variant.fullname}-gateway 8000:8000" in notes, notes
 
 
 @variants
@@ -400,7 +408,7 @@ def test_the_gateway_is_replicated_probed_and_behind_a_service(variant: Variant)
     assert pod_spec(gateway)["terminationGracePeriodSeconds"] > 30
     for w in workloads(objs):
         for c in containers(w):
-            assert c.get("resources", {}).get("requests") or c["name"] == "prepare-model", \
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], \
                 (w["metadata"]["name"], c["name"])
             if c["name"] != "prepare-model":
                 assert c.get("livenessProbe") and c.get("readinessProbe"), c["name"]

@@ -126,6 +126,10 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
   volumeMounts:
     - name: state
       mountPath: /var/lib/beluga
+  resources:
+    # dequantizing SmolLM2-135M into float32 safetensors
+    requests: {cpu: "1", memory: 2Gi}
+    limits: {memory: 4Gi}
   securityContext:
     allowPrivilegeEscalation: false
 {{- end -}}
