@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.kubernetes import (
+from tests.deploy.chart import (
     CHART,
     DEPLOY,
     HELM_COMMIT,
