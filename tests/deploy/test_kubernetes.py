@@ -345,6 +345,7 @@ def test_workers_map_their_groups_pool(variant: Variant) -> None:
         security = worker["securityContext"]
         if pool.startswith("/dev/dax"):
             assert env["BELUGA_POOL_COHERENCE"] == "flush", name
+            assert "BELUGA_POOL_SIZE_GIB" not in env, name  # the device's own size
             if "pool.devdax.access=devicePlugin" in variant.args:
                 assert limits["squat.ai/dax"] == 1 and pool not in mounts, name
                 assert "privileged" not in security, name
