@@ -58,7 +58,9 @@ VARIANTS = (
     Variant("cpu", ()),
     Variant("gpu", GPU),
     Variant("cxl-gpu", GPU + CXL),
-    Variant("cxl-cpu", CXL),
+    # two groups on one device, which their hosts name differently
+    Variant("cxl-cpu", CXL + ("--set", "worker.groups.b.replicas=1",
+                              "--set", "worker.groups.b.devdaxPath=/dev/dax1.0")),
     Variant("cxl-device-plugin", GPU + CXL + (
         "--set", "pool.devdax.access=devicePlugin",
         "--set", "pool.devdax.devicePluginResource=squat.ai/dax")),
@@ -71,8 +73,8 @@ VARIANTS = (
         "--set", "redis.enabled=false",
         "--set", "redis.externalUrl=redis://:hunter2@redis.infra:6379/0",
         "--set", "secrets.existingSecret=llm-credentials",
-        "--set", "worker.groups[0].name=rack1", "--set", "worker.groups[0].replicas=4",
-        "--set", "worker.groups[1].name=rack2", "--set", "worker.groups[1].replicas=2",
+        "--set", "worker.groups.a=null", "--set", "worker.groups.rack1.replicas=4",
+        "--set", "worker.groups.rack2.replicas=2",
         "--set", "gateway.replicas=3", "--set", "gateway.env.BELUGA_ROUTING_POLICY=round_robin",
         "--set", "worker.env.BELUGA_MAX_MODEL_LEN=8192"),
         release="prod",

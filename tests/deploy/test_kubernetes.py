@@ -415,6 +415,20 @@ def test_the_gateway_is_replicated_probed_and_behind_a_service(variant: Variant)
                 assert c.get("livenessProbe") and c.get("readinessProbe"), c["name"]
 
 
+def test_worker_groups_scale_and_grow_with_set() -> None:
+    """The README's commands: a group's replicas, another group beside it, one removed."""
+    def groups(*args: str) -> dict[str, int]:
+        return {s["metadata"]["name"]: s["spec"]["replicas"]
+                for s in by_kind(template("beluga", *args), "StatefulSet")}
+
+    assert groups() == {"beluga-worker-a": 2}
+    assert groups("--set", "worker.groups.a.replicas=4") == {"beluga-worker-a": 4}
+    assert groups("--set", "worker.groups.b.replicas=3") == {"beluga-worker-a": 2,
+                                                             "beluga-worker-b": 3}
+    assert groups("--set", "worker.groups.a=null", "--set", "worker.groups.b.replicas=1") \
+        == {"beluga-worker-b": 1}
+
+
 def test_the_grafana_dashboard_is_the_file_in_dashboards() -> None:
     board_file = ROOT / "dashboards" / "grafana" / "beluga.json"
     for variant in VARIANTS:
@@ -510,7 +524,8 @@ def test_secrets_are_generated_or_taken_from_values_never_shipped() -> None:
     (("--set", "gateway.replica=3"), r"/gateway': additional properties 'replica'"),
     (("--set", "worker.accelerator=tpu"), r"/worker/accelerator'"),
     (("--set", "pool.backing=nfs"), r"/pool/backing'"),
-    (("--set", "worker.groups[0].name=Rack_1"), r"/worker/groups/0/name'"),
+    (("--set", "worker.groups.Rack_1.replicas=1"), r"invalid propertyName 'Rack_1'"),
+    (("--set", "worker.groups.a=null"), r"/worker/groups': minProperties"),
     # the templates' own checks (what a schema cannot say)
     (("--set", "model.source=hub"), r"model\.hubId \(org/name\) is required"),
     (("--set", "model.source=volume"), r"model\.volume\.claimName is required"),
