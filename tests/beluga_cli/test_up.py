@@ -82,7 +82,8 @@ def test_children_log_at_the_level_beluga_up_was_given() -> None:
         cmd = beluga_command()
     finally:
         root.setLevel(old)
-    assert cmd[-2:] == ["--log-level", "DEBUG"]
+    assert cmd[cmd.index("--log-level") + 1] == "DEBUG"
+    assert cmd[cmd.index("--log-format") + 1] == "text"  # (and the format, likewise)
     # ... and the child accepts it
     out = subprocess.run([*cmd, "gateway", "--help"], capture_output=True, text=True,
                          timeout=60)

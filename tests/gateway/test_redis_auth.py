@@ -144,7 +144,9 @@ def test_a_wrong_or_missing_password_leaves_the_gateway_serving(
     with TestClient(create_app(settings(wrong, registry_refresh_s=0.05))) as http:
         for _ in range(10):
             health = http.get("/health")
-            assert health.status_code == 200 and health.json()["redis"] is False
+            # it answers (503: no worker is known while Redis refuses it)
+            assert health.status_code == 503 and health.json()["redis"] is False
+            assert health.json()["status"] == "no_healthy_worker"
             time.sleep(0.03)
     down = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(down) == 1 and not any(r.exc_info for r in caplog.records)
