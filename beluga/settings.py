@@ -551,7 +551,16 @@ def advertised_host() -> str:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe subset (no Python objects), refusing a mapping that repeats a key (YAML
-    keeps the last one silently: an operator would edit the wrong line)."""
+    keeps the last one silently: an operator would edit the wrong line) and any alias (a
+    few hundred bytes of nested aliases expand to gigabytes: "billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a config file",
+                event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -569,9 +578,17 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
                                  _construct_mapping)
 
 
+def shown(value: object) -> str:
+    """A value for an error message: a short scalar as itself, anything else by its type
+    (never the repr of a whole structure, which may be huge)."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return f"{value!r:.80}"
+    return f"a {type(value).__name__}"
+
+
 def _field_error(path: Path, name: str, exc: ValidationError) -> ConfigFileError:
     first = exc.errors(include_url=False)[0]
-    got = "" if name in UNQUOTED_FIELDS else f" (got {first['input']!r:.80})"
+    got = "" if name in UNQUOTED_FIELDS else f" (got {shown(first['input'])})"
     return ConfigFileError(f"config file {path}: {name}: {first['msg']}{got}")
 
 

@@ -34,6 +34,7 @@ from beluga.settings import (
     LogSettings,
     Settings,
     field_help,
+    shown,
 )
 
 logger = logging.getLogger("beluga")
@@ -133,7 +134,7 @@ def describe(exc: ValidationError) -> str:
         field = ".".join(str(part) for part in err["loc"])
         got = ""
         if field and field not in UNQUOTED_FIELDS and "input" in err:
-            got = f" (got {err['input']!r:.80})"
+            got = f" (got {shown(err['input'])})"
         lines.append(f"{field or 'settings'}: {err['msg']}{got}")
     return "; ".join(lines)
 

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -83,7 +84,9 @@ def request_context(request_id: bytes | None, traceparent: bytes | None,
         version, trace_id, parent_id, _ = m.groups()[:4]
         if (version != b"ff" and (version != b"00" or m.group(5) is None)
                 and trace_id.strip(b"0") and parent_id.strip(b"0")):
-            parent = traceparent.decode("ascii")
+            # passed on as version 00 (what this gateway reads a later version as: its
+            # first four fields), never the client's extra fields
+            parent = b"-".join((b"00", trace_id, parent_id, m.group(4))).decode("ascii")
             if (tracestate is not None and 0 < len(tracestate) <= MAX_TRACESTATE
                     and all(0x20 <= c < 0x7f for c in tracestate)):
                 state = tracestate.decode("ascii")
@@ -93,15 +96,22 @@ def request_context(request_id: bytes | None, traceparent: bytes | None,
 ACCESS = logging.getLogger("beluga.access")
 
 
+def _safe(text: str | None) -> str | None:
+    """A client's string for a log line: percent-encoded beyond a plain set (a decoded path
+    or a model name may hold newlines or spaces that would forge a line or a field)."""
+    return None if text is None else urllib.parse.quote(text, safe="/._-~:@+=")
+
+
 def access(ctx: RequestContext, method: str, status: int) -> None:
     """The request's access line (logger `beluga.access`, INFO)."""
     duration = time.perf_counter() - ctx.started
-    extra = {"route": ctx.route, "status": status, "model": ctx.model, "worker": ctx.worker,
+    route, model = _safe(ctx.route) or "", _safe(ctx.model)
+    extra = {"route": route, "status": status, "model": model, "worker": ctx.worker,
              "ttft_s": None if ctx.ttft_s is None else round(ctx.ttft_s, 6),
              "duration_s": round(duration, 6), "error": ctx.error,
              "request_id": ctx.request_id}  # (logged once the request's context is reset)
-    ACCESS.info("%s %s %d model=%s worker=%s ttft=%s %.3fs%s", method, ctx.route, status,
-                ctx.model or "-", ctx.worker or "-",
+    ACCESS.info("%s %s %d model=%s worker=%s ttft=%s %.3fs%s", method, route, status,
+                model or "-", ctx.worker or "-",
                 "-" if ctx.ttft_s is None else f"{ctx.ttft_s:.3f}s", duration,
                 f" error={ctx.error}" if ctx.error else "", extra=extra)
 
@@ -150,6 +160,7 @@ class Relay(Response):
     def __init__(self, stream: Any, headers: dict[str, str]) -> None:
         self.status_code = 200
         self.background = None
+        self.client_gone = False  # set when the client left mid-stream (logged as 499)
         self.body_iterator = stream
         self.raw_headers = raw_headers("text/event-stream; charset=utf-8", headers)
 
@@ -185,6 +196,7 @@ class Relay(Response):
             if not gone:
                 raise
             relay.uncancel()  # the client left: nothing more to send
+            self.client_gone = True
             return
         if self.background is not None:
             await self.background()
@@ -273,8 +285,12 @@ class Front:
                                           ctx, scope, receive, send)
         finally:
             current_request.reset(token)
+            if not status and endpoint is not None:  # the client left before its answer
+                status, ctx.error = 499, ctx.error or "client_gone"
+            probe = scope["path"].startswith("/health")
             if status and self.settings.access_log and (
-                    endpoint is not None or status >= 400 or logger.isEnabledFor(logging.DEBUG)):
+                    endpoint is not None or (status >= 400 and not probe)
+                    or logger.isEnabledFor(logging.DEBUG)):
                 access(ctx, scope["method"], status)
 
     async def serve_hot(self, endpoint: Endpoint, authorization: str, declared: str | None,
@@ -314,7 +330,7 @@ class Front:
                 ctx.error = "client_gone"
                 return 499
             except APIError as exc:
-                ctx.error = exc.code
+                ctx.error = exc.code or type(exc).__name__
                 response = exc.response()
             except Exception:
                 logger.exception("unexpected error while serving a request")
@@ -326,6 +342,9 @@ class Front:
             held = 0
             response.raw_headers.append((REQUEST_ID_HEADER, ctx.request_id.encode()))
             await response(scope, receive, send)
+            if getattr(response, "client_gone", False):  # a stream the client left
+                ctx.error = ctx.error or "client_gone"
+                return 499
             return int(response.status_code)
         finally:
             self.body_bytes -= held
@@ -401,7 +420,7 @@ class Front:
         self.metrics.answered(endpoint, exc.status_code, None, None)
         ctx = current_request.get()
         if ctx is not None:
-            ctx.error = exc.code
+            ctx.error = exc.code or type(exc).__name__
         # (nothing to drain from a client too slow to send, or one that waits to be asked)
         drained = DRAIN_BYTES if isinstance(exc, RequestTimeout) or (
             stream.expect_continue and not stream.read_any) else 0

@@ -203,6 +203,10 @@ def test_the_pool_is_shared_and_the_monitoring_is_wired() -> None:
     assert {"/etc/grafana/provisioning", "/var/lib/grafana/dashboards/beluga.json"} <= targets
     for name in ("redis", "gateway", "prometheus", "grafana", "worker-0", "cpu-worker-0"):
         assert services[name]["healthcheck"]["test"], name
+    # The gateway is healthy once it answers (/health is 503 until a worker is: CPU workers
+    # take minutes, and Prometheus waits for a healthy gateway)
+    gateway_check = " ".join(compose_config("cpu")["services"]["gateway"]["healthcheck"]["test"])
+    assert "/health/live" in gateway_check, gateway_check
     for source in (ROOT / "dashboards" / "prometheus.yml",
                    ROOT / "dashboards" / "grafana" / "provisioning",
                    ROOT / "dashboards" / "grafana" / "beluga.json"):

@@ -4,6 +4,7 @@ the field or line."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,19 @@ def test_a_bad_secret_is_named_but_never_quoted(tmp_path: Path) -> None:
     with pytest.raises(ConfigFileError) as err:
         Settings(config=write(tmp_path, "server_secret: [hunter2-secret]\n"))
     assert "server_secret" in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
+    # "billion laughs": 7 lines of nested aliases would expand to 10^7 strings (seconds and
+    # gigabytes); refused at the first alias, and no structure is quoted in an error
+    levels = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdef", "bcdefg", strict=True):
+        levels.append(f"{name}: &{name} [{','.join(['*' + prev] * 10)}]")
+    levels.append("gateway_port: *g")
+    started = time.monotonic()
+    with pytest.raises(ConfigFileError, match="aliases"):
+        Settings(config=write(tmp_path, "\n".join(levels) + "\n"))
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(ConfigFileError) as err:
+        Settings(config=write(tmp_path, "gateway_port: [" + ", ".join(["1"] * 1000) + "]\n"))
+    assert "(got a list)" in str(err.value)

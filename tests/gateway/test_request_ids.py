@@ -5,6 +5,7 @@ error)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -47,10 +48,14 @@ class Recorder:
             with self.lock:
                 self.seen.append(dict(request.headers))
             if body.get("stream"):
+                slow = body["messages"][-1]["content"] == "slow"
+
                 async def events() -> Any:
                     chunk = {"object": "chat.completion.chunk", "choices": [
                         {"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}
                     yield f"data: {json.dumps(chunk)}\n\n".encode()
+                    if slow:  # the rest comes later: a client may leave meanwhile
+                        await asyncio.sleep(3)
                     yield b"data: [DONE]\n\n"
                 return StreamingResponse(events(), media_type="text/event-stream")
             return JSONResponse({"object": "chat.completion", "model": body["model"],
@@ -154,9 +159,11 @@ def test_an_invalid_traceparent_is_dropped_with_its_tracestate(
 
 
 def test_trace_context_edge_cases() -> None:
-    later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future"
+    later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-" + "x" * 60_000
     ctx = request_context(None, later.encode(), b"a=1", "/v1/chat/completions")
-    assert ctx.traceparent == later and ctx.tracestate == "a=1"  # a later version: kept
+    # a later version: passed on as what it is read as, version 00 without the extra fields
+    assert ctx.traceparent == "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert ctx.tracestate == "a=1"
     long = b"a=" + b"x" * MAX_TRACESTATE
     ctx = request_context(b"id", TRACEPARENT.encode(), long, "/")
     assert ctx.traceparent == TRACEPARENT and ctx.tracestate is None
@@ -199,3 +206,38 @@ def test_each_request_leaves_one_access_line(stack: tuple[str, Recorder],
     assert missing.status == 404  # type: ignore[attr-defined]
     assert missing.error == "model_not_found"  # type: ignore[attr-defined]
     assert "acc-1" not in ok.getMessage()  # the id is a field, not in the message
+
+
+def test_a_client_cannot_forge_access_lines(stack: tuple[str, Recorder],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    url, _ = stack
+    forged = "2026-11-30 13:00:00,000 INFO beluga.access: POST /v1/chat/completions 200"
+    with caplog.at_level(logging.INFO, logger="beluga.access"):
+        httpx.get(f"{url}/nope%0A{forged.replace(' ', '%20')}", timeout=10,
+                  headers={"X-Request-Id": "forge-1"})
+        chat(url, {"X-Request-Id": "forge-2"}, model="m worker=w-evil\nINFO forged")
+        deadline = time.monotonic() + 5
+        while len([r for r in caplog.records if r.name == "beluga.access"]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if r.name == "beluga.access"]
+    assert all("\n" not in line for line in lines), lines
+    assert not any(" worker=w-evil" in line for line in lines), lines
+
+
+def test_a_client_leaving_a_stream_is_logged_as_499(stack: tuple[str, Recorder],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    url, worker = stack
+    with caplog.at_level(logging.INFO, logger="beluga.access"):
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=10,
+                          headers={"X-Request-Id": "leaves-1"},
+                          json={"model": "m", "stream": True,
+                                "messages": [{"role": "user", "content": "slow"}]}) as s:
+            next(s.iter_raw())  # the first event, then the client goes away
+        deadline = time.monotonic() + 5
+        while not [r for r in caplog.records
+                   if r.name == "beluga.access" and getattr(r, "request_id", "") == "leaves-1"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    (line,) = [r for r in caplog.records if getattr(r, "request_id", "") == "leaves-1"]
+    assert line.status == 499 and line.error == "client_gone"  # type: ignore[attr-defined]
