@@ -68,6 +68,12 @@ def checked(stack: Stack, watch: tuple[h.HealthProbe, psutil.Process],
     outcomes = run()
     t1 = time.monotonic()
     time.sleep(0.2)  # the probe's last lines
+    # A class that runs in less than the probe's interval may have no probe inside its
+    # window: extend the window to the next probe (what the gateway did right after it).
+    deadline = time.monotonic() + 10
+    while probe.stats(t0, t1).n == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        t1 = time.monotonic()
     stats = probe.stats(t0, t1)
     rss = probe.rss_max(t0, t1)
     print(f"\n/health: {stats}; gateway RSS max {rss / 2**20:.0f} MiB")
