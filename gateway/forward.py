@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -131,22 +131,31 @@ class Attempt:
     """One try of a request on one worker. Opened when sent, `close()`d exactly once: as a
     context manager it closes on leaving, unless the stream relay took it over."""
 
-    def __init__(self, worker: WorkerState, prefill: int) -> None:
+    def __init__(self, worker: WorkerState, prefill: int,
+                 on_answer: Callable[[], None] | None = None) -> None:
         self.worker = worker
         self.unprefilled = prefill
         self.open = True
         self.handed_over = False
+        self.on_answer = on_answer  # called once: at the first token, or at the close
         worker.begin(prefill)
+
+    def _answered(self) -> None:
+        if self.on_answer is not None:
+            on_answer, self.on_answer = self.on_answer, None
+            on_answer()
 
     def prefilled(self) -> None:
         """The first token came back: the worker computed the prompt."""
         self.worker.prefilled(self.unprefilled)
         self.unprefilled = 0
+        self._answered()
 
     def close(self) -> None:
         if self.open:
             self.open = False
             self.worker.done(self.unprefilled)
+            self._answered()
 
     def __enter__(self) -> Attempt:
         return self
@@ -234,7 +243,8 @@ class Forwarder:
             asyncio.get_running_loop().call_soon(self.router.record, choice, info, later)
             later = iter(())  # one reader; a retry elsewhere records what routing read
             headers = {"x-beluga-worker": worker.id, "x-beluga-route": choice.reason}
-            with Attempt(worker, choice.prefill_tokens) as attempt:
+            with Attempt(worker, choice.prefill_tokens, functools.partial(
+                    self.router.answered, worker.id, info)) as attempt:
                 try:
                     resp = await self.post(worker, req.endpoint, body)
                 except RETRYABLE as exc:

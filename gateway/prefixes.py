@@ -87,11 +87,13 @@ class Keying:
 
 PENDING_MAX_BYTES = 64 * 1024 * 1024  # unread prompts kept for routing's follow-ups
 # How long this gateway's own record of a prompt it routed to a worker counts, when that
-# worker publishes hints: long enough for the worker to compute the prompt and publish its
-# blocks (then the hints say whether it still holds them), not so long that the record
-# outlives the worker's cache. A worker's cache may turn over in seconds (a CPU worker with
-# a few thousand tokens of KV space); a record kept up to `own_capacity` keys promised
-# blocks long evicted (bench/README.md, "Issue 19").
+# worker publishes hints, counted from when the worker answered (its first token, or the end
+# of the try): long enough for the worker to publish the prompt's blocks (then the hints say
+# whether it still holds them), not so long that the record outlives the worker's cache. A
+# prompt still queued or computing at the worker counts as held however long that takes. A
+# worker's cache may turn over in seconds (a CPU worker with a few thousand tokens of KV
+# space); a record kept up to `own_capacity` keys promised blocks long evicted
+# (bench/README.md, "Issue 19").
 OWN_GRACE_S = 5.0
 
 
@@ -110,6 +112,8 @@ class PrefixIndex:
         self._hints: dict[str, WorkerHints] = {}
         # worker -> hint keys this gateway routed there -> when (oldest first)
         self._own: dict[str, OrderedDict[str, float]] = {}
+        # worker -> hint keys of requests routed there and not answered yet -> how many
+        self._flying: dict[str, dict[str, int]] = {}
         self._own_cap = own_capacity
         self._own_grace_s = OWN_GRACE_S
         self._clock = time.monotonic
@@ -258,9 +262,11 @@ class PrefixIndex:
             self.owner(fn)
 
     def _prune(self, ids: list[str]) -> None:
-        """Forget what this gateway routed to workers no longer registered, and what it
-        routed more than OWN_GRACE_S ago to a worker whose hints say what it holds."""
+        """Forget what this gateway routed to workers no longer registered, and what a worker
+        whose hints say what it holds answered more than OWN_GRACE_S ago."""
         expired = self._clock() - self._own_grace_s
+        for wid in [w for w in self._flying if w not in ids]:
+            del self._flying[wid]
         for wid in list(self._own):
             if wid not in ids:
                 del self._own[wid]
@@ -335,10 +341,11 @@ class PrefixIndex:
         hinted = self._hints.get(worker_id)
         held = hinted.keys if hinted is not None else frozenset()
         own = self._own.get(worker_id, OrderedDict())
+        flying = self._flying.get(worker_id, {})
         n = 0
         for k in keys:
             h = hint_key(k)
-            if h not in held and h not in own:
+            if h not in held and h not in own and h not in flying:
                 break
             n += 1
         return n
@@ -349,11 +356,11 @@ class PrefixIndex:
         the keys read (the last one held by nobody, unless the prompt ran out), the leading
         blocks each worker holds, and the leading blocks the pool holds. Block keys chain, so
         once no worker and not the pool holds block i, nobody holds any block after it."""
-        held: dict[str, tuple[frozenset[str], OrderedDict[str, float]]] = {}
+        held: dict[str, tuple[frozenset[str], OrderedDict[str, float], dict[str, int]]] = {}
         for wid in worker_ids:
             hinted = self._hints.get(wid)
             held[wid] = (hinted.keys if hinted is not None else frozenset(),
-                         self._own.get(wid, OrderedDict()))
+                         self._own.get(wid, OrderedDict()), self._flying.get(wid, {}))
         local = dict.fromkeys(worker_ids, 0)
         alive = list(worker_ids)
         pool = self._pool if (self._pool is not None
@@ -366,15 +373,15 @@ class PrefixIndex:
             if alive:
                 kept = []
                 for w in alive:
-                    published, own = held[w]
-                    if h not in published and h not in own:
+                    published, own, flying = held[w]
+                    if h not in published and h not in own and h not in flying:
                         continue
                     kept.append(w)
                     local[w] += 1
                     later = self._drop_pending((w, h))
                     if later is not None:  # w was sent this prompt before: key the rest now
-                        self.routed(w, list(later))
-                        held[w] = (published, self._own[w])
+                        self._stamp(w, [hint_key(k) for k in later])
+                        held[w] = (published, self._own[w], flying)
                 alive = kept
             # The pool is asked once the workers' prefixes have ended (or the prompt has), all
             # keys not asked yet in one call: read[:in_pool] are in the pool, the rest unasked.
@@ -425,7 +432,8 @@ class PrefixIndex:
                later: Iterator[bytes] | None = None, size: int = 0) -> None:
         """Remember that `keys` will be in this worker's cache once it has served them, and
         so will `later` (the prompt's remaining keys, read only if it comes back; `size`:
-        about how many bytes the unread prompt behind it holds)."""
+        about how many bytes the unread prompt behind it holds). They count as held until
+        `answered` says the worker has answered (then for OWN_GRACE_S more)."""
         if later is not None and keys and size <= self._pending_max_bytes:
             entry = (worker_id, hint_key(keys[-1]))
             self._drop_pending(entry)
@@ -434,10 +442,29 @@ class PrefixIndex:
             while self._pending and (len(self._pending) > self._pending_cap
                                      or self._pending_bytes > self._pending_max_bytes):
                 self._drop_pending(next(iter(self._pending)))
-        own = self._own.setdefault(worker_id, OrderedDict())
-        now = self._clock()
+        flying = self._flying.setdefault(worker_id, {})
         for k in keys:
             h = hint_key(k)
+            flying[h] = flying.get(h, 0) + 1
+        while len(flying) > self._own_cap:  # bounded like `_own` (oldest first)
+            del flying[next(iter(flying))]
+
+    def answered(self, worker_id: str, keys: Sequence[bytes]) -> None:
+        """The worker answered (its first token, or the end of the try) a request `routed`
+        there with `keys`: they count as held for OWN_GRACE_S more, then as its hints say."""
+        flying = self._flying.get(worker_id)
+        hs = [hint_key(k) for k in keys]
+        if flying is not None:
+            for h in hs:
+                n = flying.pop(h, 0)
+                if n > 1:  # another request with this block is still in flight there
+                    flying[h] = n - 1
+        self._stamp(worker_id, hs)
+
+    def _stamp(self, worker_id: str, hint_keys: Iterable[str]) -> None:
+        own = self._own.setdefault(worker_id, OrderedDict())
+        now = self._clock()
+        for h in hint_keys:
             own[h] = now
             own.move_to_end(h)
         while len(own) > self._own_cap:

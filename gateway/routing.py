@@ -228,6 +228,18 @@ class Router:
         self.thread.post(lambda: self.prefixes.routed(worker_id, info.keys, later, size))
         self.metrics.routed(choice, info)
 
+    def answered(self, worker_id: str, info: RequestInfo) -> None:
+        """The worker answered the request `record`ed for it (its first token, or the end of
+        the try): from now its record counts down (PrefixIndex.answered). Posted through
+        the event loop, like `record` (a try that fails before it waits: after its record)."""
+        def post() -> None:
+            self.thread.post(lambda: self.prefixes.answered(worker_id, info.keys))
+
+        try:
+            asyncio.get_running_loop().call_soon(post)
+        except RuntimeError:  # not on the loop (a collected relay's finalizer)
+            post()
+
 
 def lazy_block_keys(prompt: Prompt, identity: Identity, block_tokens: int,
                     memo: ChainMemo) -> Iterator[bytes]:

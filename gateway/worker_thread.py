@@ -60,16 +60,18 @@ class WorkerThread:
         self._current: _Job[Any] | None = None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._started = False
+        self._stopped = False  # for good: a thread starts once
         self.interrupted = 0  # jobs stopped at their deadline
         self.expired = 0      # jobs whose deadline passed before they started
         self.failed = 0       # jobs that raised
 
     def start(self) -> None:
-        if not self._started:
+        if not self._started and not self._stopped:
             self._started = True
             self._thread.start()
 
     def stop(self) -> None:
+        self._stopped = True
         if self._started:
             self._started = False
             with contextlib.suppress(queue.Full):
@@ -77,7 +79,10 @@ class WorkerThread:
 
     async def run(self, fn: Callable[[], T], timeout_s: float) -> T:
         """`fn()` on the thread, its result or exception; JobTimeout past `timeout_s` (the
-        time in the queue included), after which `fn` is interrupted or never started."""
+        time in the queue included), after which `fn` is interrupted or never started; at
+        once once the thread has stopped (a request still in flight at shutdown)."""
+        if self._stopped:
+            raise JobTimeout("the routing thread has stopped")
         self.start()
         loop = asyncio.get_running_loop()
         job: _Job[T] = _Job(fn, time.monotonic() + timeout_s, loop, loop.create_future())
@@ -98,7 +103,11 @@ class WorkerThread:
 
     def post(self, fn: Callable[[], object]) -> None:
         """Run `fn()` on the thread some time soon; nobody waits for it (bookkeeping).
-        Dropped, with a log line, if the queue is full."""
+        Dropped, with a log line, if the queue is full; dropped once the thread has stopped
+        (bookkeeping of a request that ended after shutdown)."""
+        if self._stopped:
+            logger.debug("the routing thread has stopped; dropping bookkeeping")
+            return
         self.start()
         try:
             self._queue.put_nowait(_Job(fn, None))

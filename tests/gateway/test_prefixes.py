@@ -351,10 +351,10 @@ def test_pool_lookups_are_counted_in_the_gateways_metrics() -> None:
 
 def test_its_own_record_yields_to_the_hints_of_a_worker_that_publishes_them(
         server: RedisServer) -> None:
-    """What this gateway routed counts until the worker has had time to publish its blocks;
-    after that the worker's hints say what it still holds (its cache may have evicted the
-    prompt long before `own_capacity` keys were routed there). A worker publishing no hints
-    keeps the gateway's record."""
+    """What this gateway routed counts until the worker has answered and then had time to
+    publish its blocks; after that the worker's hints say what it still holds (its cache may
+    have evicted the prompt long before `own_capacity` keys were routed there). A worker
+    publishing no hints keeps the gateway's record."""
     keys = block_keys(TOKENS, 16, FP)
     publish(server, "w1", [], None)  # w1 publishes hints, currently holding nothing
 
@@ -365,10 +365,13 @@ def test_its_own_record_yields_to_the_hints_of_a_worker_that_publishes_them(
             assert await index.refresh(["w1", "w2"])
             index.routed("w1", keys)
             index.routed("w2", keys)          # w2 publishes no hints at all
+            index.answered("w1", keys)
+            index.answered("w2", keys)
             now[0] += 4.0                     # within the grace: still counted
             assert await index.refresh(["w1", "w2"])
             assert index.local_blocks("w1", keys) == 6
-            index.routed("w1", keys[:2])      # routed again: those two are fresh
+            index.routed("w1", keys[:2])      # routed again and answered: those two are fresh
+            index.answered("w1", keys[:2])
             now[0] += 2.0                     # past the grace for the other four
             assert await index.refresh(["w1", "w2"])
             assert index.local_blocks("w1", keys) == 2
@@ -377,5 +380,57 @@ def test_its_own_record_yields_to_the_hints_of_a_worker_that_publishes_them(
             assert await index.refresh(["w1", "w2"])
             assert index.local_blocks("w1", keys) == 0
             assert index.local_blocks("w2", keys) == 6
+
+    asyncio.run(go())
+
+
+def test_its_own_record_counts_from_the_answer_not_from_routing(server: RedisServer) -> None:
+    """A prompt queued at a busy worker longer than the grace is still held there (it will
+    be once computed): the grace starts when the worker answers. Two requests in flight with
+    the same blocks: the first answer does not end the second's hold. A worker no longer
+    registered loses its in-flight record too."""
+    keys = block_keys(TOKENS, 16, FP)
+    publish(server, "w1", [], None)
+
+    async def go() -> None:
+        async with index_on(server) as index:
+            now = [1000.0]
+            index._clock = lambda: now[0]
+            assert await index.refresh(["w1"])
+            index.routed("w1", keys)
+            index.routed("w1", keys[:3])      # a second request sharing three blocks
+            now[0] += 60.0                    # both still queued a minute later
+            assert await index.refresh(["w1"])
+            assert index.local_blocks("w1", keys) == 6
+            read, local, _ = index.match(Keying(FP, 16, None), ["w1"], iter(keys))
+            assert local == {"w1": 6} and len(read) == 6
+            index.answered("w1", keys)        # the first answers: six blocks, grace from now
+            now[0] += 4.0
+            assert await index.refresh(["w1"])
+            assert index.local_blocks("w1", keys) == 6
+            now[0] += 2.0                     # the grace is over; the second is in flight
+            assert await index.refresh(["w1"])
+            assert index.local_blocks("w1", keys) == 3
+            index.answered("w1", keys[:3])
+            now[0] += 6.0
+            assert await index.refresh(["w1"])
+            assert index.local_blocks("w1", keys) == 0
+            index.routed("w1", keys)          # in flight when w1 leaves the registry
+            assert await index.refresh([])
+            assert index.local_blocks("w1", keys) == 0
+
+    asyncio.run(go())
+
+
+def test_the_in_flight_record_is_bounded(server: RedisServer) -> None:
+    """Requests that never answer (a gateway bug, a lost try) cannot grow the record past
+    `own_capacity` keys per worker."""
+    async def go() -> None:
+        async with index_on(server) as index:
+            index._own_cap = 64
+            assert await index.refresh(["w1"])
+            for i in range(100):
+                index.routed("w1", block_keys(list(range(i * 1000, i * 1000 + 96)), 16, FP))
+            assert len(index._flying["w1"]) == 64
 
     asyncio.run(go())

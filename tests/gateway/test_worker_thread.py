@@ -107,3 +107,26 @@ def test_a_caller_cancelled_stops_its_job() -> None:
         thread.stop()
 
     asyncio.run(main())
+
+
+def test_work_after_the_stop_is_dropped_or_refused_never_an_error() -> None:
+    """A request still in flight at shutdown posts its bookkeeping and may ask for routing
+    after the thread stopped: dropped, or a JobTimeout the router turns into an unkeyed
+    route, not a RuntimeError from starting a thread twice."""
+    async def main() -> None:
+        thread = WorkerThread()
+        assert await thread.run(lambda: 1, 1.0) == 1
+        thread.stop()
+        seen: list[int] = []
+        thread.post(lambda: seen.append(1))
+        with pytest.raises(JobTimeout, match="stopped"):
+            await thread.run(lambda: 2, 1.0)
+        never = WorkerThread()  # stopped before it ever ran
+        never.stop()
+        never.post(lambda: seen.append(2))
+        with pytest.raises(JobTimeout):
+            await never.run(lambda: 3, 1.0)
+        await asyncio.sleep(0.05)
+        assert seen == []
+
+    asyncio.run(main())
