@@ -89,7 +89,9 @@ class Gateway:
                                     max_keys=settings.max_hint_keys,
                                     pool_search_dirs=settings.pool_search_dirs,
                                     invalid=workers.invalid,
-                                    lock_timeout_s=settings.pool_lock_timeout_s)
+                                    lock_timeout_s=settings.pool_lock_timeout_s,
+                                    flight_limit_s=(settings.upstream_timeout_s
+                                                    + settings.connect_timeout_s))
         self.prefixes.count_lookup = self.metrics.pool_lookup  # (on the routing thread)
         self.metrics.watch_pool(self.prefixes.pool_stats)
         self.dashboard = Dashboard(self.metrics.registry, self.workers.snapshot,

@@ -132,30 +132,33 @@ class Attempt:
     context manager it closes on leaving, unless the stream relay took it over."""
 
     def __init__(self, worker: WorkerState, prefill: int,
-                 on_answer: Callable[[], None] | None = None) -> None:
+                 on_answer: Callable[[bool], None] | None = None) -> None:
         self.worker = worker
         self.unprefilled = prefill
         self.open = True
         self.handed_over = False
-        self.on_answer = on_answer  # called once: at the first token, or at the close
+        # Called once: at the first token (True), or at the close (whether the worker
+        # answered whole: a failed try computed nothing the gateway can count on).
+        self.on_answer = on_answer
         worker.begin(prefill)
 
-    def _answered(self) -> None:
+    def _answered(self, computed: bool) -> None:
         if self.on_answer is not None:
             on_answer, self.on_answer = self.on_answer, None
-            on_answer()
+            on_answer(computed)
 
     def prefilled(self) -> None:
         """The first token came back: the worker computed the prompt."""
         self.worker.prefilled(self.unprefilled)
         self.unprefilled = 0
-        self._answered()
+        self._answered(True)
 
-    def close(self) -> None:
+    def close(self, answered: bool = False) -> None:
+        """The try ends; `answered`: with the worker's whole answer."""
         if self.open:
             self.open = False
             self.worker.done(self.unprefilled)
-            self._answered()
+            self._answered(answered)
 
     def __enter__(self) -> Attempt:
         return self
@@ -280,7 +283,7 @@ class Forwarder:
                                               code="worker_error") from None
                     finally:
                         resp.release()
-                    attempt.close()
+                    attempt.close(answered=resp.status == 200)
                     if resp.status == 200:
                         return Answer(content, resp.headers.get("content-type",
                                                                 "application/json"),

@@ -125,7 +125,8 @@ class GatewayMetrics:
                                "timeout (routing_timeout_s), request_template (a template "
                                "sent with the request, not trusted), untokenizable, error, "
                                "tokenizer_loading (the gateway just started), "
-                               "adapter_unknown (a LoRA adapter no worker's hints describe).",
+                               "adapter_unknown (a LoRA adapter no worker's hints describe), "
+                               "stopped (the gateway is shutting down).",
                                ["reason"], registry=r)
         self.truncated = Counter("beluga_gateway_prompts_truncated",
                                  "Prompts keyed on their first routing_max_chars characters "

@@ -95,6 +95,9 @@ PENDING_MAX_BYTES = 64 * 1024 * 1024  # unread prompts kept for routing's follow
 # space); a record kept up to `own_capacity` keys promised blocks long evicted
 # (bench/README.md, "Issue 19").
 OWN_GRACE_S = 5.0
+# How long a try routed to a worker can wait for its answer (the gateway's upstream
+# timeouts; app.py passes its settings').
+DEFAULT_FLIGHT_LIMIT_S = 302.0
 
 
 class PrefixIndex:
@@ -103,7 +106,8 @@ class PrefixIndex:
                  pool_search_dirs: str | Sequence[str] = DEFAULT_POOL_SEARCH_DIRS,
                  invalid: InvalidRecords | None = None,
                  lock_timeout_s: float = DEFAULT_POOL_LOCK_TIMEOUT_S,
-                 busy_backoff_s: float = BUSY_BACKOFF_S) -> None:
+                 busy_backoff_s: float = BUSY_BACKOFF_S,
+                 flight_limit_s: float = DEFAULT_FLIGHT_LIMIT_S) -> None:
         self._client = client
         self._prefix = prefix
         self._max_keys = max(1, max_keys)  # hint keys read per worker
@@ -112,8 +116,15 @@ class PrefixIndex:
         self._hints: dict[str, WorkerHints] = {}
         # worker -> hint keys this gateway routed there -> when (oldest first)
         self._own: dict[str, OrderedDict[str, float]] = {}
-        # worker -> hint keys of requests routed there and not answered yet -> how many
-        self._flying: dict[str, dict[str, int]] = {}
+        # worker -> hint keys of requests routed there and not answered yet -> [how many,
+        # when last routed] (oldest first). An answer that never comes (its bookkeeping
+        # dropped from a full queue) cannot hold a key past `flight_limit_s`: no try waits
+        # longer than that for its answer (the gateway's upstream timeouts).
+        self._flying: dict[str, OrderedDict[str, list[float]]] = {}
+        self._flight_limit_s = flight_limit_s
+        # (worker, hint key of a prompt's last key routing read) -> the prompt's later keys,
+        # keyed when it came back while that try was in flight: its answer ends them too.
+        self._resolved: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
         self._own_cap = own_capacity
         self._own_grace_s = OWN_GRACE_S
         self._clock = time.monotonic
@@ -262,11 +273,19 @@ class PrefixIndex:
             self.owner(fn)
 
     def _prune(self, ids: list[str]) -> None:
-        """Forget what this gateway routed to workers no longer registered, and what a worker
-        whose hints say what it holds answered more than OWN_GRACE_S ago."""
-        expired = self._clock() - self._own_grace_s
+        """Forget what this gateway routed to workers no longer registered, what a worker
+        whose hints say what it holds answered more than OWN_GRACE_S ago, and tries in
+        flight longer than any try can be."""
+        now = self._clock()
+        expired = now - self._own_grace_s
         for wid in [w for w in self._flying if w not in ids]:
             del self._flying[wid]
+        for entry in [e for e in self._resolved if e[0] not in ids]:
+            del self._resolved[entry]
+        lost = now - self._flight_limit_s
+        for flying in self._flying.values():
+            while flying and next(iter(flying.values()))[1] < lost:
+                flying.popitem(last=False)
         for wid in list(self._own):
             if wid not in ids:
                 del self._own[wid]
@@ -341,7 +360,7 @@ class PrefixIndex:
         hinted = self._hints.get(worker_id)
         held = hinted.keys if hinted is not None else frozenset()
         own = self._own.get(worker_id, OrderedDict())
-        flying = self._flying.get(worker_id, {})
+        flying = self._flying.get(worker_id, OrderedDict())
         n = 0
         for k in keys:
             h = hint_key(k)
@@ -356,11 +375,13 @@ class PrefixIndex:
         the keys read (the last one held by nobody, unless the prompt ran out), the leading
         blocks each worker holds, and the leading blocks the pool holds. Block keys chain, so
         once no worker and not the pool holds block i, nobody holds any block after it."""
-        held: dict[str, tuple[frozenset[str], OrderedDict[str, float], dict[str, int]]] = {}
+        held: dict[str, tuple[frozenset[str], OrderedDict[str, float],
+                              OrderedDict[str, list[float]]]] = {}
         for wid in worker_ids:
             hinted = self._hints.get(wid)
             held[wid] = (hinted.keys if hinted is not None else frozenset(),
-                         self._own.get(wid, OrderedDict()), self._flying.get(wid, {}))
+                         self._own.get(wid, OrderedDict()),
+                         self._flying.get(wid, OrderedDict()))
         local = dict.fromkeys(worker_ids, 0)
         alive = list(worker_ids)
         pool = self._pool if (self._pool is not None
@@ -380,8 +401,9 @@ class PrefixIndex:
                     local[w] += 1
                     later = self._drop_pending((w, h))
                     if later is not None:  # w was sent this prompt before: key the rest now
-                        self._stamp(w, [hint_key(k) for k in later])
-                        held[w] = (published, self._own[w], flying)
+                        self._keyed_later(w, h, [hint_key(k) for k in later])
+                        held[w] = (published, self._own.get(w, OrderedDict()),
+                                   self._flying.get(w, OrderedDict()))
                 alive = kept
             # The pool is asked once the workers' prefixes have ended (or the prompt has), all
             # keys not asked yet in one call: read[:in_pool] are in the pool, the rest unasked.
@@ -442,24 +464,53 @@ class PrefixIndex:
             while self._pending and (len(self._pending) > self._pending_cap
                                      or self._pending_bytes > self._pending_max_bytes):
                 self._drop_pending(next(iter(self._pending)))
-        flying = self._flying.setdefault(worker_id, {})
-        for k in keys:
-            h = hint_key(k)
-            flying[h] = flying.get(h, 0) + 1
-        while len(flying) > self._own_cap:  # bounded like `_own` (oldest first)
-            del flying[next(iter(flying))]
+        self._fly(worker_id, [hint_key(k) for k in keys], self._clock())
 
-    def answered(self, worker_id: str, keys: Sequence[bytes]) -> None:
-        """The worker answered (its first token, or the end of the try) a request `routed`
-        there with `keys`: they count as held for OWN_GRACE_S more, then as its hints say."""
+    def _fly(self, worker_id: str, hint_keys: Sequence[str], routed_at: float) -> None:
+        flying = self._flying.setdefault(worker_id, OrderedDict())
+        for h in hint_keys:
+            entry = flying.pop(h, None)
+            flying[h] = [1.0 if entry is None else entry[0] + 1, routed_at]
+        # Bounded like `_own`: the longest in flight go first (8,192 keys is 262,144 tokens
+        # of 32-token blocks queued at one worker, more than its cache holds).
+        while len(flying) > self._own_cap:
+            flying.popitem(last=False)
+
+    def _keyed_later(self, worker_id: str, last: str, later: list[str]) -> None:
+        """A prompt's later keys, read now that it came back, for the worker it was sent to
+        (its last key routing read: `last`). While that try is in flight they are too (its
+        answer ends them); once answered, they count from now."""
         flying = self._flying.get(worker_id)
+        entry = flying.get(last) if flying is not None else None
+        if entry is None:
+            self._stamp(worker_id, later)
+            return
+        self._fly(worker_id, later, entry[1])
+        self._resolved.setdefault((worker_id, last), []).extend(later)
+        self._resolved.move_to_end((worker_id, last))
+        while len(self._resolved) > self._pending_cap:  # (their keys expire in flight)
+            self._resolved.popitem(last=False)
+
+    def answered(self, worker_id: str, keys: Sequence[bytes], computed: bool = True) -> None:
+        """A try `routed` to this worker with `keys` ended its wait: the worker answered
+        (its first token, or a whole answer) and, `computed`, holds the prompt: it counts
+        as held for OWN_GRACE_S more, then as the worker's hints say; or the try failed
+        before any answer (nothing computed): no longer held."""
         hs = [hint_key(k) for k in keys]
+        if hs:
+            hs.extend(self._resolved.pop((worker_id, hs[-1]), ()))
+        flying = self._flying.get(worker_id)
         if flying is not None:
             for h in hs:
-                n = flying.pop(h, 0)
-                if n > 1:  # another request with this block is still in flight there
-                    flying[h] = n - 1
-        self._stamp(worker_id, hs)
+                entry = flying.get(h)
+                if entry is None:
+                    continue
+                if entry[0] > 1:  # another try with this block is still in flight there
+                    entry[0] -= 1
+                else:
+                    del flying[h]
+        if computed:
+            self._stamp(worker_id, hs)
 
     def _stamp(self, worker_id: str, hint_keys: Iterable[str]) -> None:
         own = self._own.setdefault(worker_id, OrderedDict())

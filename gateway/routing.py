@@ -30,7 +30,7 @@ from gateway.prefixes import PrefixIndex
 from gateway.requests import ParsedRequest
 from gateway.tokenize import Prompt, PromptTokenizer
 from gateway.upstream import UpstreamClient, UpstreamError
-from gateway.worker_thread import JobTimeout, WorkerThread
+from gateway.worker_thread import JobTimeout, ThreadStopped, WorkerThread
 from gateway.workers import WorkerState
 from kvpool.keys import ChainMemo, Identity, KeyChain
 
@@ -142,6 +142,8 @@ class Router:
         deadline = time.monotonic() + self.settings.routing_timeout_s
         try:
             done = await self.thread.run(keyed, self.settings.routing_timeout_s)
+        except ThreadStopped:  # (shutting down)
+            return self._unkeyed(req, "stopped")
         except JobTimeout:
             return self._unkeyed(req, "timeout")
         except Exception:  # a bug: logged, the request routed without keys
@@ -228,12 +230,12 @@ class Router:
         self.thread.post(lambda: self.prefixes.routed(worker_id, info.keys, later, size))
         self.metrics.routed(choice, info)
 
-    def answered(self, worker_id: str, info: RequestInfo) -> None:
-        """The worker answered the request `record`ed for it (its first token, or the end of
-        the try): from now its record counts down (PrefixIndex.answered). Posted through
-        the event loop, like `record` (a try that fails before it waits: after its record)."""
+    def answered(self, worker_id: str, info: RequestInfo, computed: bool) -> None:
+        """A try `record`ed for this worker ended its wait: its first token or whole answer
+        came (`computed`), or it failed first (PrefixIndex.answered). Posted through the
+        event loop, like `record` (a try that fails before it waits: after its record)."""
         def post() -> None:
-            self.thread.post(lambda: self.prefixes.answered(worker_id, info.keys))
+            self.thread.post(lambda: self.prefixes.answered(worker_id, info.keys, computed))
 
         try:
             asyncio.get_running_loop().call_soon(post)

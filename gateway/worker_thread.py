@@ -37,6 +37,10 @@ class JobTimeout(TimeoutError):
     """A job did not finish by its deadline (it was interrupted or never started)."""
 
 
+class ThreadStopped(JobTimeout):
+    """A job submitted after the thread stopped (a request still in flight at shutdown)."""
+
+
 @dataclass(eq=False)
 class _Job(Generic[T]):
     fn: Callable[[], T]
@@ -82,7 +86,7 @@ class WorkerThread:
         time in the queue included), after which `fn` is interrupted or never started; at
         once once the thread has stopped (a request still in flight at shutdown)."""
         if self._stopped:
-            raise JobTimeout("the routing thread has stopped")
+            raise ThreadStopped("the routing thread has stopped")
         self.start()
         loop = asyncio.get_running_loop()
         job: _Job[T] = _Job(fn, time.monotonic() + timeout_s, loop, loop.create_future())

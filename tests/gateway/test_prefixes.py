@@ -422,6 +422,76 @@ def test_its_own_record_counts_from_the_answer_not_from_routing(server: RedisSer
     asyncio.run(go())
 
 
+def test_a_prompts_later_keys_are_held_while_its_try_is_in_flight(server: RedisServer) -> None:
+    """A prompt queued at w1 comes back and is sent elsewhere (w1 is busy): the rest of its
+    keys, read now, are held at w1 until w1 answers the first try, then for the grace."""
+    keys = block_keys(TOKENS, 16, FP)
+    publish(server, "w1", [], None)
+    publish(server, "w2", [], None)
+
+    async def go() -> None:
+        async with index_on(server) as index:
+            now = [1000.0]
+            index._clock = lambda: now[0]
+            assert await index.refresh(["w1", "w2"])
+            keying = index.keying(["w1"])
+            assert keying is not None
+            first = iter(keys)
+            read, _, _ = index.match(keying, ["w1", "w2"], first)
+            index.routed("w1", read, first)         # queued at w1; the rest unread
+            read, local, _ = index.match(keying, ["w1", "w2"], iter(keys))
+            assert local == {"w1": 6, "w2": 0}
+            index.routed("w2", read)                # the repeat goes to w2
+            now[0] += 60.0                          # w1 still has not answered
+            assert await index.refresh(["w1", "w2"])
+            assert index.local_blocks("w1", keys) == 6
+            index.answered("w2", read)
+            index.answered("w1", keys[:1])          # w1's first token: its try's keys
+            now[0] += 4.0
+            assert await index.refresh(["w1", "w2"])
+            assert index.local_blocks("w1", keys) == 6
+            now[0] += 2.0
+            assert await index.refresh(["w1", "w2"])
+            assert index.local_blocks("w1", keys) == 0
+            assert not index._flying["w1"] and not index._resolved
+
+    asyncio.run(go())
+
+
+def test_a_try_that_failed_or_never_answers_is_not_held(server: RedisServer) -> None:
+    """A try that failed before any answer computed nothing: not held, not for the grace
+    either. A try whose answer never reaches the record (its bookkeeping dropped) is held
+    no longer than a try can wait for its answer."""
+    keys = block_keys(TOKENS, 16, FP)
+    publish(server, "w1", [], None)
+
+    async def go() -> None:
+        async with index_on(server) as index:
+            now = [1000.0]
+            index._clock = lambda: now[0]
+            index._flight_limit_s = 300.0
+            assert await index.refresh(["w1"])
+            index.routed("w1", keys)
+            index.routed("w1", keys[:2])
+            index.answered("w1", keys, computed=False)
+            assert index.local_blocks("w1", keys) == 2   # the other try is in flight
+            index.answered("w1", keys[:2], computed=False)
+            assert index.local_blocks("w1", keys) == 0
+            index.routed("w1", keys)                      # its answer is lost
+            now[0] += 299.0
+            assert await index.refresh(["w1"])
+            assert index.local_blocks("w1", keys) == 6
+            index.routed("w1", keys[:1])                  # routed again later: fresh
+            now[0] += 2.0
+            assert await index.refresh(["w1"])
+            assert index.local_blocks("w1", keys) == 1
+            now[0] += 300.0
+            assert await index.refresh(["w1"])
+            assert index.local_blocks("w1", keys) == 0 and not index._flying["w1"]
+
+    asyncio.run(go())
+
+
 def test_the_in_flight_record_is_bounded(server: RedisServer) -> None:
     """Requests that never answer (a gateway bug, a lost try) cannot grow the record past
     `own_capacity` keys per worker."""

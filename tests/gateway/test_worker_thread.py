@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gateway.worker_thread import JobTimeout, WorkerThread
+from gateway.worker_thread import JobTimeout, ThreadStopped, WorkerThread
 
 
 def spin(seconds: float) -> str:
@@ -119,7 +119,7 @@ def test_work_after_the_stop_is_dropped_or_refused_never_an_error() -> None:
         thread.stop()
         seen: list[int] = []
         thread.post(lambda: seen.append(1))
-        with pytest.raises(JobTimeout, match="stopped"):
+        with pytest.raises(ThreadStopped, match="stopped"):
             await thread.run(lambda: 2, 1.0)
         never = WorkerThread()  # stopped before it ever ran
         never.stop()
