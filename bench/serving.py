@@ -69,10 +69,22 @@ CONFIGS = [("round_robin_no_pool", "round_robin", False),
            ("pool_aware", "pool_aware", True)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(rng: random.Random = random.Random()) -> int:  # noqa: B008 (one, shared)
+    """A free port below the kernel's ephemeral range: one the OS hands out (bind to 0)
+    can be taken by an outgoing connection in the seconds before vLLM binds it (a round
+    of the 15:05 run died so: "Address already in use")."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    while True:
+        port = rng.randrange(10000, max(10001, low - 1))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def text(rng: random.Random, words: int) -> str:
