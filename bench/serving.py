@@ -381,6 +381,38 @@ def over_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def table(summary: dict[str, Any]) -> str:
+    """The run as bench/README.md shows it: per load and configuration, the medians over
+    the rounds (min-max), then the targets' verdicts and the routing check."""
+    def cell(res: dict[str, Any], stat: str) -> str:
+        lo, hi = res["spread"][stat]
+        return f"{res[stat]:.3f} ({lo:.3f}–{hi:.3f})"
+
+    rows = ["| load | configuration | TTFT p50 s | p90 s | p99 s (the slowest) | throughput "
+            "| local hit | pool hit |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    loads = [(f"{e['rate_rps']:g} rps", e["results"]) for e in summary["sweep"]]
+    for load, results in [*loads, ("closed loop", summary["capacity"])]:
+        for name, res in results.items():
+            rows.append(f"| {load} | `{name}` | " + " | ".join(cell(res, k) for k in STATS)
+                        + f" | {res['local_hit_rate']:.1%} | {res['pool_hit_rate']:.1%} |")
+    rows += ["", "| target | load | ratio on the medians | per round | verdict |",
+             "| --- | --- | --- | --- | --- |"]
+    for target, d in summary.get("target_details", {}).items():
+        for load, v in d["per_load"].items():
+            rounds = " / ".join(f"{x:.2f}" for x in v["per_round"])
+            rows.append(f"| {target} | {load} | {v['ratio']:.3f} | {rounds} | {v['verdict']} |")
+    rows += ["", "| configuration | predicted cached tokens | found | over-predicted | "
+             "under-predicted | unkeyed |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, res in summary["results"].items():
+        c = res["routing_check"]
+        rows.append(f"| `{name}` | {c['predicted']:,.0f} | {c['actual']:,.0f} | "
+                    f"{c['over']:,.0f} | {c['under']:,.0f} | "
+                    f"{c['unkeyed']:,.0f} |" if "unkeyed" in c else
+                    f"| `{name}` | {c['predicted']:,.0f} | {c['actual']:,.0f} | "
+                    f"{c['over']:,.0f} | {c['under']:,.0f} | (not recorded) |")
+    return "\n".join(rows)
+
+
 def stat_of(results: dict[str, Any], stat: str, name: str) -> float:
     return float(results[name][stat])
 
@@ -514,6 +546,8 @@ def main() -> int:
     ap.add_argument("--summarize", type=Path, metavar="JSON",
                     help="recompute the summary of a finished run from the rounds it saved "
                     "(no stack is started); with --json, write it there")
+    ap.add_argument("--table", action="store_true",
+                    help="with --summarize: print the run as markdown tables")
     args = ap.parse_args()
     if args.summarize is not None:
         saved = json.loads(args.summarize.read_text())
@@ -528,7 +562,8 @@ def main() -> int:
             setattr(args, key, c.get(key))
         summary = summarize(args, {n: r["rounds"] for n, r in saved["results"].items()})
         summary["config"]["order"] = c.get("order")
-        print(json.dumps(summary["target_details"], indent=1))
+        print(table(summary) if args.table
+              else json.dumps(summary["target_details"], indent=1))
         if args.json:
             write(args.json, summary)
         return 0
