@@ -49,7 +49,7 @@ from gateway.front import HOP_HEADER, BodyStream, Front
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import CHAT_REQUEST, COMPLETION_REQUEST, operation
 from gateway.policies import Policy, make_policy
-from gateway.prefixes import PrefixIndex
+from gateway.prefixes import PrefixIndex, flight_limit_s
 from gateway.requests import Endpoint, ParsedRequest, parse_request
 from gateway.routing import Router
 from gateway.sse import with_first_field
@@ -90,8 +90,7 @@ class Gateway:
                                     pool_search_dirs=settings.pool_search_dirs,
                                     invalid=workers.invalid,
                                     lock_timeout_s=settings.pool_lock_timeout_s,
-                                    flight_limit_s=(settings.upstream_timeout_s
-                                                    + settings.connect_timeout_s))
+                                    flight_limit_s=flight_limit_s(settings))
         self.prefixes.count_lookup = self.metrics.pool_lookup  # (on the routing thread)
         self.metrics.watch_pool(self.prefixes.pool_stats)
         self.dashboard = Dashboard(self.metrics.registry, self.workers.snapshot,

@@ -243,11 +243,13 @@ class Forwarder:
             # the routing metrics) runs once this task waits for the worker's answer, that
             # is after the request is written: off the request's critical path. The rest of
             # the prompt's keys stay unread unless the prompt comes back.
-            asyncio.get_running_loop().call_soon(self.router.record, choice, info, later)
+            try_id = next(self.router.try_ids)
+            asyncio.get_running_loop().call_soon(self.router.record, choice, info, later,
+                                                 try_id)
             later = iter(())  # one reader; a retry elsewhere records what routing read
             headers = {"x-beluga-worker": worker.id, "x-beluga-route": choice.reason}
             with Attempt(worker, choice.prefill_tokens, functools.partial(
-                    self.router.answered, worker.id, info)) as attempt:
+                    self.router.answered, try_id)) as attempt:
                 try:
                     resp = await self.post(worker, req.endpoint, body)
                 except RETRYABLE as exc:

@@ -96,8 +96,26 @@ PENDING_MAX_BYTES = 64 * 1024 * 1024  # unread prompts kept for routing's follow
 # (bench/README.md, "Issue 19").
 OWN_GRACE_S = 5.0
 # How long a try routed to a worker can wait for its answer (the gateway's upstream
-# timeouts; app.py passes its settings').
-DEFAULT_FLIGHT_LIMIT_S = 302.0
+# timeouts; app.py passes its settings': `flight_limit_s`).
+DEFAULT_FLIGHT_LIMIT_S = 320.0
+
+
+def flight_limit_s(settings: Settings) -> float:
+    """The longest a try waits for its answer: a connection (queued for one, connecting,
+    and once more if a kept-alive one was closed), then the worker's silence until its
+    first byte; and a margin."""
+    return (settings.upstream_queue_timeout_s + 2 * settings.connect_timeout_s
+            + settings.upstream_timeout_s + 10.0)
+
+
+@dataclass
+class _Try:
+    """A request's try in flight at a worker: the hint keys held on its account."""
+
+    worker: str
+    keys: list[str]
+    routed_at: float
+    pending: tuple[str, str] | None  # its `_pending` entry, while that holds its prompt
 
 
 class PrefixIndex:
@@ -116,23 +134,23 @@ class PrefixIndex:
         self._hints: dict[str, WorkerHints] = {}
         # worker -> hint keys this gateway routed there -> when (oldest first)
         self._own: dict[str, OrderedDict[str, float]] = {}
-        # worker -> hint keys of requests routed there and not answered yet -> [how many,
-        # when last routed] (oldest first). An answer that never comes (its bookkeeping
-        # dropped from a full queue) cannot hold a key past `flight_limit_s`: no try waits
-        # longer than that for its answer (the gateway's upstream timeouts).
-        self._flying: dict[str, OrderedDict[str, list[float]]] = {}
+        # Tries routed and not answered yet, by the id the router gave each (oldest first),
+        # and per worker, how many of them hold each hint key. A try's answer ends its own
+        # keys only; one whose answer never comes (its bookkeeping dropped from a full
+        # queue) ends at `flight_limit_s`: no try waits longer (the gateway's timeouts).
+        self._tries: OrderedDict[int, _Try] = OrderedDict()
+        self._flying: dict[str, dict[str, int]] = {}
+        self._flying_keys = 0  # in all tries: bounded, like the rest
         self._flight_limit_s = flight_limit_s
-        # (worker, hint key of a prompt's last key routing read) -> the prompt's later keys,
-        # keyed when it came back while that try was in flight: its answer ends them too.
-        self._resolved: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
         self._own_cap = own_capacity
         self._own_grace_s = OWN_GRACE_S
         self._clock = time.monotonic
         # (worker, hint key of the last block routing read) -> the prompt's later block keys,
-        # not tokenized yet: read only if the prompt comes back (most never do).
+        # not tokenized yet: read only if the prompt comes back (most never do); about how
+        # many bytes the prompt behind them holds; the try that sent it there.
         # Bounded by entries and by what the prompts behind them hold (`routed`'s `size`).
-        self._pending: OrderedDict[tuple[str, str], tuple[Iterator[bytes], int]] = (
-            OrderedDict())
+        self._pending: OrderedDict[tuple[str, str],
+                                   tuple[Iterator[bytes], int, int | None]] = OrderedDict()
         self._pending_cap = pending_capacity
         self._pending_bytes, self._pending_max_bytes = 0, PENDING_MAX_BYTES
         # Where the per-request state (`_own`, `_pending`, the pool's use) is touched: the
@@ -278,14 +296,11 @@ class PrefixIndex:
         flight longer than any try can be."""
         now = self._clock()
         expired = now - self._own_grace_s
-        for wid in [w for w in self._flying if w not in ids]:
-            del self._flying[wid]
-        for entry in [e for e in self._resolved if e[0] not in ids]:
-            del self._resolved[entry]
+        for tid in [t for t, x in self._tries.items() if x.worker not in ids]:
+            self._land(tid)
         lost = now - self._flight_limit_s
-        for flying in self._flying.values():
-            while flying and next(iter(flying.values()))[1] < lost:
-                flying.popitem(last=False)
+        while self._tries and next(iter(self._tries.values())).routed_at < lost:
+            self._land(next(iter(self._tries)))
         for wid in list(self._own):
             if wid not in ids:
                 del self._own[wid]
@@ -360,7 +375,7 @@ class PrefixIndex:
         hinted = self._hints.get(worker_id)
         held = hinted.keys if hinted is not None else frozenset()
         own = self._own.get(worker_id, OrderedDict())
-        flying = self._flying.get(worker_id, OrderedDict())
+        flying = self._flying.get(worker_id, {})
         n = 0
         for k in keys:
             h = hint_key(k)
@@ -375,13 +390,11 @@ class PrefixIndex:
         the keys read (the last one held by nobody, unless the prompt ran out), the leading
         blocks each worker holds, and the leading blocks the pool holds. Block keys chain, so
         once no worker and not the pool holds block i, nobody holds any block after it."""
-        held: dict[str, tuple[frozenset[str], OrderedDict[str, float],
-                              OrderedDict[str, list[float]]]] = {}
+        held: dict[str, tuple[frozenset[str], OrderedDict[str, float], dict[str, int]]] = {}
         for wid in worker_ids:
             hinted = self._hints.get(wid)
             held[wid] = (hinted.keys if hinted is not None else frozenset(),
-                         self._own.get(wid, OrderedDict()),
-                         self._flying.get(wid, OrderedDict()))
+                         self._own.get(wid, OrderedDict()), self._flying.get(wid, {}))
         local = dict.fromkeys(worker_ids, 0)
         alive = list(worker_ids)
         pool = self._pool if (self._pool is not None
@@ -399,11 +412,11 @@ class PrefixIndex:
                         continue
                     kept.append(w)
                     local[w] += 1
-                    later = self._drop_pending((w, h))
-                    if later is not None:  # w was sent this prompt before: key the rest now
-                        self._keyed_later(w, h, [hint_key(k) for k in later])
+                    found = self._drop_pending((w, h))
+                    if found is not None:  # w was sent this prompt before: key the rest now
+                        self._keyed_later(w, [hint_key(k) for k in found[0]], found[1])
                         held[w] = (published, self._own.get(w, OrderedDict()),
-                                   self._flying.get(w, OrderedDict()))
+                                   self._flying.get(w, {}))
                 alive = kept
             # The pool is asked once the workers' prefixes have ended (or the prompt has), all
             # keys not asked yet in one call: read[:in_pool] are in the pool, the rest unasked.
@@ -451,66 +464,85 @@ class PrefixIndex:
             self.count_lookup(result)
 
     def routed(self, worker_id: str, keys: Sequence[bytes],
-               later: Iterator[bytes] | None = None, size: int = 0) -> None:
+               later: Iterator[bytes] | None = None, size: int = 0,
+               try_id: int | None = None) -> None:
         """Remember that `keys` will be in this worker's cache once it has served them, and
         so will `later` (the prompt's remaining keys, read only if it comes back; `size`:
-        about how many bytes the unread prompt behind it holds). They count as held until
-        `answered` says the worker has answered (then for OWN_GRACE_S more)."""
+        about how many bytes the unread prompt behind it holds). With a `try_id`, they count
+        as held until `answered(try_id)` (then for OWN_GRACE_S more); without one, from
+        now for OWN_GRACE_S."""
+        entry = None
         if later is not None and keys and size <= self._pending_max_bytes:
             entry = (worker_id, hint_key(keys[-1]))
             self._drop_pending(entry)
-            self._pending[entry] = (later, size)
+            self._pending[entry] = (later, size, try_id)
             self._pending_bytes += size
             while self._pending and (len(self._pending) > self._pending_cap
                                      or self._pending_bytes > self._pending_max_bytes):
                 self._drop_pending(next(iter(self._pending)))
-        self._fly(worker_id, [hint_key(k) for k in keys], self._clock())
-
-    def _fly(self, worker_id: str, hint_keys: Sequence[str], routed_at: float) -> None:
-        flying = self._flying.setdefault(worker_id, OrderedDict())
-        for h in hint_keys:
-            entry = flying.pop(h, None)
-            flying[h] = [1.0 if entry is None else entry[0] + 1, routed_at]
-        # Bounded like `_own`: the longest in flight go first (8,192 keys is 262,144 tokens
-        # of 32-token blocks queued at one worker, more than its cache holds).
-        while len(flying) > self._own_cap:
-            flying.popitem(last=False)
-
-    def _keyed_later(self, worker_id: str, last: str, later: list[str]) -> None:
-        """A prompt's later keys, read now that it came back, for the worker it was sent to
-        (its last key routing read: `last`). While that try is in flight they are too (its
-        answer ends them); once answered, they count from now."""
-        flying = self._flying.get(worker_id)
-        entry = flying.get(last) if flying is not None else None
-        if entry is None:
-            self._stamp(worker_id, later)
-            return
-        self._fly(worker_id, later, entry[1])
-        self._resolved.setdefault((worker_id, last), []).extend(later)
-        self._resolved.move_to_end((worker_id, last))
-        while len(self._resolved) > self._pending_cap:  # (their keys expire in flight)
-            self._resolved.popitem(last=False)
-
-    def answered(self, worker_id: str, keys: Sequence[bytes], computed: bool = True) -> None:
-        """A try `routed` to this worker with `keys` ended its wait: the worker answered
-        (its first token, or a whole answer) and, `computed`, holds the prompt: it counts
-        as held for OWN_GRACE_S more, then as the worker's hints say; or the try failed
-        before any answer (nothing computed): no longer held."""
         hs = [hint_key(k) for k in keys]
-        if hs:
-            hs.extend(self._resolved.pop((worker_id, hs[-1]), ()))
-        flying = self._flying.get(worker_id)
-        if flying is not None:
-            for h in hs:
-                entry = flying.get(h)
-                if entry is None:
-                    continue
-                if entry[0] > 1:  # another try with this block is still in flight there
-                    entry[0] -= 1
-                else:
-                    del flying[h]
-        if computed:
+        if try_id is None:
             self._stamp(worker_id, hs)
+            return
+        self._land(try_id)  # (an id is never reused; a caller's bug must not leak)
+        self._tries[try_id] = _Try(worker_id, [], self._clock(), entry)
+        self._fly(try_id, hs)
+
+    def _fly(self, try_id: int, hint_keys: list[str]) -> None:
+        t = self._tries[try_id]
+        flying = self._flying.setdefault(t.worker, {})
+        for h in hint_keys:
+            flying[h] = flying.get(h, 0) + 1
+        t.keys.extend(hint_keys)
+        self._flying_keys += len(hint_keys)
+        # Bounded like `_own` (the longest in flight go first): 8,192 keys per worker is
+        # 262,144 tokens of 32-token blocks queued, more than a worker's cache holds.
+        limit = self._own_cap * max(1, len(self._hints))
+        while self._flying_keys > limit and len(self._tries) > 1:
+            self._land(next(iter(self._tries)))
+
+    def _keyed_later(self, worker_id: str, later: list[str], try_id: int | None) -> None:
+        """A prompt's later keys, read now that it came back, for the worker that `try_id`
+        sent it to. While that try is in flight they are too (its answer ends them); once
+        answered, they count from now."""
+        t = self._tries.get(try_id) if try_id is not None else None
+        if try_id is None or t is None or t.worker != worker_id:
+            self._stamp(worker_id, later)
+        else:
+            self._fly(try_id, later)
+
+    def answered(self, try_id: int, computed: bool = True) -> None:
+        """The try `routed` with `try_id` ended its wait: the worker answered (its first
+        token, or a whole answer) and, `computed`, holds the prompt: it counts as held for
+        OWN_GRACE_S more, then as the worker's hints say; or the try failed before any
+        answer (nothing computed): no longer held, and its prompt's later keys are
+        forgotten. A try no longer in flight (ended at the flight limit) is not counted."""
+        t = self._land(try_id)
+        if t is None:
+            return
+        if computed:
+            self._stamp(t.worker, t.keys)
+        elif t.pending is not None:
+            found = self._pending.get(t.pending)
+            if found is not None and found[2] == try_id:
+                self._drop_pending(t.pending)
+
+    def _land(self, try_id: int) -> _Try | None:
+        """The try is no longer in flight: its keys no longer held on its account."""
+        t = self._tries.pop(try_id, None)
+        if t is None:
+            return None
+        flying = self._flying.get(t.worker, {})
+        for h in t.keys:
+            n = flying.get(h, 0)
+            if n > 1:  # another try with this block is still in flight there
+                flying[h] = n - 1
+            else:
+                flying.pop(h, None)
+        if not flying:
+            self._flying.pop(t.worker, None)
+        self._flying_keys -= len(t.keys)
+        return t
 
     def _stamp(self, worker_id: str, hint_keys: Iterable[str]) -> None:
         own = self._own.setdefault(worker_id, OrderedDict())
@@ -522,12 +554,13 @@ class PrefixIndex:
             own.popitem(last=False)
 
 
-    def _drop_pending(self, entry: tuple[str, str]) -> Iterator[bytes] | None:
+    def _drop_pending(self, entry: tuple[str, str]) -> tuple[Iterator[bytes], int | None] | None:
+        """The entry's later keys and the try that sent its prompt, no longer pending."""
         found = self._pending.pop(entry, None)
         if found is None:
             return None
         self._pending_bytes -= found[1]
-        return found[0]
+        return found[0], found[2]
 
 
 def _really_inside(path: str, dirs: Sequence[str]) -> bool:

@@ -13,6 +13,7 @@ keys) is only touched on that thread too.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -87,6 +88,7 @@ class Router:
         self.headers = headers  # what every request to a worker carries
         self.client: UpstreamClient | None = None
         self.thread = WorkerThread()
+        self.try_ids = itertools.count()  # one per try routed (PrefixIndex.routed)
         prefixes.owner = self.thread.post  # its per-request state: only on this thread
         self.key_memo = ChainMemo()
         self.lookup_backoff: dict[str, float] = {}  # worker id -> when to ask it again
@@ -142,10 +144,9 @@ class Router:
         deadline = time.monotonic() + self.settings.routing_timeout_s
         try:
             done = await self.thread.run(keyed, self.settings.routing_timeout_s)
-        except ThreadStopped:  # (shutting down)
-            return self._unkeyed(req, "stopped")
-        except JobTimeout:
-            return self._unkeyed(req, "timeout")
+        except JobTimeout as exc:  # ThreadStopped: shutting down
+            return self._unkeyed(req, "stopped" if isinstance(exc, ThreadStopped)
+                                 else "timeout")
         except Exception:  # a bug: logged, the request routed without keys
             logger.exception("keying a %s prompt failed", req.endpoint)
             return self._unkeyed(req, "error")
@@ -166,9 +167,10 @@ class Router:
                 try:
                     rest = await self.thread.run(
                         lambda: list(later), max(0.0, deadline - time.monotonic()))
-                except JobTimeout:
+                except JobTimeout as exc:
                     rest = []
-                    self.metrics.prompt_unkeyed("timeout")
+                    self.metrics.prompt_unkeyed(
+                        "stopped" if isinstance(exc, ThreadStopped) else "timeout")
                 keys.extend(rest)
                 pooled += await self.ask_pool(remote, rest, workers)
                 later = iter(())
@@ -222,20 +224,22 @@ class Router:
         self.metrics.pool_lookup("ok")
         return reply.blocks
 
-    def record(self, choice: Choice, info: RequestInfo, later: Iterator[bytes]) -> None:
+    def record(self, choice: Choice, info: RequestInfo, later: Iterator[bytes],
+               try_id: int) -> None:
         """This gateway's record of what the worker will hold (on the routing thread, which
         alone touches the prefix index's per-request state), and the routing metrics."""
         worker_id = choice.worker.id
         size = later.size if isinstance(later, Later) else 0
-        self.thread.post(lambda: self.prefixes.routed(worker_id, info.keys, later, size))
+        self.thread.post(
+            lambda: self.prefixes.routed(worker_id, info.keys, later, size, try_id))
         self.metrics.routed(choice, info)
 
-    def answered(self, worker_id: str, info: RequestInfo, computed: bool) -> None:
-        """A try `record`ed for this worker ended its wait: its first token or whole answer
+    def answered(self, try_id: int, computed: bool) -> None:
+        """The try `record`ed as `try_id` ended its wait: its first token or whole answer
         came (`computed`), or it failed first (PrefixIndex.answered). Posted through the
         event loop, like `record` (a try that fails before it waits: after its record)."""
         def post() -> None:
-            self.thread.post(lambda: self.prefixes.answered(worker_id, info.keys, computed))
+            self.thread.post(lambda: self.prefixes.answered(try_id, computed))
 
         try:
             asyncio.get_running_loop().call_soon(post)

@@ -349,6 +349,27 @@ def test_pool_lookups_are_counted_in_the_gateways_metrics() -> None:
     assert 'beluga_gateway_pool_lookups_total{result="error"} 1.0' in text  # bounded labels
 
 
+@contextlib.asynccontextmanager
+async def clocked(server: RedisServer, *workers: str,
+                  unpublished: tuple[str, ...] = ()) -> AsyncIterator[tuple[PrefixIndex, Any]]:
+    """An index on a clock the test moves (`tick(s)` moves it and refreshes), whose
+    `workers` publish hints that hold nothing; `unpublished` ones publish none."""
+    for w in workers:
+        publish(server, w, [], None)
+    async with index_on(server) as index:
+        now = [1000.0]
+        index._clock = lambda: now[0]
+        index._flight_limit_s = 300.0
+        ids = [*workers, *unpublished]
+
+        async def tick(seconds: float) -> None:
+            now[0] += seconds
+            assert await index.refresh(ids)
+
+        await tick(0)
+        yield index, tick
+
+
 def test_its_own_record_yields_to_the_hints_of_a_worker_that_publishes_them(
         server: RedisServer) -> None:
     """What this gateway routed counts until the worker has answered and then had time to
@@ -356,151 +377,195 @@ def test_its_own_record_yields_to_the_hints_of_a_worker_that_publishes_them(
     have evicted the prompt long before `own_capacity` keys were routed there). A worker
     publishing no hints keeps the gateway's record."""
     keys = block_keys(TOKENS, 16, FP)
-    publish(server, "w1", [], None)  # w1 publishes hints, currently holding nothing
 
     async def go() -> None:
-        async with index_on(server) as index:
-            now = [1000.0]
-            index._clock = lambda: now[0]
-            assert await index.refresh(["w1", "w2"])
-            index.routed("w1", keys)
-            index.routed("w2", keys)          # w2 publishes no hints at all
-            index.answered("w1", keys)
-            index.answered("w2", keys)
-            now[0] += 4.0                     # within the grace: still counted
-            assert await index.refresh(["w1", "w2"])
+        async with clocked(server, "w1", unpublished=("w2",)) as (index, tick):
+            index.routed("w1", keys, try_id=1)
+            index.routed("w2", keys, try_id=2)
+            index.answered(1)
+            index.answered(2)
+            await tick(4.0)                       # within the grace: still counted
             assert index.local_blocks("w1", keys) == 6
-            index.routed("w1", keys[:2])      # routed again and answered: those two are fresh
-            index.answered("w1", keys[:2])
-            now[0] += 2.0                     # past the grace for the other four
-            assert await index.refresh(["w1", "w2"])
+            index.routed("w1", keys[:2], try_id=3)  # routed again and answered: fresh
+            index.answered(3)
+            await tick(2.0)                       # past the grace for the other four
             assert index.local_blocks("w1", keys) == 2
             assert index.local_blocks("w2", keys) == 6
-            now[0] += 10.0
-            assert await index.refresh(["w1", "w2"])
+            await tick(10.0)
             assert index.local_blocks("w1", keys) == 0
             assert index.local_blocks("w2", keys) == 6
+            index.routed("w1", keys)              # no try id: counted from now
+            await tick(4.0)
+            assert index.local_blocks("w1", keys) == 6
+            await tick(2.0)
+            assert index.local_blocks("w1", keys) == 0
 
     asyncio.run(go())
 
 
 def test_its_own_record_counts_from_the_answer_not_from_routing(server: RedisServer) -> None:
     """A prompt queued at a busy worker longer than the grace is still held there (it will
-    be once computed): the grace starts when the worker answers. Two requests in flight with
+    be once computed): the grace starts when the worker answers. Two tries in flight with
     the same blocks: the first answer does not end the second's hold. A worker no longer
-    registered loses its in-flight record too."""
+    registered loses its tries in flight too."""
     keys = block_keys(TOKENS, 16, FP)
-    publish(server, "w1", [], None)
 
     async def go() -> None:
-        async with index_on(server) as index:
-            now = [1000.0]
-            index._clock = lambda: now[0]
-            assert await index.refresh(["w1"])
-            index.routed("w1", keys)
-            index.routed("w1", keys[:3])      # a second request sharing three blocks
-            now[0] += 60.0                    # both still queued a minute later
-            assert await index.refresh(["w1"])
+        async with clocked(server, "w1") as (index, tick):
+            index.routed("w1", keys, try_id=1)
+            index.routed("w1", keys[:3], try_id=2)  # a second try sharing three blocks
+            await tick(60.0)                      # both still queued a minute later
             assert index.local_blocks("w1", keys) == 6
             read, local, _ = index.match(Keying(FP, 16, None), ["w1"], iter(keys))
             assert local == {"w1": 6} and len(read) == 6
-            index.answered("w1", keys)        # the first answers: six blocks, grace from now
-            now[0] += 4.0
-            assert await index.refresh(["w1"])
+            index.answered(1)                     # the first answers: grace from now
+            index.answered(1)                     # (once only)
+            await tick(4.0)
             assert index.local_blocks("w1", keys) == 6
-            now[0] += 2.0                     # the grace is over; the second is in flight
-            assert await index.refresh(["w1"])
+            await tick(2.0)                       # the grace is over; the second in flight
             assert index.local_blocks("w1", keys) == 3
-            index.answered("w1", keys[:3])
-            now[0] += 6.0
-            assert await index.refresh(["w1"])
+            index.answered(2)
+            await tick(6.0)
             assert index.local_blocks("w1", keys) == 0
-            index.routed("w1", keys)          # in flight when w1 leaves the registry
+            index.routed("w1", keys, try_id=3)    # in flight when w1 leaves the registry
             assert await index.refresh([])
-            assert index.local_blocks("w1", keys) == 0
+            assert index.local_blocks("w1", keys) == 0 and not index._tries
 
     asyncio.run(go())
 
 
-def test_a_prompts_later_keys_are_held_while_its_try_is_in_flight(server: RedisServer) -> None:
+def test_a_prompts_later_keys_are_held_with_the_try_that_sent_it(server: RedisServer) -> None:
     """A prompt queued at w1 comes back and is sent elsewhere (w1 is busy): the rest of its
-    keys, read now, are held at w1 until w1 answers the first try, then for the grace."""
+    keys, read now, are held at w1 with the try that sent it there, until that try's answer
+    and then for the grace. Once that try has answered, they count from when they are read."""
     keys = block_keys(TOKENS, 16, FP)
-    publish(server, "w1", [], None)
-    publish(server, "w2", [], None)
 
     async def go() -> None:
-        async with index_on(server) as index:
-            now = [1000.0]
-            index._clock = lambda: now[0]
-            assert await index.refresh(["w1", "w2"])
+        async with clocked(server, "w1", "w2") as (index, tick):
             keying = index.keying(["w1"])
             assert keying is not None
             first = iter(keys)
             read, _, _ = index.match(keying, ["w1", "w2"], first)
-            index.routed("w1", read, first)         # queued at w1; the rest unread
+            index.routed("w1", read, first, try_id=1)  # queued at w1; the rest unread
             read, local, _ = index.match(keying, ["w1", "w2"], iter(keys))
             assert local == {"w1": 6, "w2": 0}
-            index.routed("w2", read)                # the repeat goes to w2
-            now[0] += 60.0                          # w1 still has not answered
-            assert await index.refresh(["w1", "w2"])
+            index.routed("w2", read, try_id=2)   # the repeat goes to w2
+            await tick(60.0)                     # w1 still has not answered
             assert index.local_blocks("w1", keys) == 6
-            index.answered("w2", read)
-            index.answered("w1", keys[:1])          # w1's first token: its try's keys
-            now[0] += 4.0
-            assert await index.refresh(["w1", "w2"])
+            index.answered(2)
+            index.answered(1)                    # w1's first token
+            await tick(4.0)
             assert index.local_blocks("w1", keys) == 6
-            now[0] += 2.0
-            assert await index.refresh(["w1", "w2"])
+            await tick(2.0)
             assert index.local_blocks("w1", keys) == 0
-            assert not index._flying["w1"] and not index._resolved
+            # Sent to w1 and answered; it comes back (its later keys read now: for the
+            # grace from now), goes to w2; nothing stays held at w1 past the grace.
+            first = iter(keys)
+            read, _, _ = index.match(keying, ["w1", "w2"], first)
+            index.routed("w1", read, first, try_id=3)
+            index.answered(3)
+            await tick(3.0)
+            read, local, _ = index.match(keying, ["w1", "w2"], iter(keys))
+            assert local["w1"] == 6
+            index.routed("w2", read, try_id=4)
+            await tick(2.5)                      # try 3's first key: past its grace
+            assert index.local_blocks("w1", keys) == 0
+            index.answered(4)
+            await tick(300.0)
+            assert not index._tries and not index._flying
+
+    asyncio.run(go())
+
+
+def test_later_keys_go_with_their_own_try_only(server: RedisServer) -> None:
+    """Two prompts sharing their first block, both queued at w1 (the second's routing read
+    the same one key): the second's later keys are held with the second try, not credited
+    to the first's answer. A try that read past the key its prompt's rest hangs on (another
+    worker held more) answers for all it holds: nothing stays held in flight."""
+    p1 = block_keys(TOKENS, 16, FP)
+    p2 = block_keys(TOKENS[:16] + [t + 7 for t in TOKENS[16:]], 16, FP)
+    assert p1[0] == p2[0] and p1[1] != p2[1]
+
+    async def go() -> None:
+        async with clocked(server, "w1", "w2") as (index, tick):
+            keying = index.keying(["w1"])
+            assert keying is not None
+            g1, g2 = iter(p1), iter(p2)
+            r1, _, _ = index.match(keying, ["w1", "w2"], g1)  # both matched before either
+            r2, _, _ = index.match(keying, ["w1", "w2"], g2)  # is recorded (a burst)
+            index.routed("w1", r1, g1, try_id=1)
+            index.routed("w1", r2, g2, try_id=2)  # its pending entry replaces p1's
+            read, local, _ = index.match(keying, ["w1", "w2"], iter(p2))  # p2 comes back
+            assert local["w1"] == 6
+            index.routed("w2", read, try_id=3)
+            index.answered(3)
+            index.answered(1)                     # p1 answers; p2 is still queued
+            await tick(6.0)
+            assert index.local_blocks("w1", p2) == 6   # with try 2, in flight
+            index.answered(2)
+            await tick(4.0)
+            assert index.local_blocks("w1", p2) == 6   # its grace
+            await tick(2.0)
+            assert index.local_blocks("w1", p2) == 0
+            assert not index._tries and not index._flying
 
     asyncio.run(go())
 
 
 def test_a_try_that_failed_or_never_answers_is_not_held(server: RedisServer) -> None:
     """A try that failed before any answer computed nothing: not held, not for the grace
-    either. A try whose answer never reaches the record (its bookkeeping dropped) is held
-    no longer than a try can wait for its answer."""
+    either, and its prompt's later keys are forgotten (the retry elsewhere holds it). A try
+    whose answer never reaches the record (its bookkeeping dropped) is held no longer than
+    a try can wait for its answer; its answer, if late, ends nothing of a later try."""
     keys = block_keys(TOKENS, 16, FP)
-    publish(server, "w1", [], None)
 
     async def go() -> None:
-        async with index_on(server) as index:
-            now = [1000.0]
-            index._clock = lambda: now[0]
-            index._flight_limit_s = 300.0
-            assert await index.refresh(["w1"])
-            index.routed("w1", keys)
-            index.routed("w1", keys[:2])
-            index.answered("w1", keys, computed=False)
+        async with clocked(server, "w1", "w2") as (index, tick):
+            keying = index.keying(["w1"])
+            assert keying is not None
+            index.routed("w1", keys, try_id=1)
+            index.routed("w1", keys[:2], try_id=2)
+            index.answered(1, computed=False)
             assert index.local_blocks("w1", keys) == 2   # the other try is in flight
-            index.answered("w1", keys[:2], computed=False)
+            index.answered(2, computed=False)
             assert index.local_blocks("w1", keys) == 0
-            index.routed("w1", keys)                      # its answer is lost
-            now[0] += 299.0
-            assert await index.refresh(["w1"])
+            # Fails at w1, the retry computes it at w2: the prompt is w2's, not w1's.
+            first = iter(keys)
+            read, _, _ = index.match(keying, ["w1", "w2"], first)
+            index.routed("w1", read, first, try_id=3)
+            index.answered(3, computed=False)
+            index.routed("w2", read, try_id=4)
+            index.answered(4)
+            assert not index._pending
+            # Lost answers: held up to the flight limit, and a late one ends only itself.
+            index.routed("w1", keys, try_id=5)
+            await tick(299.0)
             assert index.local_blocks("w1", keys) == 6
-            index.routed("w1", keys[:1])                  # routed again later: fresh
-            now[0] += 2.0
-            assert await index.refresh(["w1"])
+            index.routed("w1", keys[:1], try_id=6)       # routed again later: fresh
+            await tick(2.0)
             assert index.local_blocks("w1", keys) == 1
-            now[0] += 300.0
-            assert await index.refresh(["w1"])
-            assert index.local_blocks("w1", keys) == 0 and not index._flying["w1"]
+            index.routed("w1", keys, try_id=7)
+            index.answered(5)                             # late: try 5 had ended
+            assert index.local_blocks("w1", keys) == 6
+            index.answered(7, computed=False)
+            assert index.local_blocks("w1", keys) == 1
+            await tick(300.0)
+            assert index.local_blocks("w1", keys) == 0 and not index._flying
 
     asyncio.run(go())
 
 
 def test_the_in_flight_record_is_bounded(server: RedisServer) -> None:
-    """Requests that never answer (a gateway bug, a lost try) cannot grow the record past
-    `own_capacity` keys per worker."""
+    """Tries that never answer (a gateway bug, a lost answer) cannot grow the record past
+    `own_capacity` keys per worker: the longest in flight go first."""
     async def go() -> None:
         async with index_on(server) as index:
             index._own_cap = 64
             assert await index.refresh(["w1"])
             for i in range(100):
-                index.routed("w1", block_keys(list(range(i * 1000, i * 1000 + 96)), 16, FP))
-            assert len(index._flying["w1"]) == 64
+                index.routed("w1", block_keys(list(range(i * 1000, i * 1000 + 96)), 16, FP),
+                             try_id=i)
+            assert len(index._flying["w1"]) == 60 and index._flying_keys == 60
+            assert list(index._tries) == list(range(90, 100))
 
     asyncio.run(go())
