@@ -373,11 +373,12 @@ class Forwarder:
         try:
             async for chunk in resp.chunks():
                 now = time.perf_counter()
+                if last is None:  # (before the yield: a client gone at it closes us there)
+                    attempt.prefilled()
                 out = usage.feed(chunk)
                 if out:
                     yield out
                 if last is None:
-                    attempt.prefilled()
                     ttft = now - started
                     if (ctx := current_request.get()) is not None:
                         ctx.ttft_s = ttft

@@ -35,7 +35,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -109,6 +109,15 @@ def flight_limit_s(settings: Settings) -> float:
 
 
 @dataclass
+class _Flights:
+    """One worker's tries in flight (oldest first), and how many of them hold each key."""
+
+    tries: OrderedDict[int, _Try] = field(default_factory=OrderedDict)
+    held: dict[str, int] = field(default_factory=dict)
+    keys: int = 0
+
+
+@dataclass
 class _Try:
     """A request's try in flight at a worker: the hint keys held on its account."""
 
@@ -134,13 +143,13 @@ class PrefixIndex:
         self._hints: dict[str, WorkerHints] = {}
         # worker -> hint keys this gateway routed there -> when (oldest first)
         self._own: dict[str, OrderedDict[str, float]] = {}
-        # Tries routed and not answered yet, by the id the router gave each (oldest first),
-        # and per worker, how many of them hold each hint key. A try's answer ends its own
-        # keys only; one whose answer never comes (its bookkeeping dropped from a full
-        # queue) ends at `flight_limit_s`: no try waits longer (the gateway's timeouts).
-        self._tries: OrderedDict[int, _Try] = OrderedDict()
-        self._flying: dict[str, dict[str, int]] = {}
-        self._flying_keys = 0  # in all tries: bounded, like the rest
+        # Per worker, its tries routed and not answered yet (by the id the router gave
+        # each, oldest first) and how many of them hold each hint key; which worker each
+        # try went to. A try's answer ends its own keys only; one whose answer never comes
+        # (its bookkeeping dropped from a full queue) ends at `flight_limit_s`: no try waits
+        # longer (the gateway's timeouts).
+        self._flights: dict[str, _Flights] = {}
+        self._try_worker: dict[int, str] = {}
         self._flight_limit_s = flight_limit_s
         self._own_cap = own_capacity
         self._own_grace_s = OWN_GRACE_S
@@ -296,11 +305,12 @@ class PrefixIndex:
         flight longer than any try can be."""
         now = self._clock()
         expired = now - self._own_grace_s
-        for tid in [t for t, x in self._tries.items() if x.worker not in ids]:
-            self._land(tid)
-        lost = now - self._flight_limit_s
-        while self._tries and next(iter(self._tries.values())).routed_at < lost:
-            self._land(next(iter(self._tries)))
+        for wid in list(self._flights):
+            if wid not in ids:
+                for tid in list(self._flights[wid].tries):
+                    self._land(tid, stamp=False)
+            else:
+                self._expire(wid, now)
         for wid in list(self._own):
             if wid not in ids:
                 del self._own[wid]
@@ -375,7 +385,7 @@ class PrefixIndex:
         hinted = self._hints.get(worker_id)
         held = hinted.keys if hinted is not None else frozenset()
         own = self._own.get(worker_id, OrderedDict())
-        flying = self._flying.get(worker_id, {})
+        flying = self._held_in_flight(worker_id)
         n = 0
         for k in keys:
             h = hint_key(k)
@@ -394,7 +404,7 @@ class PrefixIndex:
         for wid in worker_ids:
             hinted = self._hints.get(wid)
             held[wid] = (hinted.keys if hinted is not None else frozenset(),
-                         self._own.get(wid, OrderedDict()), self._flying.get(wid, {}))
+                         self._own.get(wid, OrderedDict()), self._held_in_flight(wid))
         local = dict.fromkeys(worker_ids, 0)
         alive = list(worker_ids)
         pool = self._pool if (self._pool is not None
@@ -416,7 +426,7 @@ class PrefixIndex:
                     if found is not None:  # w was sent this prompt before: key the rest now
                         self._keyed_later(w, [hint_key(k) for k in found[0]], found[1])
                         held[w] = (published, self._own.get(w, OrderedDict()),
-                                   self._flying.get(w, {}))
+                                   self._held_in_flight(w))
                 alive = kept
             # The pool is asked once the workers' prefixes have ended (or the prompt has), all
             # keys not asked yet in one call: read[:in_pool] are in the pool, the rest unasked.
@@ -484,65 +494,85 @@ class PrefixIndex:
         if try_id is None:
             self._stamp(worker_id, hs)
             return
-        self._land(try_id)  # (an id is never reused; a caller's bug must not leak)
-        self._tries[try_id] = _Try(worker_id, [], self._clock(), entry)
+        self._land(try_id, stamp=False)  # (an id is never reused; a caller's bug: no leak)
+        now = self._clock()
+        self._expire(worker_id, now)  # (also while Redis is down and refresh cannot prune)
+        if not hs:  # nothing to hold (and no rest pending): nothing to record
+            return
+        f = self._flights.setdefault(worker_id, _Flights())
+        f.tries[try_id] = _Try(worker_id, [], now, entry)
+        self._try_worker[try_id] = worker_id
         self._fly(try_id, hs)
 
+    def _held_in_flight(self, worker_id: str) -> dict[str, int]:
+        f = self._flights.get(worker_id)
+        return f.held if f is not None else {}
+
     def _fly(self, try_id: int, hint_keys: list[str]) -> None:
-        t = self._tries[try_id]
-        flying = self._flying.setdefault(t.worker, {})
+        """`hint_keys` held on the account of the try (in flight: `_try_worker` has it)."""
+        f = self._flights[self._try_worker[try_id]]
+        t = f.tries[try_id]
         for h in hint_keys:
-            flying[h] = flying.get(h, 0) + 1
+            f.held[h] = f.held.get(h, 0) + 1
         t.keys.extend(hint_keys)
-        self._flying_keys += len(hint_keys)
-        # Bounded like `_own` (the longest in flight go first): 8,192 keys per worker is
-        # 262,144 tokens of 32-token blocks queued, more than a worker's cache holds.
-        limit = self._own_cap * max(1, len(self._hints))
-        while self._flying_keys > limit and len(self._tries) > 1:
-            self._land(next(iter(self._tries)))
+        f.keys += len(hint_keys)
+        # Bounded per worker like `_own`: 8,192 keys is 262,144 tokens of 32-token blocks
+        # queued at one worker, more than its cache holds. The longest in flight go first,
+        # counted as answered now (what the worker holds, its hints say after the grace).
+        while f.keys > self._own_cap and len(f.tries) > 1:
+            # (the try just given keys stays: its prompt's rest, keyed later, is the newest)
+            oldest = next(tid for tid in f.tries if tid != try_id)
+            self._land(oldest, stamp=True, forget_rest=True)
+
+    def _expire(self, worker_id: str, now: float) -> None:
+        """End the worker's tries in flight longer than any try waits (answers lost)."""
+        f = self._flights.get(worker_id)
+        lost = now - self._flight_limit_s
+        while f is not None and f.tries and next(iter(f.tries.values())).routed_at < lost:
+            self._land(next(iter(f.tries)), stamp=False)
 
     def _keyed_later(self, worker_id: str, later: list[str], try_id: int | None) -> None:
         """A prompt's later keys, read now that it came back, for the worker that `try_id`
         sent it to. While that try is in flight they are too (its answer ends them); once
         answered, they count from now."""
-        t = self._tries.get(try_id) if try_id is not None else None
-        if try_id is None or t is None or t.worker != worker_id:
-            self._stamp(worker_id, later)
-        else:
+        if try_id is not None and self._try_worker.get(try_id) == worker_id:
             self._fly(try_id, later)
+        else:
+            self._stamp(worker_id, later)
 
     def answered(self, try_id: int, computed: bool = True) -> None:
         """The try `routed` with `try_id` ended its wait: the worker answered (its first
         token, or a whole answer) and, `computed`, holds the prompt: it counts as held for
         OWN_GRACE_S more, then as the worker's hints say; or the try failed before any
-        answer (nothing computed): no longer held, and its prompt's later keys are
-        forgotten. A try no longer in flight (ended at the flight limit) is not counted."""
-        t = self._land(try_id)
-        if t is None:
+        answer (nothing computed): no longer held. A try no longer in flight (ended at the
+        flight limit, or at the cap) is not counted again."""
+        self._land(try_id, stamp=computed)
+
+    def _land(self, try_id: int, stamp: bool, forget_rest: bool | None = None) -> None:
+        """The try is no longer in flight: its keys no longer held on its account; `stamp`:
+        held for the grace from now. Its prompt's rest is forgotten there (`forget_rest`,
+        by default unless stamped): a try whose fate is unknown or failed vouches for
+        nothing more."""
+        wid = self._try_worker.pop(try_id, None)
+        if wid is None:
             return
-        if computed:
-            self._stamp(t.worker, t.keys)
-        elif t.pending is not None:
+        f = self._flights[wid]
+        t = f.tries.pop(try_id)
+        for h in t.keys:
+            n = f.held.get(h, 0)
+            if n > 1:  # another try with this block is still in flight there
+                f.held[h] = n - 1
+            else:
+                f.held.pop(h, None)
+        f.keys -= len(t.keys)
+        if not f.tries:
+            del self._flights[wid]
+        if stamp:
+            self._stamp(wid, t.keys)
+        if (not stamp if forget_rest is None else forget_rest) and t.pending is not None:
             found = self._pending.get(t.pending)
             if found is not None and found[2] == try_id:
                 self._drop_pending(t.pending)
-
-    def _land(self, try_id: int) -> _Try | None:
-        """The try is no longer in flight: its keys no longer held on its account."""
-        t = self._tries.pop(try_id, None)
-        if t is None:
-            return None
-        flying = self._flying.get(t.worker, {})
-        for h in t.keys:
-            n = flying.get(h, 0)
-            if n > 1:  # another try with this block is still in flight there
-                flying[h] = n - 1
-            else:
-                flying.pop(h, None)
-        if not flying:
-            self._flying.pop(t.worker, None)
-        self._flying_keys -= len(t.keys)
-        return t
 
     def _stamp(self, worker_id: str, hint_keys: Iterable[str]) -> None:
         own = self._own.setdefault(worker_id, OrderedDict())

@@ -229,9 +229,11 @@ class Router:
         """This gateway's record of what the worker will hold (on the routing thread, which
         alone touches the prefix index's per-request state), and the routing metrics."""
         worker_id = choice.worker.id
-        size = later.size if isinstance(later, Later) else 0
+        # Only a prompt's unread keys are kept for its return: an empty stand-in (a retry,
+        # a prompt read whole) would replace another prompt's at the same last key.
+        rest, size = (later, later.size) if isinstance(later, Later) else (None, 0)
         self.thread.post(
-            lambda: self.prefixes.routed(worker_id, info.keys, later, size, try_id))
+            lambda: self.prefixes.routed(worker_id, info.keys, rest, size, try_id))
         self.metrics.routed(choice, info)
 
     def answered(self, try_id: int, computed: bool) -> None:

@@ -429,7 +429,7 @@ def test_its_own_record_counts_from_the_answer_not_from_routing(server: RedisSer
             assert index.local_blocks("w1", keys) == 0
             index.routed("w1", keys, try_id=3)    # in flight when w1 leaves the registry
             assert await index.refresh([])
-            assert index.local_blocks("w1", keys) == 0 and not index._tries
+            assert index.local_blocks("w1", keys) == 0 and not index._flights
 
     asyncio.run(go())
 
@@ -472,7 +472,7 @@ def test_a_prompts_later_keys_are_held_with_the_try_that_sent_it(server: RedisSe
             assert index.local_blocks("w1", keys) == 0
             index.answered(4)
             await tick(300.0)
-            assert not index._tries and not index._flying
+            assert not index._flights and not index._try_worker
 
     asyncio.run(go())
 
@@ -507,7 +507,7 @@ def test_later_keys_go_with_their_own_try_only(server: RedisServer) -> None:
             assert index.local_blocks("w1", p2) == 6   # its grace
             await tick(2.0)
             assert index.local_blocks("w1", p2) == 0
-            assert not index._tries and not index._flying
+            assert not index._flights and not index._try_worker
 
     asyncio.run(go())
 
@@ -550,22 +550,66 @@ def test_a_try_that_failed_or_never_answers_is_not_held(server: RedisServer) -> 
             index.answered(7, computed=False)
             assert index.local_blocks("w1", keys) == 1
             await tick(300.0)
-            assert index.local_blocks("w1", keys) == 0 and not index._flying
+            assert index.local_blocks("w1", keys) == 0 and not index._flights
 
     asyncio.run(go())
 
 
-def test_the_in_flight_record_is_bounded(server: RedisServer) -> None:
-    """Tries that never answer (a gateway bug, a lost answer) cannot grow the record past
-    `own_capacity` keys per worker: the longest in flight go first."""
+def test_the_in_flight_record_is_bounded_per_worker(server: RedisServer) -> None:
+    """Tries that never answer (a gateway bug, lost answers) cannot grow the record past
+    `own_capacity` keys per worker: the longest in flight there go first, counted as
+    answered then (their prompts' rest forgotten). One worker's flood ends none of another
+    worker's tries. A try with no keys is not recorded at all."""
+    p = block_keys(TOKENS, 16, FP)
+
     async def go() -> None:
-        async with index_on(server) as index:
+        async with clocked(server, "w1", "w2") as (index, tick):
             index._own_cap = 64
-            assert await index.refresh(["w1"])
+            keying = index.keying(["w1"])
+            assert keying is not None
+            first = iter(p)
+            read, _, _ = index.match(keying, ["w1", "w2"], first)
+            index.routed("w2", read, first, try_id=1000)      # P queued at w2
             for i in range(100):
                 index.routed("w1", block_keys(list(range(i * 1000, i * 1000 + 96)), 16, FP),
                              try_id=i)
-            assert len(index._flying["w1"]) == 60 and index._flying_keys == 60
-            assert list(index._tries) == list(range(90, 100))
+                index.routed("w1", [], try_id=10_000 + i)     # keyless: nothing to hold
+            f = index._flights["w1"]
+            assert len(f.held) == 60 and f.keys == 60
+            assert list(f.tries) == list(range(90, 100))
+            assert len(index._try_worker) == 11             # w1's ten and w2's one
+            assert index.local_blocks("w1", block_keys(list(range(89_000, 89_096)), 16,
+                                                       FP)) == 6   # evicted: for the grace
+            assert index.local_blocks("w2", p) == 1 and 1000 in index._flights["w2"].tries
+            # A try evicted at the cap that then fails vouches for nothing more there.
+            index._own_cap = 4
+            first = iter(p)
+            read, _, _ = index.match(keying, ["w1"], first)
+            index.routed("w1", read, first, try_id=2000)     # P sent to w1 as well
+            for i in range(5):
+                index.routed("w1", block_keys(list(range(i * 1000, i * 1000 + 16)), 16, FP),
+                             try_id=3000 + i)
+            assert 2000 not in index._try_worker
+            assert not any(v[2] == 2000 for v in index._pending.values())
+            index.answered(2000, computed=False)
+            _, local, _ = index.match(keying, ["w1"], iter(p))
+            assert local == {"w1": 1}
+
+    asyncio.run(go())
+
+
+def test_the_flight_limit_holds_while_the_hints_cannot_be_read(server: RedisServer) -> None:
+    """Routing goes on while Redis is down (no refresh prunes): a try whose answer was lost
+    still ends at the flight limit, at the next routing to that worker."""
+    keys = block_keys(TOKENS, 16, FP)
+
+    async def go() -> None:
+        async with clocked(server, "w1") as (index, tick):
+            now = [2000.0]
+            index._clock = lambda: now[0]
+            index.routed("w1", keys, try_id=1)
+            now[0] += 301.0
+            index.routed("w1", keys[:1], try_id=2)
+            assert index.local_blocks("w1", keys) == 1 and 1 not in index._try_worker
 
     asyncio.run(go())
