@@ -73,6 +73,7 @@ from beluga.registry import (  # noqa: E402
     worker_key,
 )
 from beluga.settings import Settings  # noqa: E402
+from bench.provenance import commit  # noqa: E402
 from kvpool import KVPool, block_keys  # noqa: E402
 
 FINGERPRINT = bytes.fromhex("ab" * 32)
@@ -503,6 +504,7 @@ def main() -> int:
                     help="(cluster) keys in each worker's hint set (its prompts' keys padded "
                     "with others; default: max_hint_keys, a full set)")
     args = ap.parse_args()
+    args.commit = commit()  # at the start: what the run ran
     if args.layout == "cluster" and args.remote_pool:
         ap.error("--remote-pool is for the single layout")
 
@@ -592,7 +594,8 @@ def main() -> int:
             pool.close()
             pool_file.unlink(missing_ok=True)
     summary: dict[str, Any] = {
-        "policy": args.policy, "block_tokens": args.block_tokens, "layout": layout,
+        "commit": args.commit, "policy": args.policy, "block_tokens": args.block_tokens,
+        "layout": layout,
         "remote_pool": args.remote_pool,
         "concurrency": args.concurrency, "cpus": os.cpu_count(),
         "load_generator": client, "scenarios": results,

@@ -54,6 +54,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.provenance import commit  # noqa: E402
 from engine.worker import CPU_BLOCK_SIZE  # noqa: E402  (the stack's own default)
 
 MODEL_DIR = ROOT / ".beluga" / "models" / "SmolLM2-135M-Instruct"
@@ -440,6 +441,7 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]
     closed = {name: over_rounds([r["capacity"] for r in rs]) for name, rs in runs.items()}
     summary: dict[str, Any] = {
         "config": {
+            "commit": getattr(args, "commit", None),
             "kv_tokens_per_worker": args.kv_tokens // args.block_size * args.block_size,
             "block_size": args.block_size, "pool_gib": args.pool_gib, "workers": 2,
             "groups_per_phase": args.groups, "questions_per_group": args.questions,
@@ -558,6 +560,7 @@ def main() -> int:
     ap.add_argument("--table", action="store_true",
                     help="with --summarize: print the run as markdown tables")
     args = ap.parse_args()
+    args.commit = commit()  # at the start: what the run ran (--summarize: the saved one)
     if args.summarize is not None:
         saved = json.loads(args.summarize.read_text())
         c = saved["config"]
@@ -565,7 +568,8 @@ def main() -> int:
                           ("questions", "questions_per_group"),
                           ("kv_tokens", "kv_tokens_per_worker")):
             c.setdefault(key, c[name])
-        for key in ("rates", "groups", "questions", "kv_tokens", "block_size", "pool_gib",
+        for key in ("commit", "rates", "groups", "questions", "kv_tokens", "block_size",
+                    "pool_gib",
                     "prefix_words", "repeat", "conversations", "rounds",
                     "capacity_clients", "capacity_requests", "seed", "workload"):
             setattr(args, key, c.get(key))
