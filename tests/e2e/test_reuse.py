@@ -205,7 +205,10 @@ def test_every_prompt_is_loaded_from_the_pool_and_answered_exactly(stack: Stack)
     failures: list[str] = []
     noisy: list[str] = []
     served: list[list[int]] = []
+    assert len(PROMPTS) >= 24, "the issue asks for at least 24 varied prompts"
     cases = [(name, spec, 0) for name, spec in PROMPTS]
+    # An extended prompt starts with an earlier one's blocks, which every worker (the
+    # reference too: its "cold" answer then reuses them) already holds.
     for name, earlier, keep, (at, n) in EXTENDED:
         cases.append((name, ("extend", earlier, keep, at, n), keep // BLOCK * BLOCK))
     for i, (name, spec, local) in enumerate(cases):
@@ -243,3 +246,6 @@ def test_every_prompt_is_loaded_from_the_pool_and_answered_exactly(stack: Stack)
     if noisy:  # said per prompt; never a reason to pass
         warnings.warn(f"reference cold != cached (numeric noise of a split prefill): "
                       f"{noisy}", stacklevel=1)
+    # The cold comparison must keep its weight: one prompt of 26 (the 3,000-token document)
+    # has shown the noise in every run so far; a quarter would be a change to look at.
+    assert len(noisy) <= len(cases) // 4, f"cold answers compared for too few: {noisy}"
