@@ -10,7 +10,12 @@ seed (tests/fuzz.py), the same every run.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI, Request
@@ -62,3 +67,29 @@ def test_no_5xx_no_hang_and_answers_as_documented(gateway_url: str) -> None:
     labels = fuzz(gateway_url, aim_at(MODEL), examples=60, timeout_s=10, seed=SEED)
     assert {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
             "GET /health", "GET /metrics"} <= set(labels)
+
+
+DRAW = """
+import json, sys
+from tests.fuzz import SEED, drive, hash_of, operations
+seen = []
+for op, mode in operations(sys.argv[1]):
+    drive(op, mode, 15, SEED, lambda case: seen.append(
+        [op.label, mode.value, hash_of({"body": case.body, "query": case.query})]))
+print(json.dumps(seen))
+"""
+
+
+def test_the_draw_is_the_same_in_every_process(gateway_url: str) -> None:
+    """CI cannot be red or green by luck: two processes with different hash seeds (as two
+    CI runs have) draw exactly the same requests from SEED."""
+    root = Path(__file__).resolve().parents[2]
+    draws = []
+    for hash_seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", DRAW, gateway_url], cwd=root,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed},
+                             capture_output=True, text=True, timeout=300, check=True)
+        draws.append(out.stdout)
+    drawn = json.loads(draws[0])
+    assert draws[0] == draws[1] and len(drawn) > 20
+    assert len({tuple(x) for x in drawn}) > 10  # (not one request drawn over and over)
