@@ -121,7 +121,6 @@ class _Flights:
 class _Try:
     """A request's try in flight at a worker: the hint keys held on its account."""
 
-    worker: str
     keys: list[str]
     routed_at: float
     pending: tuple[str, str] | None  # its `_pending` entry, while that holds its prompt
@@ -308,7 +307,7 @@ class PrefixIndex:
         for wid in list(self._flights):
             if wid not in ids:
                 for tid in list(self._flights[wid].tries):
-                    self._land(tid, stamp=False)
+                    self._land(tid, stamp=False, forget_rest=True)
             else:
                 self._expire(wid, now)
         for wid in list(self._own):
@@ -494,13 +493,14 @@ class PrefixIndex:
         if try_id is None:
             self._stamp(worker_id, hs)
             return
-        self._land(try_id, stamp=False)  # (an id is never reused; a caller's bug: no leak)
+        # (an id is never reused; a caller's bug must not leak)
+        self._land(try_id, stamp=False, forget_rest=False)
         now = self._clock()
         self._expire(worker_id, now)  # (also while Redis is down and refresh cannot prune)
         if not hs:  # nothing to hold (and no rest pending): nothing to record
             return
         f = self._flights.setdefault(worker_id, _Flights())
-        f.tries[try_id] = _Try(worker_id, [], now, entry)
+        f.tries[try_id] = _Try([], now, entry)
         self._try_worker[try_id] = worker_id
         self._fly(try_id, hs)
 
@@ -529,7 +529,7 @@ class PrefixIndex:
         f = self._flights.get(worker_id)
         lost = now - self._flight_limit_s
         while f is not None and f.tries and next(iter(f.tries.values())).routed_at < lost:
-            self._land(next(iter(f.tries)), stamp=False)
+            self._land(next(iter(f.tries)), stamp=False, forget_rest=True)
 
     def _keyed_later(self, worker_id: str, later: list[str], try_id: int | None) -> None:
         """A prompt's later keys, read now that it came back, for the worker that `try_id`
@@ -546,13 +546,12 @@ class PrefixIndex:
         OWN_GRACE_S more, then as the worker's hints say; or the try failed before any
         answer (nothing computed): no longer held. A try no longer in flight (ended at the
         flight limit, or at the cap) is not counted again."""
-        self._land(try_id, stamp=computed)
+        self._land(try_id, stamp=computed, forget_rest=not computed)
 
-    def _land(self, try_id: int, stamp: bool, forget_rest: bool | None = None) -> None:
+    def _land(self, try_id: int, *, stamp: bool, forget_rest: bool) -> None:
         """The try is no longer in flight: its keys no longer held on its account; `stamp`:
-        held for the grace from now. Its prompt's rest is forgotten there (`forget_rest`,
-        by default unless stamped): a try whose fate is unknown or failed vouches for
-        nothing more."""
+        held for the grace from now; `forget_rest`: its prompt's rest is forgotten there (a
+        try whose fate is unknown or failed vouches for nothing more)."""
         wid = self._try_worker.pop(try_id, None)
         if wid is None:
             return
@@ -569,7 +568,7 @@ class PrefixIndex:
             del self._flights[wid]
         if stamp:
             self._stamp(wid, t.keys)
-        if (not stamp if forget_rest is None else forget_rest) and t.pending is not None:
+        if forget_rest and t.pending is not None:
             found = self._pending.get(t.pending)
             if found is not None and found[2] == try_id:
                 self._drop_pending(t.pending)
