@@ -31,7 +31,7 @@ from gateway.prefixes import PrefixIndex
 from gateway.requests import ParsedRequest
 from gateway.tokenize import Prompt, PromptTokenizer
 from gateway.upstream import UpstreamClient, UpstreamError
-from gateway.worker_thread import JobTimeout, ThreadStopped, WorkerThread
+from gateway.worker_thread import JobTimeout, WorkerThread
 from gateway.workers import WorkerState
 from kvpool.keys import ChainMemo, Identity, KeyChain
 
@@ -144,9 +144,8 @@ class Router:
         deadline = time.monotonic() + self.settings.routing_timeout_s
         try:
             done = await self.thread.run(keyed, self.settings.routing_timeout_s)
-        except JobTimeout as exc:  # ThreadStopped: shutting down
-            return self._unkeyed(req, "stopped" if isinstance(exc, ThreadStopped)
-                                 else "timeout")
+        except JobTimeout as exc:  # (or the thread stopped: shutting down)
+            return self._unkeyed(req, exc.reason)
         except Exception:  # a bug: logged, the request routed without keys
             logger.exception("keying a %s prompt failed", req.endpoint)
             return self._unkeyed(req, "error")
@@ -169,8 +168,7 @@ class Router:
                         lambda: list(later), max(0.0, deadline - time.monotonic()))
                 except JobTimeout as exc:
                     rest = []
-                    self.metrics.prompt_unkeyed(
-                        "stopped" if isinstance(exc, ThreadStopped) else "timeout")
+                    self.metrics.prompt_unkeyed(exc.reason)
                 keys.extend(rest)
                 pooled += await self.ask_pool(remote, rest, workers)
                 later = iter(())

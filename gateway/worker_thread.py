@@ -36,9 +36,13 @@ class Interrupted(BaseException):  # noqa: N818 - BaseException: `except Excepti
 class JobTimeout(TimeoutError):
     """A job did not finish by its deadline (it was interrupted or never started)."""
 
+    reason = "timeout"  # (the label a request routed without its job counts under)
+
 
 class ThreadStopped(JobTimeout):
     """A job submitted after the thread stopped (a request still in flight at shutdown)."""
+
+    reason = "stopped"
 
 
 @dataclass(eq=False)

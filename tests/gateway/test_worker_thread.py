@@ -119,8 +119,9 @@ def test_work_after_the_stop_is_dropped_or_refused_never_an_error() -> None:
         thread.stop()
         seen: list[int] = []
         thread.post(lambda: seen.append(1))
-        with pytest.raises(ThreadStopped, match="stopped"):
+        with pytest.raises(ThreadStopped, match="stopped") as stopped:
             await thread.run(lambda: 2, 1.0)
+        assert stopped.value.reason == "stopped"  # what the router counts it under
         never = WorkerThread()  # stopped before it ever ran
         never.stop()
         never.post(lambda: seen.append(2))
